@@ -1,0 +1,20 @@
+"""flashdino: a faster drop-in for the DINOv2 / DINOv3 Vision Transformers and the VGGT aggregator."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops
+from .factory import ENTRY_POINTS, create_model
+from .models import DinoV2, DinoV3, DinoVisionTransformer
+from .variants import ALIASES, VARIANTS, VitConfig, get_config, resolve_name
+
+globals().update(ENTRY_POINTS)  # flashdino.dinov3_vitl16(...), flashdino.dinov2_vitb14_reg(...), ...
+
+
+def list_models() -> list[str]:
+    return sorted(VARIANTS)
+
+
+__all__ = ["__version__", "ops", "create_model", "list_models", "DinoV2", "DinoV3", "DinoVisionTransformer",
+           "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name", *sorted(ENTRY_POINTS)]

@@ -1,0 +1,30 @@
+"""Loading of the optional compiled extension ``flashdino._C``.
+
+The extension links neither libtorch nor libcudart dynamically; tensors cross as data pointers,
+sizes, strides and the current CUDA stream. When it is missing (no CUDA compiler at build time,
+or a CPU-only install) flashdino runs on Triton or the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def native_status() -> tuple[object, str]:
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except Exception as exc:
+        return None, f"flashdino._C not built or not importable ({exc.__class__.__name__}: {exc})"
+    has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
+    archs = getattr(_C, "cuda_architectures", lambda: "")()
+    if not has_cuda:
+        return _C, "flashdino._C built without CUDA (no CUDA compiler at build time)"
+    return _C, f"flashdino._C with CUDA kernels for sm_{archs}"
+
+
+def require_native():
+    module, why = native_status()
+    if module is None or not getattr(module, "has_cuda", lambda: False)():
+        raise ImportError(why)
+    return module

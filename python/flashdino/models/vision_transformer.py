@@ -1,0 +1,321 @@
+"""DINOv2 and DINOv3 Vision Transformers with the official API.
+
+Both families share the block stack, the output dictionaries and ``get_intermediate_layers``; they
+differ only in how tokens are prepared (learned position table vs 2D RoPE) and in the names of
+their extra tokens. Parameter names equal the official checkpoint keys, so official state dicts
+load without renaming (the DINOv3 ``bias_mask`` is folded into the qkv bias by the loader).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import Block, PatchEmbed, RopePositionEmbedding
+from ..variants import VitConfig
+
+
+class DinoVisionTransformer(nn.Module):
+    """Shared trunk. Subclasses implement :meth:`prepare_tokens_with_masks`."""
+
+    extra_tokens_key = "x_storage_tokens"
+
+    def __init__(self, cfg: VitConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.embed_dim = self.num_features = D
+        self.n_blocks = cfg.depth
+        self.num_heads = cfg.num_heads
+        self.patch_size = cfg.patch_size
+        self.n_storage_tokens = cfg.n_storage_tokens
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, D))
+        drop = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.num_heads, cfg.ffn, cfg.ffn_hidden, cfg.qkv_bias, cfg.proj_bias, cfg.ffn_bias,
+                  cfg.layer_norm_eps, cfg.layerscale_init, drop[i])
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.cls_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.untie_cls_and_patch_norms else None
+        self.local_cls_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.local_cls_norm else None
+        self.head = nn.Identity()
+
+    # -- attributes downstream code reads --------------------------------------------------------
+    @property
+    def num_register_tokens(self) -> int:
+        return self.n_storage_tokens
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        return 1 + self.n_storage_tokens
+
+    def init_weights(self, std: float = 0.02) -> "DinoVisionTransformer":
+        """Random initialisation in the style of the reference (truncated normal, LayerScale init)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters()
+        nn.init.normal_(self.cls_token, std=1e-6 if self.cfg.family == "dinov2" else 0.02)
+        nn.init.zeros_(self.mask_token)
+        return self
+
+    # -- input checks -------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.cfg.name}: expected an image tensor [B, 3, H, W], got {type(x).__name__}")
+        if x.dim() != 4:
+            hint = " (add a batch dimension with x[None])" if x.dim() == 3 else ""
+            raise ValueError(f"{self.cfg.name}: expected a 4-D image batch [B, C, H, W], got shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != self.cfg.in_chans:
+            hint = " (channels-last input? use x.permute(0, 3, 1, 2))" if x.shape[-1] == self.cfg.in_chans else ""
+            raise ValueError(
+                f"{self.cfg.name}: expected {self.cfg.in_chans} input channels, got {x.shape[1]} "
+                f"(shape {tuple(x.shape)}){hint}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.cfg.name}: got {x.dtype} pixels; convert to float and normalise first "
+                "(e.g. x.float() / 255, then ImageNet mean/std), or use flashdino.preprocess"
+            )
+        P = self.patch_size
+        if x.shape[-2] < P or x.shape[-1] < P:
+            raise ValueError(f"{self.cfg.name}: image {x.shape[-2]}x{x.shape[-1]} is smaller than one {P}x{P} patch")
+        weight = self.patch_embed.proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"{self.cfg.name}: input on {x.device} but model on {weight.device}; move one with .to()")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{self.cfg.name}: input is {x.dtype} but the weights are {weight.dtype}; "
+                f"cast the input (x.to({weight.dtype})) or run under torch.autocast"
+            )
+
+    def _check_masks(self, masks: Optional[Tensor], x: Tensor, n_patches: int) -> None:
+        if masks is None:
+            return
+        if masks.dtype != torch.bool or masks.shape != (x.shape[0], n_patches):
+            raise ValueError(
+                f"{self.cfg.name}: masks must be a bool tensor [B, H*W] = [{x.shape[0]}, {n_patches}], "
+                f"got {masks.dtype} {tuple(masks.shape)}"
+            )
+
+    # -- the trunk ----------------------------------------------------------------------------------
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Optional[Tensor] = None):
+        """Returns (tokens [B, N, D], rope grid or None, (H, W))."""
+        raise NotImplementedError
+
+    def _embed_patches(self, x: Tensor, masks: Optional[Tensor]):
+        H, W = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self.patch_embed(x)
+        self._check_masks(masks, x, H * W)
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
+        return tokens, H, W
+
+    def _run_blocks(self, x: Tensor, rope, keep: Optional[set] = None):
+        kept = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope)
+            if keep is not None and i in keep:
+                kept.append(x)
+        return x, kept
+
+    def _final_norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised (prefix tokens, patch tokens)."""
+        p = self.n_prefix_tokens
+        if self.cls_norm is not None:
+            return self.cls_norm(x[:, :p]), self.norm(x[:, p:])
+        x_norm = self.norm(x)
+        return x_norm[:, :p], x_norm[:, p:]
+
+    def _forward_features_single(self, x: Tensor, masks: Optional[Tensor]) -> dict:
+        self._check_input(x)
+        tokens, rope, _ = self.prepare_tokens_with_masks(x, masks)
+        tokens, _ = self._run_blocks(tokens, rope)
+        prefix, patches = self._final_norm(tokens)
+        return {
+            "x_norm_clstoken": prefix[:, 0],
+            self.extra_tokens_key: prefix[:, 1:],
+            "x_norm_patchtokens": patches,
+            "x_prenorm": tokens,
+            "masks": masks,
+        }
+
+    def forward_features(self, x: Union[Tensor, Sequence[Tensor]], masks=None):
+        if isinstance(x, (list, tuple)):
+            if masks is None:
+                masks = [None] * len(x)
+            if len(masks) != len(x):
+                raise ValueError(f"{self.cfg.name}: got {len(x)} images but {len(masks)} masks")
+            return [self._forward_features_single(xi, mi) for xi, mi in zip(x, masks)]
+        return self._forward_features_single(x, masks)
+
+    def forward(self, x, masks=None, is_training: bool = False):
+        out = self.forward_features(x, masks)
+        if is_training:
+            return out
+        if isinstance(out, list):
+            return [self.head(o["x_norm_clstoken"]) for o in out]
+        return self.head(out["x_norm_clstoken"])
+
+    def _intermediate_raw(self, x: Tensor, n) -> list[Tensor]:
+        self._check_input(x)
+        total = len(self.blocks)
+        if isinstance(n, int):
+            if not 1 <= n <= total:
+                raise ValueError(f"{self.cfg.name}: n={n} but the model has {total} blocks")
+            wanted = list(range(total - n, total))
+        else:
+            wanted = [int(i) for i in n]
+            bad = [i for i in wanted if not 0 <= i < total]
+            if bad:
+                raise ValueError(f"{self.cfg.name}: block indices {bad} outside [0, {total - 1}]")
+        tokens, rope, _ = self.prepare_tokens_with_masks(x)
+        last = max(wanted)
+        kept = {}
+        for i, block in enumerate(self.blocks[: last + 1]):
+            tokens = block(tokens, rope)
+            if i in wanted:
+                kept[i] = tokens
+        return [kept[i] for i in wanted]
+
+    def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
+                                return_class_token: bool = False, return_extra_tokens: bool = False,
+                                norm: bool = True):
+        outputs = self._intermediate_raw(x, n)
+        p = self.n_prefix_tokens
+        if norm:
+            outputs = [torch.cat(self._final_norm(o), dim=1) for o in outputs]
+        class_tokens = [o[:, 0] for o in outputs]
+        extra_tokens = [o[:, 1:p] for o in outputs]
+        patches = [o[:, p:] for o in outputs]
+        if reshape:
+            B = x.shape[0]
+            h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+            patches = [o.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for o in patches]
+        if return_class_token and return_extra_tokens:
+            return tuple(zip(patches, class_tokens, extra_tokens))
+        if return_class_token:
+            return tuple(zip(patches, class_tokens))
+        if return_extra_tokens:
+            return tuple(zip(patches, extra_tokens))
+        return tuple(patches)
+
+
+class DinoV3(DinoVisionTransformer):
+    """DINOv3: [CLS, storage x R, patches], 2D RoPE on patch tokens, no absolute positions."""
+
+    extra_tokens_key = "x_storage_tokens"
+
+    def __init__(self, cfg: VitConfig):
+        super().__init__(cfg)
+        D = cfg.embed_dim
+        self.storage_tokens = nn.Parameter(torch.zeros(1, cfg.n_storage_tokens, D)) if cfg.n_storage_tokens else None
+        self.rope_embed = RopePositionEmbedding(cfg.head_dim, cfg.rope_base, cfg.rope_normalize_coords)
+
+    def init_weights(self, std: float = 0.02):
+        super().init_weights(std)
+        if self.storage_tokens is not None:
+            nn.init.normal_(self.storage_tokens, std=0.02)
+        return self
+
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Optional[Tensor] = None):
+        if x.dtype == torch.float16 and not getattr(self, "_warned_fp16", False):
+            self._warned_fp16 = True
+            warnings.warn("DINOv3 activations overflow fp16 in released checkpoints; prefer bfloat16",
+                          stacklevel=3)
+        patches, H, W = self._embed_patches(x, masks)
+        B = patches.shape[0]
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.storage_tokens is not None:
+            prefix.append(self.storage_tokens.expand(B, -1, -1))
+        # torch.cat promotes like the reference: under autocast the stream stays fp32.
+        tokens = torch.cat(prefix + [patches], dim=1)
+        return tokens, self.rope_embed.grid(H, W, self.n_prefix_tokens), (H, W)
+
+
+class DinoV2(DinoVisionTransformer):
+    """DINOv2: [CLS, registers x R, patches]; a learned position table (interpolated) on CLS + patches."""
+
+    extra_tokens_key = "x_norm_regtokens"
+
+    def __init__(self, cfg: VitConfig):
+        super().__init__(cfg)
+        D = cfg.embed_dim
+        grid = cfg.img_size // cfg.patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_storage_tokens, D)) if cfg.n_storage_tokens else None
+        self._pos_cache: dict = {}
+
+    def init_weights(self, std: float = 0.02):
+        super().init_weights(std)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        return self
+
+    def interpolated_pos_embed(self, H: int, W: int, dtype: torch.dtype) -> Tensor:
+        """Position table for an H x W patch grid: [1, 1 + H*W, D]. Cached for inference."""
+        pos = self.pos_embed
+        cacheable = not (torch.is_grad_enabled() and pos.requires_grad) and not torch.compiler.is_compiling()
+        key = (H, W, dtype, pos.device, pos._version, pos.data_ptr())
+        if cacheable and key in self._pos_cache:
+            return self._pos_cache[key]
+        table = interpolate_pos_embed(pos, H, W, self.cfg.interpolate_offset, self.cfg.interpolate_antialias).to(dtype)
+        if cacheable:
+            self._pos_cache.clear()  # weights can change; keep only the latest size
+            self._pos_cache[key] = table
+        return table
+
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Optional[Tensor] = None):
+        P = self.patch_size
+        if x.shape[-2] % P or x.shape[-1] % P:
+            raise ValueError(
+                f"{self.cfg.name}: image {x.shape[-2]}x{x.shape[-1]} is not a multiple of the patch size {P} "
+                f"(the DINOv2 reference raises here); resize or crop to e.g. "
+                f"{x.shape[-2] // P * P}x{x.shape[-1] // P * P}"
+            )
+        patches, H, W = self._embed_patches(x, masks)
+        B = patches.shape[0]
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)
+        tokens = tokens + self.interpolated_pos_embed(H, W, tokens.dtype)
+        if self.register_tokens is not None:
+            regs = self.register_tokens.expand(B, -1, -1)
+            tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
+        return tokens, None, (H, W)
+
+
+def interpolate_pos_embed(pos_embed: Tensor, H: int, W: int, offset: float, antialias: bool) -> Tensor:
+    """The official DINOv2 bicubic resize of the patch part of the table (fp32)."""
+    n_grid = pos_embed.shape[1] - 1
+    M = int(math.sqrt(n_grid))
+    if H * W == n_grid and H == W:
+        return pos_embed
+    pos = pos_embed.float()
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    D = pos.shape[-1]
+    grid = patch_pos.reshape(1, M, M, D).permute(0, 3, 1, 2)
+    if offset:
+        kwargs = {"scale_factor": ((H + offset) / M, (W + offset) / M)}
+    else:
+        kwargs = {"size": (H, W)}
+    grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **kwargs)
+    if grid.shape[-2:] != (H, W):
+        raise RuntimeError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, expected {(H, W)}")
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, H * W, D)
+    return torch.cat([cls_pos, patch_pos], dim=1).to(pos_embed.dtype)
+
+
+def build_model(cfg: VitConfig) -> DinoVisionTransformer:
+    return (DinoV3 if cfg.family == "dinov3" else DinoV2)(cfg)

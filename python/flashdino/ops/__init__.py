@@ -1,0 +1,10 @@
+"""Public ops: one dispatch point each (see ``flashdino.dispatch``).
+
+Each op validates its arguments once here, then runs the backend chosen for the call. The
+"torch" backend is the reference implementation in ``flashdino.backends.default``.
+"""
+
+from .rope_attention import RopeGrid, rope_attention
+from .norms import residual_layernorm
+
+__all__ = ["RopeGrid", "rope_attention", "residual_layernorm"]

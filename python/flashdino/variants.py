@@ -1,0 +1,209 @@
+"""The one table of named DINOv2 / DINOv3 backbone configurations.
+
+Every entry point, loader, alias and test reads its architecture from here. Numbers follow the
+official hub definitions (see shared/SPEC.md sections 1 and 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Family = Literal["dinov2", "dinov3"]
+FfnKind = Literal["mlp", "swiglu", "swiglu_fused"]
+
+
+@dataclass(frozen=True)
+class VitConfig:
+    """Architecture of one backbone. Fields may be overridden per instance (e.g. ``depth=2``)."""
+
+    name: str
+    family: Family
+    embed_dim: int
+    depth: int
+    num_heads: int
+    ffn: FfnKind = "mlp"
+    ffn_ratio: float = 4.0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    patch_size: int = 16
+    n_storage_tokens: int = 0
+    layer_norm_eps: float = 1e-5
+    layerscale_init: float = 1e-5
+    drop_path_rate: float = 0.0
+    in_chans: int = 3
+    # DINOv3: 2D RoPE. DINOv2: learned absolute position table of img_size // patch_size squared.
+    rope_base: float = 100.0
+    rope_normalize_coords: Literal["separate", "min", "max"] = "separate"
+    img_size: int = 224
+    interpolate_offset: float = 0.0
+    interpolate_antialias: bool = False
+    untie_cls_and_patch_norms: bool = False
+    local_cls_norm: bool = False
+    # SwiGLU hidden sizes are rounded up to this multiple (64 for the 7B model).
+    swiglu_align: int = 8
+    # Which normalisation the released weights were trained with (used by preprocessing).
+    image_mean: tuple = (0.485, 0.456, 0.406)
+    image_std: tuple = (0.229, 0.224, 0.225)
+    weights: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        return 1 + self.n_storage_tokens
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.family == "dinov3"
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(self.embed_dim * self.ffn_ratio)
+        if self.ffn == "mlp":
+            return hidden
+        gated = int(hidden * 2 / 3)
+        return -(-gated // self.swiglu_align) * self.swiglu_align
+
+    def replace(self, **overrides) -> "VitConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"{self.name}: unknown configuration field(s) {unknown}; valid fields: {sorted(known)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def validate(self) -> "VitConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.uses_rope and self.head_dim % 4:
+            raise ValueError(f"{self.name}: 2D RoPE needs a head dim divisible by 4, got {self.head_dim}")
+        if self.depth < 0 or self.patch_size < 1:
+            raise ValueError(f"{self.name}: depth and patch_size must be positive")
+        return self
+
+
+_DINOV3_BASE = "https://dl.fbaipublicfiles.com/dinov3"  # files are gated: a signed URL is required
+_DINOV2_BASE = "https://dl.fbaipublicfiles.com/dinov2"
+SAT_MEAN = (0.430, 0.411, 0.296)
+SAT_STD = (0.213, 0.156, 0.143)
+
+
+def _v3(name, dim, depth, heads, ffn="mlp", ratio=4.0, **kw) -> VitConfig:
+    hf_arch = name.replace("dinov3_", "")
+    weights = {"lvd1689m": f"facebook/dinov3-{hf_arch}-pretrain-lvd1689m"}
+    weights.update(kw.pop("extra_weights", {}))
+    return VitConfig(
+        name=name, family="dinov3", embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn,
+        ffn_ratio=ratio, patch_size=16, n_storage_tokens=4, layer_norm_eps=1e-5, weights=weights, **kw,
+    )
+
+
+def _v2(name, dim, depth, heads, reg: bool, ffn="mlp", **kw) -> VitConfig:
+    arch = name.split("_")[1]
+    hf = {"vits14": "small", "vitb14": "base", "vitl14": "large", "vitg14": "giant"}[arch]
+    return VitConfig(
+        name=name, family="dinov2", embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn,
+        patch_size=14, n_storage_tokens=4 if reg else 0, layer_norm_eps=1e-6, img_size=518,
+        interpolate_offset=0.0 if reg else 0.1, interpolate_antialias=reg, layerscale_init=1.0,
+        weights={
+            "lvd142m": f"{_DINOV2_BASE}/dinov2_{arch}/dinov2_{arch}{'_reg4' if reg else ''}_pretrain.pth",
+            "hf": f"facebook/dinov2-{'with-registers-' if reg else ''}{hf}",
+        },
+        **kw,
+    )
+
+
+def _dinov2_pair(arch, dim, depth, heads, **kw):
+    return [_v2(f"dinov2_{arch}", dim, depth, heads, reg=False, **kw), _v2(f"dinov2_{arch}_reg", dim, depth, heads, reg=True, **kw)]
+
+
+_ALL = [
+    _v3("dinov3_vits16", 384, 12, 6),
+    _v3("dinov3_vits16plus", 384, 12, 6, ffn="swiglu", ratio=6.0),
+    _v3("dinov3_vitb16", 768, 12, 12),
+    _v3("dinov3_vitl16", 1024, 24, 16,
+        extra_weights={"sat493m": "facebook/dinov3-vitl16-pretrain-sat493m"}),
+    _v3("dinov3_vitl16plus", 1024, 24, 16, ffn="swiglu", ratio=6.0),
+    _v3("dinov3_vith16plus", 1280, 32, 20, ffn="swiglu", ratio=6.0),
+    _v3("dinov3_vit7b16", 4096, 40, 32, ffn="swiglu", ratio=3.0, qkv_bias=False, swiglu_align=64,
+        local_cls_norm=True, extra_weights={"sat493m": "facebook/dinov3-vit7b16-pretrain-sat493m"}),
+    # SAT-493M (satellite) weights: same architectures, own normalisation, vitl16 adds local_cls_norm.
+    _v3("dinov3_vitl16_sat493m", 1024, 24, 16, local_cls_norm=True, image_mean=SAT_MEAN, image_std=SAT_STD),
+    _v3("dinov3_vit7b16_sat493m", 4096, 40, 32, ffn="swiglu", ratio=3.0, qkv_bias=False, swiglu_align=64,
+        local_cls_norm=True, image_mean=SAT_MEAN, image_std=SAT_STD),
+    *_dinov2_pair("vits14", 384, 12, 6),
+    *_dinov2_pair("vitb14", 768, 12, 12),
+    *_dinov2_pair("vitl14", 1024, 24, 16),
+    *_dinov2_pair("vitg14", 1536, 40, 24, ffn="swiglu_fused"),
+]
+# The SAT entries point at their own hub ids.
+_ALL = [
+    c.replace(weights={"sat493m": c.weights.get("sat493m") or f"facebook/dinov3-{c.name[7:-8]}-pretrain-sat493m"})
+    if c.name.endswith("_sat493m") else c
+    for c in _ALL
+]
+
+VARIANTS: dict[str, VitConfig] = {c.name: c.validate() for c in _ALL}
+
+# Short names used by downstream projects (tree segmentation tools, teacher configs).
+ALIASES: dict[str, str] = {
+    "small": "dinov3_vits16",
+    "small_plus": "dinov3_vits16plus",
+    "base": "dinov3_vitb16",
+    "large": "dinov3_vitl16",
+    "large_plus": "dinov3_vitl16plus",
+    "huge_plus": "dinov3_vith16plus",
+    "giant": "dinov3_vith16plus",
+    "mega": "dinov3_vit7b16",
+    "dinov3_small": "dinov3_vits16",
+    "dinov3_base": "dinov3_vitb16",
+    "dinov3_large": "dinov3_vitl16",
+    "dinov3_giant": "dinov3_vith16plus",
+    "dinov3_mega": "dinov3_vit7b16",
+    "dinov2_small": "dinov2_vits14",
+    "dinov2_base": "dinov2_vitb14",
+    "dinov2_large": "dinov2_vitl14",
+    "dinov2_giant": "dinov2_vitg14",
+}
+
+
+def resolve_name(name: str) -> str:
+    """Canonical variant name for a name or alias; a clear error with suggestions otherwise."""
+    key = name.strip()
+    if key in VARIANTS:
+        return key
+    if key.lower() in ALIASES:
+        return ALIASES[key.lower()]
+    choices = sorted(VARIANTS) + sorted(ALIASES)
+    close = difflib.get_close_matches(key, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"Unknown model name {name!r}.{hint} Known models: {', '.join(sorted(VARIANTS))}.")
+
+
+def get_config(name: str, **overrides) -> VitConfig:
+    cfg = VARIANTS[resolve_name(name)]
+    return cfg.replace(**overrides).validate() if overrides else cfg
+
+
+def infer_variant(embed_dim: int, depth: int, family: Optional[str] = None, ffn: Optional[str] = None,
+                  n_storage_tokens: Optional[int] = None) -> list[str]:
+    """Names of the variants a checkpoint with these dimensions could belong to (for error reports)."""
+    out = []
+    for c in VARIANTS.values():
+        if c.embed_dim != embed_dim or c.depth != depth:
+            continue
+        if family and c.family != family:
+            continue
+        if ffn and c.ffn != ffn:
+            continue
+        if n_storage_tokens is not None and c.n_storage_tokens != n_storage_tokens:
+            continue
+        out.append(c.name)
+    return out
