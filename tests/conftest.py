@@ -1,0 +1,39 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run under the Triton interpreter; the variable must be set before
+triton (and so flashdino's Triton backend) is imported.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_SRC = Path(__file__).resolve().parents[1] / "python"
+if str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
