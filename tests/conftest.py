@@ -17,9 +17,11 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_SRC = Path(__file__).resolve().parents[1] / "python"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
+# Tests run against the installed package; a bare checkout falls back to the source tree.
+try:
+    import flashdino  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import pytest  # noqa: E402
 
