@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 
 from . import ops
 from .factory import ENTRY_POINTS, create_model
-from .models import DinoV2, DinoV3, DinoVisionTransformer
+from .models import Aggregator, DinoV2, DinoV3, DinoVisionTransformer
 from .variants import ALIASES, VARIANTS, VitConfig, get_config, resolve_name
+from .loading import CheckpointError, WeightsUnavailableError, convert, from_pretrained, load_weights
 
 globals().update(ENTRY_POINTS)  # flashdino.dinov3_vitl16(...), flashdino.dinov2_vitb14_reg(...), ...
 
@@ -16,5 +17,6 @@ def list_models() -> list[str]:
     return sorted(VARIANTS)
 
 
-__all__ = ["__version__", "ops", "create_model", "list_models", "DinoV2", "DinoV3", "DinoVisionTransformer",
-           "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name", *sorted(ENTRY_POINTS)]
+__all__ = ["__version__", "ops", "create_model", "list_models", "Aggregator", "DinoV2", "DinoV3", "DinoVisionTransformer",
+           "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name",
+           "CheckpointError", "WeightsUnavailableError", "convert", "from_pretrained", "load_weights", *sorted(ENTRY_POINTS)]

@@ -17,10 +17,21 @@ def native_status() -> tuple[object, str]:
     except Exception as exc:
         return None, f"flashdino._C not built or not importable ({exc.__class__.__name__}: {exc})"
     has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
-    archs = getattr(_C, "cuda_architectures", lambda: "")()
     if not has_cuda:
-        return _C, "flashdino._C built without CUDA (no CUDA compiler at build time)"
-    return _C, f"flashdino._C with CUDA kernels for sm_{archs}"
+        return _C, "flashdino._C built without CUDA (no CUDA compiler at build time, or FLASHDINO_CUDA=OFF)"
+    archs = ", ".join(f"sm_{a}" for a in cuda_architectures(_C)) or "no architectures"
+    return _C, f"flashdino._C with CUDA kernels for {archs}"
+
+
+def cuda_architectures(module=None) -> list[str]:
+    """Architectures the CUDA kernels were compiled for, e.g. ['80', '90a'] (empty without CUDA)."""
+    module = module if module is not None else native_status()[0]
+    if module is None:
+        return []
+    archs = getattr(module, "cuda_architectures", lambda: [])()
+    if isinstance(archs, str):  # tolerate an older build that returned "80;90a"
+        archs = [a for a in archs.replace(",", ";").split(";") if a]
+    return list(archs)
 
 
 def require_native():

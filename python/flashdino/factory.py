@@ -20,8 +20,17 @@ def create_model(name: str, pretrained: bool = False, weights: WeightsArg = None
     weights tag of the variant (``"lvd1689m"``, ``"sat493m"``) or an already loaded state dict.
     ``pretrained=True`` without ``weights`` downloads the variant's default weights. Keyword
     overrides change the architecture (``depth=2``, ``drop_path_rate=0.1``, ``img_size=224``);
-    the checkpoint must fit the result.
+    the checkpoint must fit the result. ``name`` may also be a Hugging Face model folder or hub id
+    (or a flashdino safetensors file): the architecture is then read from it (``from_pretrained``).
     """
+    if isinstance(name, (str, os.PathLike)) and os.fspath(name) not in VARIANTS:
+        from .loading.sources import looks_like_pretrained_source
+
+        if looks_like_pretrained_source(name) and weights is None:
+            # A Hugging Face folder / hub id or a flashdino file: the architecture comes from it.
+            from .loading import from_pretrained
+
+            return from_pretrained(name, strict=strict, device=device, dtype=dtype, **overrides)
     cfg = get_config(name, **overrides)
     model = build_model(cfg)
     if weights is None and not pretrained:

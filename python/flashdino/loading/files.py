@@ -46,22 +46,36 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+def _needs_code(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Unsupported global" in text or "GLOBAL" in text or "allowlist" in text or "add_safe_globals" in text
+
+
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _needs_code(exc):
+            raise _corrupt(path, exc) from exc
+        detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line),
+                      str(exc).splitlines()[0] if str(exc) else "")
         raise CheckpointError(
             f"refusing to load {path}: it is a pickle that needs code execution to unpickle "
-            f"({str(exc).splitlines()[0]}). flashdino only loads plain tensors "
+            f"({detail}). flashdino only loads plain tensors "
             "(torch.load(weights_only=True)); if you trust the file, re-save its state dict with "
             "`torch.save(model.state_dict(), ...)` or convert it to safetensors"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "the file is truncated or corrupt: download it again"
-        ) from exc
+    except Exception as exc:  # noqa: BLE001 - any failure of the (safe) unpickler means a damaged file
+        raise _corrupt(path, exc) from exc
     return unwrap_state_dict(obj, str(path))
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return CheckpointError(
+        f"cannot read checkpoint {path} ({exc.__class__.__name__}: {first[:200]}); "
+        "the file is truncated or corrupt: download it again"
+    )
 
 
 def unwrap_state_dict(obj, origin: str = "checkpoint") -> dict[str, torch.Tensor]:

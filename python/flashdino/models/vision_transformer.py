@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..layers import Block, PatchEmbed, RopePositionEmbedding
 from ..variants import VitConfig
 
@@ -115,12 +116,19 @@ class DinoVisionTransformer(nn.Module):
         """Returns (tokens [B, N, D], rope grid or None, (H, W))."""
         raise NotImplementedError
 
-    def _embed_patches(self, x: Tensor, masks: Optional[Tensor]):
+    def _embed_patches(self, x: Tensor, masks: Optional[Tensor], *, extra_tokens: Optional[Tensor] = None,
+                       pos_embed: Optional[Tensor] = None, strict: bool = False):
+        """Token buffer [B, N, D] = [CLS, extra tokens, patches] and the patch grid (H, W).
+
+        One ``ops.patch_embed_tokens`` call: conv, mask token, CLS / extra tokens and (DINOv2) the
+        position table on CLS + patches. On CUDA this is one Triton GEMM writing the buffer; on
+        CPU the reference (conv -> flatten -> where -> cat -> add) runs unchanged.
+        """
         H, W = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        tokens = self.patch_embed(x)
         self._check_masks(masks, x, H * W)
-        if masks is not None:
-            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
+        proj = self.patch_embed.proj
+        tokens = ops.patch_embed_tokens(x, proj.weight, proj.bias, self.cls_token, extra_tokens=extra_tokens,
+                                        masks=masks, mask_token=self.mask_token, pos_embed=pos_embed, strict=strict)
         return tokens, H, W
 
     def _run_blocks(self, x: Tensor, rope, keep: Optional[set] = None):
@@ -131,13 +139,15 @@ class DinoVisionTransformer(nn.Module):
                 kept.append(x)
         return x, kept
 
-    def _final_norm(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Normalised (prefix tokens, patch tokens)."""
-        p = self.n_prefix_tokens
-        if self.cls_norm is not None:
-            return self.cls_norm(x[:, :p]), self.norm(x[:, p:])
-        x_norm = self.norm(x)
-        return x_norm[:, :p], x_norm[:, p:]
+    def _final_norm(self, x: Tensor, patch_grid: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+        """Normalised (prefix tokens [B, p, D], patch tokens [B, HW, D]; [B, D, H, W] with ``patch_grid``).
+
+        One ``ops.final_norm`` call (one Triton launch on CUDA); the untied ``cls_norm`` normalises
+        the prefix tokens when the model has one.
+        """
+        prefix_norm = (self.cls_norm.weight, self.cls_norm.bias) if self.cls_norm is not None else None
+        return ops.final_norm(x, self.n_prefix_tokens, self.norm.weight, self.norm.bias, self.norm.eps,
+                              prefix_norm=prefix_norm, patch_grid=patch_grid)
 
     def _forward_features_single(self, x: Tensor, masks: Optional[Tensor]) -> dict:
         self._check_input(x)
@@ -235,13 +245,8 @@ class DinoV3(DinoVisionTransformer):
             self._warned_fp16 = True
             warnings.warn("DINOv3 activations overflow fp16 in released checkpoints; prefer bfloat16",
                           stacklevel=3)
-        patches, H, W = self._embed_patches(x, masks)
-        B = patches.shape[0]
-        prefix = [self.cls_token.expand(B, -1, -1)]
-        if self.storage_tokens is not None:
-            prefix.append(self.storage_tokens.expand(B, -1, -1))
-        # torch.cat promotes like the reference: under autocast the stream stays fp32.
-        tokens = torch.cat(prefix + [patches], dim=1)
+        # [CLS, storage x R, patches]; dtypes promote like the reference torch.cat (fp32 under autocast).
+        tokens, H, W = self._embed_patches(x, masks, extra_tokens=self.storage_tokens)
         return tokens, self.rope_embed.grid(H, W, self.n_prefix_tokens), (H, W)
 
 
@@ -286,13 +291,11 @@ class DinoV2(DinoVisionTransformer):
                 f"(the DINOv2 reference raises here); resize or crop to e.g. "
                 f"{x.shape[-2] // P * P}x{x.shape[-1] // P * P}"
             )
-        patches, H, W = self._embed_patches(x, masks)
-        B = patches.shape[0]
-        tokens = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)
-        tokens = tokens + self.interpolated_pos_embed(H, W, tokens.dtype)
-        if self.register_tokens is not None:
-            regs = self.register_tokens.expand(B, -1, -1)
-            tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
+        # pos on [CLS, patches], then registers after CLS. The table is requested in the weights'
+        # dtype; the op casts it to the token dtype exactly as the reference did.
+        H, W = x.shape[-2] // P, x.shape[-1] // P
+        pos = self.interpolated_pos_embed(H, W, self.pos_embed.dtype)
+        tokens, H, W = self._embed_patches(x, masks, extra_tokens=self.register_tokens, pos_embed=pos, strict=True)
         return tokens, None, (H, W)
 
 

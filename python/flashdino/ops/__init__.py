@@ -6,5 +6,7 @@ Each op validates its arguments once here, then runs the backend chosen for the 
 
 from .rope_attention import RopeGrid, rope_attention
 from .norms import residual_layernorm
+from .final_norm import final_norm
+from .patch_embed import patch_embed_tokens, patch_grid
 
-__all__ = ["RopeGrid", "rope_attention", "residual_layernorm"]
+__all__ = ["RopeGrid", "rope_attention", "residual_layernorm", "final_norm", "patch_embed_tokens", "patch_grid"]

@@ -14,7 +14,9 @@ from torch import Tensor
 from .. import dispatch
 from ..backends.default.rope import RopeGrid
 
-dispatch.set_preference("rope_attention", ("triton", "torch"))
+# "cuda" (flashdino._C: fused qkv split + qk-norm + RoPE, then SDPA) is placed second: the measured
+# ordering of triton vs cuda is still pending GPU runs.
+dispatch.set_preference("rope_attention", ("triton", "cuda", "torch"))
 
 
 def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm) -> int:
@@ -51,6 +53,12 @@ def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm
                 raise ValueError(f"rope_attention: {name} weight must be [{head_dim}], got {tuple(weight.shape)}")
             if weight.device != qkv.device:
                 raise ValueError(f"rope_attention: {name} on {weight.device}, qkv on {qkv.device}")
+            bias = norm[1] if len(norm) > 1 else None
+            if bias is not None:
+                if bias.shape != (head_dim,):
+                    raise ValueError(f"rope_attention: {name} bias must be [{head_dim}], got {tuple(bias.shape)}")
+                if bias.device != qkv.device:
+                    raise ValueError(f"rope_attention: {name} bias on {bias.device}, qkv on {qkv.device}")
     return head_dim
 
 

@@ -1,0 +1,208 @@
+"""Final LayerNorm of a ViT in one Triton launch, writing the outputs users ask for.
+
+Each program normalises a tile of token rows of ``x`` [B, N, D] (fp32 statistics) and routes
+every row to its destination: prefix tokens (CLS + storage/register) to a [B, p, D] buffer, patch
+tokens either to [B, HW, D] or transposed into a [B, D, H, W] feature map (what dense heads and
+``get_intermediate_layers(reshape=True)`` consume; this saves the separate permute + copy). An
+untied model (``cls_norm``) selects the prefix weights per row. Mean and 1/std are saved; the
+backward pass reuses the LayerNorm-backward kernel of ``norms.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ... import dispatch
+from .norms import MAX_DIM, _DTYPES, layernorm_backward, norm_output_dtype, tile_config
+
+
+@triton.jit
+def _final_norm_fwd_kernel(
+    X, W, B, PW, PB, PRE, PAT, MEAN, RSTD, M, N, D, n_prefix, HW, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UNTIED: tl.constexpr, NCHW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < M
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd[:, None]
+    b_idx = rows // N
+    t_idx = rows - b_idx * N
+    is_pre = t_idx < n_prefix
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if UNTIED:
+            pw = tl.load(PW + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            w = tl.where(is_pre[:, None], pw, w)
+        y = y * w
+    if HAS_B:
+        b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if UNTIED:
+            pb = tl.load(PB + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            b = tl.where(is_pre[:, None], pb, b)
+        y = y + b
+    b64 = b_idx.to(tl.int64)
+    pre_offs = (b64 * n_prefix + t_idx)[:, None] * D + cols[None, :]
+    tl.store(PRE + pre_offs, y.to(PRE.dtype.element_ty), mask=mask & is_pre[:, None])
+    p_idx = t_idx - n_prefix
+    if NCHW:
+        pat_offs = (b64 * D * HW)[:, None] + cols[None, :].to(tl.int64) * HW + p_idx[:, None]
+    else:
+        pat_offs = (b64 * HW + p_idx)[:, None] * D + cols[None, :]
+    tl.store(PAT + pat_offs, y.to(PAT.dtype.element_ty), mask=mask & (~is_pre)[:, None])
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+def _out_shapes(x: Tensor, n_prefix: int, grid_h: int, grid_w: int, nchw: bool):
+    B, N, D = x.shape
+    pat = (B, D, grid_h, grid_w) if nchw else (B, N - n_prefix, D)
+    return (B, n_prefix, D), pat
+
+
+@torch.library.custom_op("flashdino::final_norm_fwd", mutates_args=())
+def final_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], prefix_weight: Optional[Tensor],
+                   prefix_bias: Optional[Tensor], untied: bool, n_prefix: int, eps: float, grid_h: int,
+                   grid_w: int, nchw: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, N, D = x.shape
+    pre_shape, pat_shape = _out_shapes(x, n_prefix, grid_h, grid_w, nchw)
+    prefix = torch.empty(pre_shape, device=x.device, dtype=out_dtype)
+    patches = torch.empty(pat_shape, device=x.device, dtype=out_dtype)
+    M = B * N
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return prefix, patches, mean, rstd
+    xr = x.contiguous()
+    if untied and (weight is None) != (prefix_weight is None) or untied and (bias is None) != (prefix_bias is None):
+        raise ValueError("final_norm: the prefix and patch norms must both have (or both lack) weight and bias")
+    block_m, block_d, num_warps = tile_config(D)
+    dummy = xr
+
+    def c(t):
+        return t.contiguous() if t is not None else dummy
+
+    _final_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        xr, c(weight), c(bias), c(prefix_weight), c(prefix_bias), prefix, patches, mean, rstd,
+        M, N, D, n_prefix, N - n_prefix, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, UNTIED=untied, NCHW=nchw,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return prefix, patches, mean, rstd
+
+
+@final_norm_fwd.register_fake
+def _(x, weight, bias, prefix_weight, prefix_bias, untied, n_prefix, eps, grid_h, grid_w, nchw, out_dtype):
+    pre_shape, pat_shape = _out_shapes(x, n_prefix, grid_h, grid_w, nchw)
+    M = x.shape[0] * x.shape[1]
+    return (x.new_empty(pre_shape, dtype=out_dtype), x.new_empty(pat_shape, dtype=out_dtype),
+            x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
+
+
+@torch.library.custom_op("flashdino::final_norm_bwd", mutates_args=())
+def final_norm_bwd(d_prefix: Tensor, d_patches: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool,
+                   prefix_weight: Optional[Tensor], untied: bool, mean: Tensor, rstd: Tensor,
+                   nchw: bool) -> list[Tensor]:
+    B, N, D = x.shape
+    p = d_prefix.shape[1]
+    if nchw:
+        d_patches = d_patches.flatten(2).transpose(1, 2)
+    if not untied:
+        dy = torch.cat([d_prefix, d_patches.to(d_prefix.dtype)], dim=1)
+        dx, _, _, dw, db = layernorm_backward(dy, x, mean, rstd, weight, has_bias, x.dtype)
+        out = [dx.view(B, N, D)]
+        out += [dw] if weight is not None else []
+        out += [db] if has_bias else []
+        return out
+    mean, rstd = mean.view(B, N), rstd.view(B, N)
+    dxp, _, _, dwp, dbp = layernorm_backward(d_prefix, x[:, :p], mean[:, :p].contiguous(),
+                                             rstd[:, :p].contiguous(), prefix_weight, has_bias, x.dtype)
+    dxt, _, _, dwt, dbt = layernorm_backward(d_patches, x[:, p:], mean[:, p:].contiguous(),
+                                             rstd[:, p:].contiguous(), weight, has_bias, x.dtype)
+    out = [torch.cat([dxp.view(B, p, D), dxt.view(B, N - p, D)], dim=1)]
+    out += [dwt, dwp] if weight is not None else []
+    out += [dbt, dbp] if has_bias else []
+    return out
+
+
+@final_norm_bwd.register_fake
+def _(d_prefix, d_patches, x, weight, has_bias, prefix_weight, untied, mean, rstd, nchw):
+    D = x.shape[-1]
+    out = [x.new_empty(x.shape)]
+    copies = 2 if untied else 1
+    if weight is not None:
+        out += [weight.new_empty((D,)) for _ in range(copies)]
+    if has_bias:
+        out += [x.new_empty((D,), dtype=torch.float32) for _ in range(copies)]
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, prefix_weight, prefix_bias, untied, n_prefix, eps, grid_h, grid_w, nchw, out_dtype = inputs
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, weight, prefix_weight, mean, rstd)
+    ctx.untied, ctx.nchw, ctx.n_prefix = untied, nchw, n_prefix
+    ctx.has_weight = weight is not None
+    ctx.bias_dtypes = (bias.dtype if bias is not None else None,
+                       prefix_bias.dtype if prefix_bias is not None else None)
+    ctx.pat_shape = _out_shapes(x, n_prefix, grid_h, grid_w, nchw)[1]
+
+
+def _backward(ctx, d_prefix, d_patches, _dmean, _drstd):
+    x, weight, prefix_weight, mean, rstd = ctx.saved_tensors
+    B, N, D = x.shape
+    if d_prefix is None:
+        d_prefix = x.new_zeros((B, ctx.n_prefix, D))
+    if d_patches is None:
+        d_patches = x.new_zeros(ctx.pat_shape)
+    has_bias = ctx.bias_dtypes[0] is not None
+    grads = iter(final_norm_bwd(d_prefix, d_patches, x, weight, has_bias, prefix_weight, ctx.untied, mean, rstd,
+                                ctx.nchw))
+    dx = next(grads)
+    dw = dpw = db = dpb = None
+    if ctx.has_weight:
+        dw = next(grads)
+        dpw = next(grads) if ctx.untied else None
+    if has_bias:
+        db = next(grads).to(ctx.bias_dtypes[0])
+        dpb = next(grads).to(ctx.bias_dtypes[1]) if ctx.untied else None
+    return dx, dw, db, dpw, dpb, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flashdino::final_norm_fwd", _backward, setup_context=_setup_context)
+
+
+def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+               prefix_norm: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
+               patch_grid: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+    untied = prefix_norm is not None
+    pw, pb = prefix_norm if untied else (None, None)
+    gh, gw = patch_grid if patch_grid is not None else (0, 0)
+    prefix, patches, _, _ = final_norm_fwd(x, weight, bias, pw, pb, untied, n_prefix, float(eps), gh, gw,
+                                           patch_grid is not None, norm_output_dtype(x.dtype, x.device))
+    return prefix, patches
+
+
+def _supports(dtype=None, dim=None, **_):
+    if dtype is not None and dtype not in _DTYPES:
+        return f"dtype {dtype} (Triton kernel covers fp32/fp16/bf16)"
+    if dim is not None and not 0 < dim <= MAX_DIM:
+        return f"row width {dim} (Triton kernel covers 1..{MAX_DIM})"
+    return None
+
+
+dispatch.register("final_norm", "triton", final_norm, supports=_supports)

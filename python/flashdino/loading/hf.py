@@ -1,0 +1,259 @@
+"""Hugging Face model folders: config.json -> VitConfig, model.safetensors -> canonical state dict.
+
+A folder written by transformers' ``save_pretrained`` (or a hub snapshot) holds ``config.json``,
+``model.safetensors`` (or a sharded ``model.safetensors.index.json``, or a legacy
+``pytorch_model.bin``) and usually ``preprocessor_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..variants import SAT_MEAN, VARIANTS, VitConfig
+from .errors import CheckpointError
+from .files import read_state_dict
+
+HF_MODEL_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text ({exc}); the file is corrupt") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _get(config: dict, key: str, kind, where: str, default=None, required: bool = True):
+    if key not in config or config[key] is None:
+        if required and default is None:
+            raise CheckpointError(f"{where}: missing key {key!r}")
+        return default
+    value = config[key]
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise CheckpointError(f"{where}: {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _square(value, key: str, where: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1] or not all(isinstance(v, int) for v in value):
+            raise CheckpointError(f"{where}: {key!r} = {value!r}; flashdino supports square sizes only")
+        return int(value[0])
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CheckpointError(f"{where}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _swiglu_ratio(dim: int, hidden: int, align: int) -> Optional[float]:
+    """An ffn_ratio for which VitConfig's SwiGLU rounding gives exactly ``hidden``."""
+    base = int(hidden * 3 / 2)
+    for h0 in [base] + [base + d for d in range(-8, 9) if d]:
+        if h0 > 0 and -(-int(h0 * 2 / 3) // align) * align == hidden:
+            ratio = h0 / dim
+            if int(dim * ratio) == h0:
+                return ratio
+    return None
+
+
+def config_from_hf(config: dict, preprocessor: Optional[dict] = None, hint: str = "",
+                   where: str = CONFIG_NAME) -> VitConfig:
+    """A VitConfig from a transformers config dict; the named variant when the dimensions agree."""
+    model_type = config.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is not a DINOv2/DINOv3 ViT (expected one of {', '.join(HF_MODEL_TYPES)})"
+        )
+    D = _get(config, "hidden_size", int, where)
+    depth = _get(config, "num_hidden_layers", int, where)
+    heads = _get(config, "num_attention_heads", int, where)
+    if D < 1 or depth < 0 or heads < 1 or D % heads:
+        raise CheckpointError(f"{where}: hidden_size {D} must be a positive multiple of num_attention_heads {heads}")
+    patch = _square(config.get("patch_size", 16 if model_type == "dinov3_vit" else 14), "patch_size", where)
+    img = _square(config.get("image_size", 224 if model_type == "dinov3_vit" else 518), "image_size", where)
+    in_chans = _get(config, "num_channels", int, where, default=3)
+    eps = _get(config, "layer_norm_eps", float, where, default=1e-5 if model_type == "dinov3_vit" else 1e-6)
+    ls = _get(config, "layerscale_value", float, where, default=1.0)
+    act = _get(config, "hidden_act", str, where, default="gelu")
+    fields: dict = dict(embed_dim=D, depth=depth, num_heads=heads, patch_size=patch, img_size=img, in_chans=in_chans,
+                        layer_norm_eps=eps, layerscale_init=ls, drop_path_rate=0.0)
+    if model_type == "dinov3_vit":
+        gated = _get(config, "use_gated_mlp", bool, where, default=False)
+        hidden = _get(config, "intermediate_size", int, where)
+        expected_act = "silu" if gated else "gelu"
+        if act != expected_act:
+            raise CheckpointError(f"{where}: hidden_act {act!r} with use_gated_mlp={gated} is not supported "
+                                  f"(DINOv3 uses {expected_act!r})")
+        qb = _get(config, "query_bias", bool, where, default=True)
+        vb = _get(config, "value_bias", bool, where, default=True)
+        if qb != vb:
+            raise CheckpointError(f"{where}: query_bias={qb} but value_bias={vb}; flashdino needs both or neither")
+        fields.update(family="dinov3", ffn="swiglu" if gated else "mlp",
+                      n_storage_tokens=_get(config, "num_register_tokens", int, where, default=0),
+                      rope_base=_get(config, "rope_theta", float, where, default=100.0),
+                      qkv_bias=qb or _get(config, "key_bias", bool, where, default=False),
+                      proj_bias=_get(config, "proj_bias", bool, where, default=True),
+                      ffn_bias=_get(config, "mlp_bias", bool, where, default=True))
+        if gated:
+            for align in ((64, 8, 1) if D >= 4096 else (8, 1)):
+                ratio = _swiglu_ratio(D, hidden, align)
+                if ratio is not None:
+                    break
+            else:
+                raise CheckpointError(f"{where}: intermediate_size {hidden} cannot be represented for hidden_size {D}")
+            fields.update(ffn_ratio=ratio, swiglu_align=align)
+        else:
+            fields.update(ffn_ratio=hidden / D)
+    else:
+        reg = model_type == "dinov2_with_registers"
+        swiglu = _get(config, "use_swiglu_ffn", bool, where, default=False)
+        if act != "gelu" and not swiglu:  # transformers' DINOv2 SwiGLU always uses SiLU
+            raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (DINOv2 uses 'gelu')")
+        fields.update(family="dinov2", ffn="swiglu_fused" if swiglu else "mlp",
+                      ffn_ratio=_get(config, "mlp_ratio", float, where, default=4.0),
+                      n_storage_tokens=_get(config, "num_register_tokens", int, where, default=4) if reg else 0,
+                      qkv_bias=_get(config, "qkv_bias", bool, where, default=True),
+                      interpolate_offset=0.0 if reg else 0.1, interpolate_antialias=reg)
+    if preprocessor:
+        mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
+        if isinstance(mean, (list, tuple)) and len(mean) == in_chans:
+            fields["image_mean"] = tuple(float(m) for m in mean)
+        if isinstance(std, (list, tuple)) and len(std) == in_chans:
+            fields["image_std"] = tuple(float(s) for s in std)
+    name = match_variant(fields, hint)
+    if name:
+        base = VARIANTS[name]
+        # HF checkpoints carry no local_cls_norm (training only): build without it.
+        keep = {k: v for k, v in fields.items() if k not in ("ffn_ratio", "swiglu_align")}
+        cfg = base.replace(**keep, local_cls_norm=False)
+    else:
+        name = f"{fields['family']}_hf_custom"
+        cfg = VitConfig(name=name, **fields)
+    return cfg.validate()
+
+
+def match_variant(fields: dict, hint: str = "") -> Optional[str]:
+    """Name of the table variant with these dimensions (SAT weights chosen by name or mean)."""
+    probe = VitConfig(name="probe", **{k: v for k, v in fields.items()})
+    found = []
+    for name, v in VARIANTS.items():
+        if (v.family, v.embed_dim, v.depth, v.num_heads, v.ffn, v.patch_size, v.n_storage_tokens, v.qkv_bias) != \
+                (probe.family, probe.embed_dim, probe.depth, probe.num_heads, probe.ffn, probe.patch_size,
+                 probe.n_storage_tokens, probe.qkv_bias):
+            continue
+        if v.ffn_hidden != probe.ffn_hidden:
+            continue
+        found.append(name)
+    if len(found) > 1:
+        sat = "sat493m" in hint.lower() or tuple(round(m, 3) for m in probe.image_mean) == SAT_MEAN
+        pick = [n for n in found if n.endswith("_sat493m") == sat]
+        found = pick or found
+    return found[0] if found else None
+
+
+def _read_weights(folder: Path) -> dict:
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return read_state_dict(single)
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        data = _read_json(index)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: missing key 'weight_map'")
+        sd: dict = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index} lists shard {shard}, which is missing from {folder}")
+            sd.update(read_state_dict(shard_path))
+        return sd
+    legacy = folder / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        return read_state_dict(legacy)
+    raise CheckpointError(
+        f"{folder} has no {WEIGHTS_NAME} (nor {WEIGHTS_INDEX_NAME} / {LEGACY_WEIGHTS_NAME}): "
+        "not a complete Hugging Face model folder"
+    )
+
+
+def read_hf_folder_raw(path: Union[str, os.PathLike]) -> tuple:
+    """(config dict, raw HF state dict, preprocessor dict or None) of a model folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder")
+    cfg_path = folder / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {CONFIG_NAME}: not a Hugging Face model folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})"
+        )
+    config = _read_json(cfg_path)
+    pre_path = folder / PREPROCESSOR_NAME
+    pre = _read_json(pre_path) if pre_path.is_file() else None
+    sd = _read_weights(folder)
+    return config, sd, pre
+
+
+def read_hf_folder(path: Union[str, os.PathLike]) -> tuple:
+    """``(VitConfig, canonical state dict, preprocessor dict or None)`` of a Hugging Face model folder
+    (or hub id, downloaded through the huggingface_hub cache).
+
+    The state dict is in flashdino's canonical layout (``model.load_state_dict`` accepts it) and
+    holds the official bf16-rounded RoPE periods for DINOv3 (HF recomputes them in fp32).
+    Raises :class:`CheckpointError` naming the file and key for missing or malformed files.
+    """
+    from .formats import canonicalize
+    from .sources import download_hub, is_hub_id
+
+    folder = Path(path)
+    if not folder.exists() and is_hub_id(str(path)):
+        folder = download_hub(str(path))
+    config, raw, pre = read_hf_folder_raw(folder)
+    cfg = config_from_hf(config, pre, hint=str(path), where=str(folder / CONFIG_NAME))
+    return cfg, canonicalize(raw, cfg).state_dict, pre
+
+
+def check_config_against(config: dict, cfg: VitConfig, where: str) -> list:
+    """Differences between an HF config and a model that the weights' shapes cannot reveal."""
+    problems = []
+    eps = config.get("layer_norm_eps")
+    if isinstance(eps, (int, float)) and abs(float(eps) - cfg.layer_norm_eps) > 1e-12:
+        problems.append(f"layer_norm_eps {eps} (model: {cfg.layer_norm_eps})")
+    if config.get("model_type") == "dinov3_vit":
+        theta = config.get("rope_theta")
+        if isinstance(theta, (int, float)) and float(theta) != cfg.rope_base:
+            problems.append(f"rope_theta {theta} (model: rope_base {cfg.rope_base})")
+    return [f"{where}: {p}" for p in problems]
+
+
+def tensor_dims(sd: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}

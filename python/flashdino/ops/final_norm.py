@@ -1,0 +1,65 @@
+"""``final_norm``: the last LayerNorm of a ViT, split into prefix tokens and patches in one launch.
+
+Dispatch on CUDA: Triton first (one kernel reads the block output once and writes the normalised
+prefix tokens and the patch tokens, optionally straight into a [B, D, H, W] feature map; backward
+through the shared LayerNorm-backward kernel), then the reference (``F.layer_norm`` + slicing).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .. import dispatch
+
+dispatch.set_preference("final_norm", ("triton", "torch"))
+
+
+def _check_vector(name: str, t: Optional[Tensor], D: int, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or t.shape != (D,):
+        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"final_norm: {name} must be a [{D}] tensor, got {shape}")
+    if t.device != x.device:
+        raise ValueError(f"final_norm: {name} on {t.device}, x on {x.device}")
+
+
+def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, *,
+               prefix_norm: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
+               patch_grid: Optional[tuple[int, int]] = None,
+               backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Final LayerNorm of ``x`` = [B, N, D] tokens ([prefix x n_prefix, patches]).
+
+    Returns ``(prefix [B, n_prefix, D], patches)``: CLS is ``prefix[:, 0]``, the storage /
+    register tokens ``prefix[:, 1:]``. ``prefix_norm=(weight, bias)`` normalises the prefix with
+    its own parameters (untied ``cls_norm``; same eps). ``patch_grid=(H, W)`` returns the patches
+    as a contiguous feature map [B, D, H, W] instead of tokens [B, H*W, D].
+    """
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"final_norm: x must be [B, N, D] tokens, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"final_norm: x must be floating point, got {x.dtype}")
+    B, N, D = x.shape
+    n_prefix = int(n_prefix)
+    if not 0 <= n_prefix <= N:
+        raise ValueError(f"final_norm: n_prefix {n_prefix} is outside [0, N={N}]")
+    _check_vector("weight", weight, D, x)
+    _check_vector("bias", bias, D, x)
+    if prefix_norm is not None:
+        if len(prefix_norm) != 2:
+            raise ValueError("final_norm: prefix_norm must be a (weight, bias) pair")
+        _check_vector("prefix_norm weight", prefix_norm[0], D, x)
+        _check_vector("prefix_norm bias", prefix_norm[1], D, x)
+    if patch_grid is not None:
+        H, W = (int(v) for v in patch_grid)
+        if H <= 0 or W <= 0 or H * W != N - n_prefix:
+            raise ValueError(
+                f"final_norm: patch grid {H}x{W} does not match the {N - n_prefix} patch tokens "
+                f"(N={N}, n_prefix={n_prefix})"
+            )
+        patch_grid = (H, W)
+    fn, _, _ = dispatch.select("final_norm", x.device, backend, dtype=x.dtype, dim=D)
+    return fn(x, n_prefix, weight, bias, eps, prefix_norm, patch_grid)

@@ -1,0 +1,276 @@
+"""CUDA kernel flashdino::rope_qkv_split (flashdino._C) against the PyTorch reference.
+
+Everything marked ``gpu`` needs a CUDA device and a flashdino._C built with CUDA; the rest checks
+the host-side contract (supports(), argument errors) wherever the CUDA backend imports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashdino import _native, dispatch
+from flashdino.backends.default.rope import RopeGrid, apply_rope
+from flashdino.backends.default.rope_attention import rope_attention as reference_attention
+from flashdino.backends.default.rope_attention import split_qkv
+from flashdino.layers.rope import dinov3_periods
+
+_module, _why = _native.native_status()
+HAS_CUDA_KERNELS = _module is not None and _module.has_cuda()
+pytestmark = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason=f"no CUDA kernels in flashdino._C: {_why}")
+
+if HAS_CUDA_KERNELS:
+    from flashdino.backends.cuda import rope_qkv as cuda_rope
+else:  # pragma: no cover
+    cuda_rope = None
+
+DEV = "cuda"
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3, rtol=4e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def make_grid(mode, H, W, n_prefix, head_dim, normalize="separate", device=DEV):
+    if mode is None:
+        return None
+    if mode == "dinov3":
+        return RopeGrid("dinov3", H, W, n_prefix, periods=dinov3_periods(head_dim).to(device), normalize=normalize)
+    return RopeGrid("vggt", H, W, n_prefix, base=100.0)
+
+
+def make_norm(head_dim, dtype, bias=True, requires_grad=False):
+    w = (1 + 0.3 * torch.randn(head_dim, device=DEV)).to(dtype).requires_grad_(requires_grad)
+    b = (0.2 * torch.randn(head_dim, device=DEV)).to(dtype).requires_grad_(requires_grad) if bias else None
+    return w, b
+
+
+def reference_qkv(qkv, num_heads, rope, q_norm=None, k_norm=None, eps=1e-5):
+    q, k, v = split_qkv(qkv, num_heads)
+    d = q.shape[-1]
+    if q_norm is not None:
+        q = F.layer_norm(q, (d,), q_norm[0], q_norm[1], eps)
+    if k_norm is not None:
+        k = F.layer_norm(k, (d,), k_norm[0], k_norm[1], eps)
+    if rope is not None:
+        q, k = apply_rope(q, k, rope)
+    return q, k, v
+
+
+def strided_qkv(B, N, C3, dtype, kind):
+    """qkv [B, N, C3] with the given memory layout (last dim always contiguous)."""
+    if kind == "contiguous":
+        return torch.randn(B, N, C3, device=DEV, dtype=dtype)
+    if kind == "padded":  # row padding + an offset that breaks 16-byte alignment
+        base = torch.randn(B, N + 2, C3 + 6, device=DEV, dtype=dtype)
+        return base[:, 1:N + 1, 2:C3 + 2]
+    if kind == "transposed":  # [N, B, C3] storage, B stride smaller than N stride
+        return torch.randn(N, B, C3, device=DEV, dtype=dtype).transpose(0, 1)
+    raise ValueError(kind)
+
+
+# (mode, H, W, n_prefix, frames, heads, head_dim, norm)
+CASES = [
+    ("dinov3", 5, 7, 5, 1, 3, 64, False),    # DINOv3: CLS + 4 storage tokens, H != W, odd N = 40
+    ("dinov3", 4, 4, 0, 1, 2, 128, False),   # no prefix
+    ("dinov3", 3, 6, 1, 2, 2, 32, True),     # two frames, qk-norm
+    ("dinov3", 2, 3, 5, 1, 1, 24, False),    # d/4 = 6: narrow vectors
+    ("vggt", 4, 6, 5, 3, 2, 64, True),       # VGGT global attention: 3 frames of 5 + 24 tokens
+    ("vggt", 5, 3, 5, 1, 4, 64, True),       # frame attention, odd N = 20
+    ("vggt", 3, 3, 0, 1, 2, 8, False),       # smallest head_dim
+    ("vggt", 2, 5, 2, 2, 1, 256, True),      # largest head_dim
+    (None, 0, 0, 0, 1, 3, 40, True),         # no RoPE: split + qk-norm only
+    (None, 0, 0, 0, 1, 2, 64, False),
+]
+
+
+def case_id(c):
+    return f"{c[0]}-{c[1]}x{c[2]}-p{c[3]}-f{c[4]}-h{c[5]}-d{c[6]}{'-norm' if c[7] else ''}"
+
+
+def _setup(case, dtype, layout, B=2, bias=True):
+    mode, H, W, n_prefix, frames, h, d, norm = case
+    N = frames * (n_prefix + H * W) if mode is not None else 17
+    qkv = strided_qkv(B, N, 3 * h * d, dtype, layout)
+    rope = make_grid(mode, H, W, n_prefix, d)
+    q_norm = make_norm(d, dtype, bias) if norm else None
+    k_norm = make_norm(d, dtype, bias) if norm else None
+    return qkv, h, rope, q_norm, k_norm
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_matches_reference(case, dtype):
+    qkv, h, rope, q_norm, k_norm = _setup(case, dtype, "contiguous")
+    got = cuda_rope.rope_qkv(qkv, h, rope, q_norm, k_norm, 1e-5)
+    want = reference_qkv(qkv, h, rope, q_norm, k_norm, 1e-5)
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == dtype and g.is_contiguous() and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    # v is a pure copy; prefix tokens of k without norm are copies too
+    assert torch.equal(got[2], want[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[6]], ids=case_id)
+def test_forward_strided_input(case, dtype, layout):
+    qkv, h, rope, q_norm, k_norm = _setup(case, dtype, layout)
+    assert not qkv.is_contiguous()
+    got = cuda_rope.rope_qkv(qkv, h, rope, q_norm, k_norm)
+    want = reference_qkv(qkv, h, rope, q_norm, k_norm)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", ["separate", "min", "max"])
+def test_dinov3_coordinate_normalisations(normalize):
+    d, h = 64, 2
+    rope = make_grid("dinov3", 3, 8, 5, d, normalize=normalize)
+    qkv = torch.randn(2, 5 + 24, 3 * h * d, device=DEV)
+    for g, w in zip(cuda_rope.rope_qkv(qkv, h, rope), reference_qkv(qkv, h, rope)):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+def test_prefix_tokens_are_not_rotated():
+    d, h = 64, 2
+    rope = make_grid("dinov3", 4, 4, 5, d)
+    qkv = torch.randn(1, 2 * 21, 3 * h * d, device=DEV)  # two frames
+    rope = RopeGrid("dinov3", 4, 4, 5, periods=rope.periods)
+    q, k, _ = cuda_rope.rope_qkv(qkv, h, rope)
+    q0, k0, _ = split_qkv(qkv, h)
+    for frame in range(2):
+        sl = slice(frame * 21, frame * 21 + 5)
+        assert torch.equal(q[:, :, sl], q0[:, :, sl])
+        assert torch.equal(k[:, :, sl], k0[:, :, sl])
+        assert not torch.allclose(q[:, :, frame * 21 + 5:(frame + 1) * 21], q0[:, :, frame * 21 + 5:(frame + 1) * 21])
+
+
+@pytest.mark.gpu
+def test_bf16_close_to_fp32_reference():
+    case = CASES[4]
+    qkv, h, rope, q_norm, k_norm = _setup(case, torch.float32, "contiguous")
+    want = reference_qkv(qkv, h, rope, q_norm, k_norm)
+    got = cuda_rope.rope_qkv(qkv.bfloat16(), h, rope, tuple(t.bfloat16() for t in q_norm),
+                             tuple(t.bfloat16() for t in k_norm))
+    for g, w in zip(got, want):
+        cos = F.cosine_similarity(g.float().flatten(), w.flatten(), dim=0)
+        assert cos > 0.999, cos
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4], CASES[7], CASES[8]], ids=case_id)
+def test_backward_matches_autograd_of_reference(case, dtype):
+    mode, H, W, n_prefix, frames, h, d, norm = case
+    qkv0, h, rope, q_norm0, k_norm0 = _setup(case, dtype, "padded")
+    grads = None
+    results = []
+    for impl in ("cuda", "reference"):
+        qkv = qkv0.detach().clone().requires_grad_(True)
+        q_norm = tuple(t.detach().clone().requires_grad_(True) for t in q_norm0) if norm else None
+        k_norm = tuple(t.detach().clone().requires_grad_(True) for t in k_norm0) if norm else None
+        fn = cuda_rope.rope_qkv if impl == "cuda" else reference_qkv
+        outs = fn(qkv, h, rope, q_norm, k_norm, 1e-5)
+        if grads is None:
+            grads = [torch.randn_like(o) for o in outs]
+        loss = sum((o.float() * g.float()).sum() for o, g in zip(outs, grads))
+        leaves = [qkv] + (list(q_norm) + list(k_norm) if norm else [])
+        results.append(torch.autograd.grad(loss, leaves))
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
+    for g_cuda, g_ref in zip(*results):
+        torch.testing.assert_close(g_cuda, g_ref, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=case_id)
+def test_rope_attention_backend(case):
+    from flashdino import ops
+
+    qkv, h, rope, q_norm, k_norm = _setup(case, torch.float32, "contiguous")
+    got = ops.rope_attention(qkv, h, rope, q_norm=q_norm, k_norm=k_norm, backend="cuda")
+    want = reference_attention(qkv, h, rope, q_norm, k_norm, 1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    _, name, _ = dispatch.select("rope_attention", qkv.device, "cuda", dtype=qkv.dtype, head_dim=case[6],
+                                 n_tokens=qkv.shape[1], rope=rope, qk_norm=q_norm is not None)
+    assert name == "cuda"
+
+
+@pytest.mark.gpu
+def test_autocast_with_qk_norm_keeps_fp32_intermediates():
+    case = CASES[4]
+    qkv, h, rope, q_norm, k_norm = _setup(case, torch.float32, "contiguous")
+    want = reference_qkv(qkv, h, rope, q_norm, k_norm)  # fp32 throughout
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = cuda_rope.rope_qkv(qkv.bfloat16(), h, rope, q_norm, k_norm)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph():
+    case = CASES[4]
+    qkv, h, rope, q_norm, k_norm = _setup(case, torch.float32, "contiguous")
+
+    def block(x):
+        return cuda_rope.rope_attention(x * 2.0, h, rope, q_norm, k_norm, 1e-5, None).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(qkv), block(qkv), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8]], ids=case_id)
+def test_opcheck(case):
+    qkv, h, rope, q_norm, k_norm = _setup(case, torch.float32, "contiguous", B=1)
+    d = case[6]
+    mode, H, W, n_prefix, freqs, dh, dw = cuda_rope.rope_args(rope, d, qkv.device)
+    qw, qb = q_norm if q_norm is not None else (None, None)
+    kw, kb = k_norm if k_norm is not None else (None, None)
+    qkv.requires_grad_(True)
+    for t in (qw, qb, kw, kb):
+        if t is not None:
+            t.requires_grad_(True)
+    args = (qkv, h, mode, H, W, n_prefix, freqs, dh, dw, qw, qb, kw, kb, 1e-5, True)
+    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split.default, args)
+    B, N, _ = qkv.shape
+    grads = tuple(torch.randn(B, h, N, d, device=DEV) for _ in range(3))
+    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split_backward.default,
+                          grads + (mode, H, W, n_prefix, freqs, dh, dw, True))
+
+
+# ---- host-side contract (no GPU needed) ---------------------------------------------------------
+
+def test_supports_reasons():
+    assert cuda_rope.supports() is None
+    assert cuda_rope.supports(dtype=torch.bfloat16, head_dim=64) is None
+    assert "head_dim" in cuda_rope.supports(dtype=torch.float16, head_dim=12)
+    assert "head_dim" in cuda_rope.supports(dtype=torch.float16, head_dim=264)
+    assert "dtype" in cuda_rope.supports(dtype=torch.float64, head_dim=64)
+    grid = RopeGrid("dinov3", 2, 2, 0, periods=torch.ones(16), normalize="diagonal")
+    assert "normalisation" in cuda_rope.supports(dtype=torch.float32, head_dim=64, rope=grid)
+
+
+def test_registered_with_dispatcher():
+    dispatch._load_backends()
+    assert "cuda" in dispatch._REGISTRY["rope_attention"]
+    assert "cuda" in dispatch._PREFERENCE["rope_attention"]
+
+
+def test_cpu_tensor_is_rejected():
+    with pytest.raises(ValueError, match="CUDA"):
+        cuda_rope.rope_qkv(torch.randn(1, 4, 3 * 2 * 8), 2)
+
+
+def test_rope_args():
+    grid = RopeGrid("dinov3", 3, 5, 5, periods=dinov3_periods(64), normalize="max")
+    mode, H, W, n_prefix, freqs, dh, dw = cuda_rope.rope_args(grid, 64, torch.device("cpu"))
+    assert (mode, H, W, n_prefix, dh, dw) == (cuda_rope.MODE_DINOV3, 3, 5, 5, 5.0, 5.0)
+    mode, *_, freqs, dh, dw = cuda_rope.rope_args(RopeGrid("vggt", 2, 2, 5), 64, torch.device("cpu"))
+    assert mode == cuda_rope.MODE_VGGT and freqs.shape == (16,)
+    assert math.isclose(freqs[1].item(), 1 / 100 ** (2 / 32), rel_tol=1e-6)

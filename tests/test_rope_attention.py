@@ -1,0 +1,364 @@
+"""Triton fused RoPE attention (``flashdino::rope_attention_triton``) against the reference.
+
+Without a GPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1), so
+the CPU tests use tiny shapes: N of a few dozen tokens, head dim 16, one or two heads. The
+``gpu``-marked tests run the product sizes (N = 201 ... 4101, d = 64/128, bf16/fp16) against an
+fp32 reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from flashdino import dispatch, ops
+from flashdino.backends.default.rope import RopeGrid
+from flashdino.backends.default.rope_attention import rope_attention as reference
+
+triton = pytest.importorskip("triton")
+tra = pytest.importorskip("flashdino.backends.triton.rope_attention")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def _periods(head_dim, base=100.0, bf16=True):
+    p = base ** (2 * torch.arange(head_dim // 4, dtype=torch.float32) / (head_dim // 2))
+    return (p.to(torch.bfloat16).float() if bf16 else p).to(DEVICE)
+
+
+def _grid(mode, height, width, n_prefix, head_dim, normalize="separate"):
+    if mode == "none":
+        return None
+    return RopeGrid(mode, height, width, n_prefix, periods=_periods(head_dim) if mode == "dinov3" else None,
+                    normalize=normalize)
+
+
+def _norms(head_dim, bias=True, dtype=torch.float32, requires_grad=False):
+    def one():
+        w = (1 + 0.3 * torch.randn(head_dim)).to(DEVICE, dtype).requires_grad_(requires_grad)
+        b = (0.2 * torch.randn(head_dim)).to(DEVICE, dtype).requires_grad_(requires_grad) if bias else None
+        return w, b
+    return one(), one()
+
+
+def _qkv(batch, n_tokens, heads, head_dim, dtype=torch.float32, layout="contiguous"):
+    width = 3 * heads * head_dim
+    if layout == "contiguous":
+        return torch.randn(batch, n_tokens, width, device=DEVICE, dtype=dtype)
+    if layout == "slice":  # a slice of a wider projection: N stride > 3*h*d, offset start
+        return torch.randn(batch, n_tokens, width + 24, device=DEVICE, dtype=dtype)[:, :, 8:8 + width]
+    if layout == "nbatch":  # batch stride smaller than N stride: [N, B, C] memory, viewed [B, N, C]
+        return torch.randn(n_tokens, batch, width, device=DEVICE, dtype=dtype).transpose(0, 1)
+    raise ValueError(layout)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k_rotation", tra.K_ROTATIONS)
+@pytest.mark.parametrize("mode", ["none", "dinov3", "vggt"])
+def test_forward_modes_and_k_rotation(mode, k_rotation):
+    d, heads, (H, W), n_prefix, frames = 16, 2, (3, 4), 1, 2
+    n = frames * (n_prefix + H * W)
+    qkv = _qkv(1, n, heads, d)
+    q_norm, k_norm = _norms(d)
+    rope = _grid(mode, H, W, n_prefix, d)
+    out = tra.rope_attention(qkv, heads, rope, q_norm, k_norm, 1e-5, None, k_rotation=k_rotation)
+    ref = reference(qkv, heads, rope, q_norm, k_norm, 1e-5, None)
+    assert out.shape == ref.shape == (1, n, heads * d) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "mode,batch,heads,d,H,W,n_prefix,frames,qk_norm,layout,normalize",
+    [
+        ("dinov3", 2, 1, 16, 2, 5, 0, 1, False, "contiguous", "separate"),   # n_prefix 0, odd N=10
+        ("dinov3", 1, 2, 16, 3, 2, 5, 3, False, "slice", "max"),           # 3 frames, N=33
+        ("dinov3", 1, 1, 16, 5, 3, 1, 1, True, "nbatch", "min"),            # H>W, N=16
+        ("dinov3", 1, 1, 32, 3, 3, 1, 2, False, "contiguous", "separate"),  # head dim 32
+        ("vggt", 2, 2, 16, 2, 3, 5, 2, True, "slice", "separate"),          # VGGT global: camera+4 reg
+        ("vggt", 1, 1, 16, 4, 3, 0, 1, False, "nbatch", "separate"),        # no prefix, no norm
+        ("vggt", 1, 1, 32, 1, 7, 1, 3, True, "contiguous", "separate"),     # 1-row grid, 3 frames
+        ("none", 2, 2, 16, 1, 1, 0, 1, False, "slice", "separate"),         # DINOv2 plain, N=23 below
+        ("none", 1, 1, 16, 1, 1, 0, 1, True, "nbatch", "separate"),         # qk_norm without RoPE
+    ],
+)
+def test_forward_shapes(mode, batch, heads, d, H, W, n_prefix, frames, qk_norm, layout, normalize):
+    n = frames * (n_prefix + H * W) if mode != "none" else 23
+    qkv = _qkv(batch, n, heads, d, layout=layout)
+    q_norm, k_norm = _norms(d, bias=layout != "nbatch") if qk_norm else (None, None)
+    rope = _grid(mode, H, W, n_prefix, d, normalize)
+    out = ops.rope_attention(qkv, heads, rope, q_norm=q_norm, k_norm=k_norm, backend="triton")
+    ref = reference(qkv, heads, rope, q_norm, k_norm)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_forward_prefix_tokens_are_not_rotated():
+    """A prefix token's query must attend exactly as if RoPE were off for it (identity rotation)."""
+    d, heads, H, W, n_prefix = 16, 1, 2, 2, 5
+    n = n_prefix + H * W
+    qkv = _qkv(1, n, heads, d)
+    rope = _grid("vggt", H, W, n_prefix, d)
+    out = tra.rope_attention(qkv, heads, rope)
+    ref = reference(qkv, heads, rope)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+    # rotating every token (a 3x3 grid without prefix, same N) gives a different result
+    wrong = reference(qkv, heads, RopeGrid("vggt", 3, 3, 0))
+    assert _rel(out, wrong) > 1e-3
+
+
+def test_forward_scale_and_eps():
+    d, heads = 16, 1
+    qkv = _qkv(1, 13, heads, d)
+    q_norm, k_norm = _norms(d)
+    rope = _grid("vggt", 3, 4, 1, d)
+    out = tra.rope_attention(qkv, heads, rope, q_norm, k_norm, 1e-2, 0.7)
+    ref = reference(qkv, heads, rope, q_norm, k_norm, 1e-2, 0.7)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_forward_fp16():
+    d, heads, H, W, n_prefix = 16, 2, 3, 4, 1
+    n = 2 * (n_prefix + H * W)
+    qkv = _qkv(1, n, heads, d, dtype=torch.float16)
+    rope = _grid("dinov3", H, W, n_prefix, d)
+    out = tra.rope_attention(qkv, heads, rope)
+    assert out.dtype == torch.float16
+    ref32 = reference(qkv.float(), heads, rope)
+    assert _rel(out, ref32) < 5e-3
+    rope = _grid("vggt", H, W, n_prefix, d)
+    out = tra.rope_attention(qkv, heads, rope)
+    ref16 = reference(qkv, heads, rope)  # the reference's own fp16 rounding of the VGGT angles
+    assert _rel(out, ref16) < 5e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+def _grads(fn, qkv, norm_params, grad_out):
+    qkv = qkv.detach().clone().requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in norm_params]
+    out = fn(qkv, params)
+    grads = torch.autograd.grad(out, [qkv, *params], grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize(
+    "mode,batch,heads,H,W,n_prefix,frames,norm,layout",
+    [
+        ("none", 1, 2, 1, 1, 0, 1, "none", "slice"),
+        ("dinov3", 2, 1, 3, 2, 1, 2, "none", "contiguous"),
+        ("dinov3", 1, 1, 2, 3, 5, 1, "both", "nbatch"),
+        ("vggt", 1, 2, 3, 2, 5, 2, "both", "slice"),
+        ("vggt", 1, 1, 4, 3, 0, 1, "q_nobias", "contiguous"),
+    ],
+)
+def test_backward(mode, batch, heads, H, W, n_prefix, frames, norm, layout):
+    d = 16
+    n = frames * (n_prefix + H * W) if mode != "none" else 19
+    qkv = _qkv(batch, n, heads, d, layout=layout)
+    rope = _grid(mode, H, W, n_prefix, d)
+    (qw, qb), (kw, kb) = _norms(d)
+    if norm == "both":
+        params = [qw, qb, kw, kb]
+        split = lambda p: ((p[0], p[1]), (p[2], p[3]))  # noqa: E731
+    elif norm == "q_nobias":
+        params = [qw]
+        split = lambda p: ((p[0], None), None)  # noqa: E731
+    else:
+        params = []
+        split = lambda p: (None, None)  # noqa: E731
+    grad_out = torch.randn(batch, n, heads * d, device=DEVICE)
+
+    def run(impl):
+        return lambda x, p: impl(x, heads, rope, *split(p), 1e-5, None)
+
+    out, grads = _grads(run(tra.rope_attention), qkv, params, grad_out)
+    ref, ref_grads = _grads(run(reference), qkv, params, grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+    scale = ref_grads[0].abs().max()
+    for name, g, r in zip(["qkv", "p0", "p1", "p2", "p3"], grads, ref_grads):
+        assert g.shape == r.shape, name
+        # absolute tolerance on the qkv-gradient scale: the k-bias gradient is ~0 in exact math
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * max(scale.item(), 1.0), msg=name)
+
+
+def test_backward_noncontiguous_grad_output():
+    d, heads, H, W = 16, 1, 3, 3
+    n = 1 + H * W
+    qkv = _qkv(1, n, heads, d).requires_grad_()
+    rope = _grid("dinov3", H, W, 1, d)
+    g_wide = torch.randn(1, n, 2 * heads * d, device=DEVICE)[:, :, ::2]  # channel stride 2
+    (gq,) = torch.autograd.grad(tra.rope_attention(qkv, heads, rope), qkv, g_wide)
+    (gr,) = torch.autograd.grad(reference(qkv, heads, rope), qkv, g_wide)
+    torch.testing.assert_close(gq, gr, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile, opcheck, registration
+# ------------------------------------------------------------------------------------------------
+
+def test_torch_compile_fullgraph_forward_backward():
+    d, heads, H, W, n_prefix = 16, 1, 2, 3, 1
+    n = n_prefix + H * W
+    q_norm, k_norm = _norms(d)
+    rope = _grid("vggt", H, W, n_prefix, d)
+
+    def f(qkv):
+        return tra.rope_attention(qkv, heads, rope, q_norm, k_norm, 1e-5, None).square().sum()
+
+    qkv = _qkv(1, n, heads, d).requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(qkv)
+    (grad,) = torch.autograd.grad(loss, qkv)
+    qkv_ref = qkv.detach().clone().requires_grad_()
+    loss_ref = reference(qkv_ref, heads, rope, q_norm, k_norm).square().sum()
+    (grad_ref,) = torch.autograd.grad(loss_ref, qkv_ref)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck():
+    d, heads, H, W, n_prefix = 16, 1, 2, 2, 1
+    n = n_prefix + H * W
+    qkv = _qkv(1, n, heads, d).requires_grad_()
+    (qw, qb), (kw, kb) = _norms(d, requires_grad=True)
+    args = (qkv, None, qw, qb, kw, kb, heads, H, W, n_prefix, "vggt", "separate", 100.0, 1e-5, d ** -0.5, "prepass")
+    torch.library.opcheck(torch.ops.flashdino.rope_attention_triton.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_registered_with_dispatcher():
+    dispatch._load_backends()
+    impl = dispatch._REGISTRY["rope_attention"]["triton"]
+    assert impl.supports(dtype=torch.bfloat16, head_dim=64, n_tokens=1370, rope=None, qk_norm=True) is None
+    assert impl.supports(dtype=torch.float16, head_dim=128, n_tokens=4101,
+                         rope=RopeGrid("vggt", 37, 37, 5), qk_norm=True) is None
+    assert "head_dim" in impl.supports(dtype=torch.bfloat16, head_dim=48, n_tokens=10, rope=None, qk_norm=False)
+    assert "dtype" in impl.supports(dtype=torch.float64, head_dim=64, n_tokens=10, rope=None, qk_norm=False)
+    assert "mode" in impl.supports(dtype=torch.float32, head_dim=64, n_tokens=10,
+                                   rope=RopeGrid("spiral", 2, 2, 0), qk_norm=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs():
+    d, heads = 16, 2
+    qkv = _qkv(1, 13, heads, d)
+    rope = _grid("dinov3", 3, 4, 1, d)
+    with pytest.raises(ValueError, match="qkv must be"):
+        ops.rope_attention(qkv[0], heads, rope, backend="triton")
+    with pytest.raises(ValueError, match="3 \\* num_heads"):
+        ops.rope_attention(qkv[..., :-1], heads, rope, backend="triton")
+    with pytest.raises(ValueError, match="head_dim 24"):
+        ops.rope_attention(_qkv(1, 13, 1, 24), 1, None, backend="triton")
+    with pytest.raises(ValueError, match="n_prefix"):
+        ops.rope_attention(qkv, heads, RopeGrid("vggt", 1, 1, 14), backend="triton")
+    with pytest.raises(ValueError, match="do not fit a grid"):
+        ops.rope_attention(qkv, heads, RopeGrid("vggt", 3, 3, 1), backend="triton")
+    with pytest.raises(ValueError, match="periods"):
+        ops.rope_attention(qkv, heads, RopeGrid("dinov3", 3, 4, 1, periods=_periods(32)), backend="triton")
+    with pytest.raises(ValueError, match="periods on"):
+        ops.rope_attention(qkv, heads, RopeGrid("dinov3", 3, 4, 1, periods=_periods(d).to("meta")),
+                           backend="triton")
+    (qw, qb), _ = _norms(d)
+    with pytest.raises(ValueError, match="q_norm on"):
+        ops.rope_attention(qkv, heads, rope, q_norm=(qw.to("meta"), qb), backend="triton")
+    with pytest.raises(ValueError, match="q_norm bias"):
+        ops.rope_attention(qkv, heads, rope, q_norm=(qw, qb.to("meta")), backend="triton")
+    with pytest.raises(ValueError, match="k_norm bias must be"):
+        ops.rope_attention(qkv, heads, rope, k_norm=(qw, qb[:-1]), backend="triton")
+    with pytest.raises(ValueError, match="k_norm weight must be"):
+        ops.rope_attention(qkv, heads, rope, k_norm=(qw[:-2], None), backend="triton")
+    with pytest.raises(TypeError, match="floating point"):
+        ops.rope_attention(qkv.to(torch.int32), heads, rope, backend="triton")
+    with pytest.raises(ValueError, match="mode"):
+        tra.rope_attention(qkv, heads, RopeGrid("spiral", 3, 4, 1))
+    with pytest.raises(ValueError, match="k_rotation"):
+        tra.rope_attention(qkv, heads, rope, k_rotation="sideways")
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: product sizes, against an fp32 reference
+# ------------------------------------------------------------------------------------------------
+
+GPU_CASES = [  # (mode, N-defining grid, n_prefix, frames, head_dim, heads, qk_norm)
+    ("dinov3", (14, 14), 5, 1, 64, 6, False),    # N = 201 (DINOv3 224 px)
+    ("dinov3", (32, 32), 5, 1, 128, 4, False),   # N = 1029
+    ("none", (37, 37), 1, 1, 64, 6, False),      # N = 1370 (DINOv2 518 px)
+    ("dinov3", (64, 64), 5, 1, 64, 4, False),    # N = 4101
+    ("vggt", (37, 37), 5, 1, 64, 16, True),      # VGGT frame attention, N = 1374
+    ("vggt", (37, 37), 5, 3, 64, 16, True),      # VGGT global attention over 3 frames
+]
+
+
+def _gpu_case(mode, grid, n_prefix, frames, d, heads, qk_norm, dtype, batch=2):
+    H, W = grid
+    n = frames * (n_prefix + H * W)
+    qkv = torch.randn(batch, n, 3 * heads * d, device="cuda", dtype=dtype)
+    rope = _grid(mode, H, W, n_prefix, d)
+    norms = _norms(d, dtype=torch.float32) if qk_norm else (None, None)
+    return qkv, rope, norms
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-{c[1][0]}x{c[1][1]}-f{c[3]}-d{c[4]}")
+@pytest.mark.parametrize("k_rotation", tra.K_ROTATIONS)
+def test_gpu_forward_backward(case, dtype, k_rotation):
+    mode, grid, n_prefix, frames, d, heads, qk_norm = case
+    qkv, rope, (q_norm, k_norm) = _gpu_case(mode, grid, n_prefix, frames, d, heads, qk_norm, dtype)
+    qkv.requires_grad_()
+    out = tra.rope_attention(qkv, heads, rope, q_norm, k_norm, 1e-5, None, k_rotation=k_rotation)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    qkv32 = qkv.detach().float().requires_grad_()
+    n32 = lambda nrm: None if nrm is None else tuple(t.float() if t is not None else None for t in nrm)  # noqa
+    ref = reference(qkv32, heads, rope, n32(q_norm), n32(k_norm))
+    (grad_ref,) = torch.autograd.grad(ref, qkv32, grad_out.float())
+    assert out.dtype == dtype and grad.dtype == dtype
+    assert _cos(out, ref) > 0.9999 and _rel(out, ref) < 2e-2
+    assert _cos(grad, grad_ref) > 0.999 and _rel(grad, grad_ref) < 5e-2
+
+
+@pytest.mark.gpu
+def test_gpu_norm_param_grads_and_fp32():
+    qkv, rope, (q_norm, k_norm) = _gpu_case("vggt", (37, 37), 5, 2, 64, 4, True, torch.float32, batch=1)
+    params = [q_norm[0], q_norm[1], k_norm[0], k_norm[1]]
+    grad_out = torch.randn(1, qkv.shape[1], 4 * 64, device="cuda")
+
+    def run(impl):
+        return lambda x, p: impl(x, 4, rope, (p[0], p[1]), (p[2], p[3]), 1e-5, None)
+
+    out, grads = _grads(run(tra.rope_attention), qkv, params, grad_out)
+    ref, ref_grads = _grads(run(reference), qkv, params, grad_out)
+    assert _rel(out, ref) < 1e-4
+    for g, r in zip(grads, ref_grads):
+        assert _cos(g, r) > 0.9999 and _rel(g, r) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile():
+    qkv, rope, (q_norm, k_norm) = _gpu_case("vggt", (37, 37), 5, 1, 64, 16, True, torch.bfloat16, batch=1)
+    f = torch.compile(lambda x: ops.rope_attention(x, 16, rope, q_norm=q_norm, k_norm=k_norm, backend="triton"))
+    out = f(qkv)
+    ref = reference(qkv.float(), 16, rope, q_norm, k_norm)
+    assert _cos(out, ref) > 0.9999
