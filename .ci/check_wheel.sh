@@ -67,8 +67,8 @@ fi
 step "fresh venv + $TORCH_SPEC + the wheel"
 "$PYTHON" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
-"$VPY" -m pip install -q "$TORCH_SPEC"
-"$VPY" -m pip install -q "$WHEEL"
+"$VPY" -m pip install -q --no-compile "$TORCH_SPEC"
+"$VPY" -m pip install -q --no-compile "$WHEEL"
 
 step "import flashdino from the installed wheel"
 cd "$WORK"  # away from the source tree

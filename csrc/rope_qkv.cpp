@@ -84,7 +84,7 @@ void rope_qkv_forward(std::uintptr_t qkv, std::uintptr_t q, std::uintptr_t k, st
                       int64_t batch, int64_t tokens, int64_t stride_b, int64_t stride_n, int heads, int head_dim,
                       int mode, int height, int width, int n_prefix, std::uintptr_t freqs, double denom_h,
                       double denom_w, std::uintptr_t q_weight, std::uintptr_t q_bias, std::uintptr_t k_weight,
-                      std::uintptr_t k_bias, double eps, int device, std::uintptr_t stream) {
+                      std::uintptr_t k_bias, double eps, bool round_mid, int device, std::uintptr_t stream) {
   RopeQkvParams p;
   fill_common(p, dtype, batch, tokens, stride_b, stride_n, heads, head_dim, mode, height, width, n_prefix, freqs,
               denom_h, denom_w);
@@ -100,6 +100,7 @@ void rope_qkv_forward(std::uintptr_t qkv, std::uintptr_t q, std::uintptr_t k, st
   p.k_weight = as_ptr<const float>(k_weight);
   p.k_bias = as_ptr<const float>(k_bias);
   p.eps = static_cast<float>(eps);
+  p.round_mid = round_mid;
   p.backward = false;
   launch(p, device, stream);
 }
@@ -107,7 +108,7 @@ void rope_qkv_forward(std::uintptr_t qkv, std::uintptr_t q, std::uintptr_t k, st
 void rope_qkv_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t dqkv, int dtype,
                        int64_t batch, int64_t tokens, int64_t stride_b, int64_t stride_n, int heads, int head_dim,
                        int mode, int height, int width, int n_prefix, std::uintptr_t freqs, double denom_h,
-                       double denom_w, int device, std::uintptr_t stream) {
+                       double denom_w, bool round_mid, int device, std::uintptr_t stream) {
   RopeQkvParams p;
   fill_common(p, dtype, batch, tokens, stride_b, stride_n, heads, head_dim, mode, height, width, n_prefix, freqs,
               denom_h, denom_w);
@@ -116,6 +117,7 @@ void rope_qkv_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, 
   p.heads_in[1] = as_ptr<const void>(dk);
   p.heads_in[2] = as_ptr<const void>(dv);
   p.qkv_out = as_ptr<void>(dqkv);
+  p.round_mid = round_mid;
   p.backward = true;
   launch(p, device, stream);
 }
@@ -129,13 +131,13 @@ void register_rope_qkv(py::module_& m) {
         py::arg("tokens"), py::arg("stride_b"), py::arg("stride_n"), py::arg("heads"), py::arg("head_dim"),
         py::arg("mode"), py::arg("height"), py::arg("width"), py::arg("n_prefix"), py::arg("freqs"),
         py::arg("denom_h"), py::arg("denom_w"), py::arg("q_weight"), py::arg("q_bias"), py::arg("k_weight"),
-        py::arg("k_bias"), py::arg("eps"), py::arg("device"), py::arg("stream"));
+        py::arg("k_bias"), py::arg("eps"), py::arg("round_mid"), py::arg("device"), py::arg("stream"));
   m.def("rope_qkv_backward", &rope_qkv_backward,
         "dq, dk, dv [B,h,N,d] -> dqkv [B,N,3hd]: inverse rotation of dq and dk, copy of dv (no norm)",
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dqkv"), py::arg("dtype"), py::arg("batch"),
         py::arg("tokens"), py::arg("stride_b"), py::arg("stride_n"), py::arg("heads"), py::arg("head_dim"),
         py::arg("mode"), py::arg("height"), py::arg("width"), py::arg("n_prefix"), py::arg("freqs"),
-        py::arg("denom_h"), py::arg("denom_w"), py::arg("device"), py::arg("stream"));
+        py::arg("denom_h"), py::arg("denom_w"), py::arg("round_mid"), py::arg("device"), py::arg("stream"));
 }
 
 }  // namespace flashdino

@@ -36,6 +36,10 @@ struct RopeQkvParams {
   const float* k_weight = nullptr;
   const float* k_bias = nullptr;
   float eps = 1e-5f;
+  // Round the LayerNorm output and the vggt angles / cos / sin to the token dtype, as the
+  // reference does without autocast. False: keep them fp32 (the reference under autocast with
+  // qk-norm, whose norm returns fp32 tokens).
+  bool round_mid = true;
   bool backward = false;
 };
 

@@ -19,6 +19,7 @@
 //           dtype (as the reference tables), rotation in fp32, one rounding.
 //   qk_norm: LayerNorm in fp32 (two-pass mean / variance, rsqrt), output rounded to the token dtype
 //           before the rotation, as the reference (F.layer_norm returns the token dtype).
+//   round_mid = false skips both intermediate roundings (reference under autocast: fp32 tokens).
 // Prefix tokens (the first n_prefix of every frame of n_prefix + H*W tokens) are not rotated.
 
 #include <cuda_bf16.h>
@@ -47,6 +48,7 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f<T>(from_f<T>(x)); }
+template <typename T> __device__ __forceinline__ float round_if(float x, bool round) { return round ? round_to<T>(x) : x; }
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -118,10 +120,10 @@ __global__ void __launch_bounds__(kBlock) rope_qkv_kernel(const RopeQkvParams p,
             } else {
               // j in [0, d/4) (y half) or [d/2, 3d/4) (x half)
               const bool is_y = j < 2 * quarter;
-              const float ang = round_to<T>((is_y ? cy : cx) * __ldg(p.freqs + (is_y ? j : j - 2 * quarter)));
+              const float ang = round_if<T>((is_y ? cy : cx) * __ldg(p.freqs + (is_y ? j : j - 2 * quarter)), p.round_mid);
               sincosf(ang, &s, &co);
-              s = round_to<T>(s);
-              co = round_to<T>(co);
+              s = round_if<T>(s, p.round_mid);
+              co = round_if<T>(co, p.round_mid);
             }
             cs[c][e] = co;
             sn[c][e] = BWD ? -s : s;
@@ -202,8 +204,8 @@ __global__ void __launch_bounds__(kBlock) rope_qkv_kernel(const RopeQkvParams p,
                 ya += __ldg(bias + j + e);
                 yz += __ldg(bias + j + off + e);
               }
-              a[c][e] = round_to<T>(ya);
-              z[c][e] = round_to<T>(yz);
+              a[c][e] = round_if<T>(ya, p.round_mid);
+              z[c][e] = round_if<T>(yz, p.round_mid);
             }
           }
         }

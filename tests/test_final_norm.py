@@ -222,3 +222,14 @@ def test_gpu_whole_model_default_vs_torch(monkeypatch):
         if key != "masks":
             assert got[key].dtype == e.dtype
             assert F.cosine_similarity(got[key].float().flatten(), e.float().flatten(), dim=0) > 0.999, key
+
+
+def test_opcheck_custom_op():
+    import flashdino.backends.triton.final_norm as tf
+
+    x = torch.randn(2, 7, 16, device=DEV, requires_grad=True)
+    w, b, pw, pb = _params(16, grad=True)
+    for args in ((x, w, b, None, None, False, 1, 1e-6, 0, 0, False, torch.float32),
+                 (x, w, b, pw, pb, True, 3, 1e-6, 2, 2, True, torch.float32)):
+        torch.library.opcheck(tf.final_norm_fwd, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

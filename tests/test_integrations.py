@@ -226,12 +226,32 @@ def test_get_dinov3_model_loads_weights_and_plus_fallback(tmp_path):
         get_dinov3_model(Config(model_name="small", weights=str(tmp_path / "nothing_here.pth"), overrides=TINY))
 
 
+def test_get_dinov3_model_pretrained_unavailable_falls_back(monkeypatch):
+    import flashdino.loading as loading
+
+    tried = []
+
+    def unavailable(model, source, strict=True):
+        tried.append((model.cfg.name, source))
+        raise loading.WeightsUnavailableError(f"offline: cannot download {source}")
+
+    monkeypatch.setattr(loading, "load_weights", unavailable)
+    with pytest.warns(UserWarning) as record:
+        m = get_dinov3_model(Config(model_name="small", prefer_plus=True, pretrained=True, overrides=TINY))
+    messages = " | ".join(str(r.message) for r in record)
+    assert [t[0] for t in tried] == ["dinov3_vits16plus", "dinov3_vits16"]
+    assert "trying dinov3_vits16" in messages and "RANDOMLY INITIALISED" in messages and "offline" in messages
+    assert m.cfg.name == "dinov3_vits16"
+    with pytest.raises(loading.WeightsUnavailableError):
+        get_dinov3_model(Config(model_name="base", pretrained=True, allow_random=False, overrides=TINY))
+
+
 def test_unify_output_same_keys_for_both_families():
     x = torch.randn(2, 3, 28, 28)
     v3 = tiny("dinov3_vits16")
     v2 = tiny("dinov2_vits14_reg")
     with torch.no_grad():
-        o3, o2 = unify_output(v3.forward_features(x[..., :32, :32] if False else x)), unify_output(v2.forward_features(x))
+        o3, o2 = unify_output(v3.forward_features(x)), unify_output(v2.forward_features(x))
     for o, raw_key in ((o3, "x_storage_tokens"), (o2, "x_norm_regtokens")):
         assert o["x_norm_extratokens"].shape == (2, 4, 64)
         assert o["register_tokens"] is o[raw_key]
@@ -389,6 +409,12 @@ def test_teacher_bad_folders(tmp_path, hf_folder):
         (broken / name).write_bytes((folder / name).read_bytes())
     (broken / "preprocessor_config.json").write_text('{"image_mean": [0.1, 0.2]')
     with pytest.raises(ValueError, match="preprocessor_config.json"):
+        DinoV3Teacher(DinoV3Config(root=broken))
+    (broken / "preprocessor_config.json").write_text('{"image_mean": [0.1, 0.2]}')
+    with pytest.raises(ValueError, match="preprocessor_config.json: image_mean must have 3 values"):
+        DinoV3Teacher(DinoV3Config(root=broken))
+    (broken / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(ValueError, match="config.json"):
         DinoV3Teacher(DinoV3Config(root=broken))
 
 

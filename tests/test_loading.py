@@ -194,7 +194,8 @@ def test_converter_needs_a_name_for_unknown_dims(tmp_path):
 def test_hubconf_local():
     model = torch.hub.load(str(REPO), "dinov3_vits16", source="local", pretrained=False, depth=1, trust_repo=True)
     assert isinstance(model, flashdino.DinoV3) and model.n_blocks == 1 and model.embed_dim == 384
-    model = torch.hub.load(str(REPO), "dinov2_vitb14_reg", source="local", depth=1, trust_repo=True)
+    model = torch.hub.load(str(REPO), "dinov2_vitb14_reg", source="local", pretrained=False, depth=1,
+                           trust_repo=True)
     assert isinstance(model, flashdino.DinoV2) and model.num_register_tokens == 4
     import importlib.util
 
@@ -204,6 +205,20 @@ def test_hubconf_local():
     assert hubconf.dependencies == ["torch"]
     entries = {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith("_")}
     assert entries == set(flashdino.factory.ENTRY_POINTS)
+
+
+def test_hubconf_defaults_to_pretrained_like_the_official_hubconf(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def offline(repo_id, filename, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(WeightsUnavailableError, match="facebook/dinov3-vitb16-pretrain-lvd1689m"):
+        torch.hub.load(str(REPO), "dinov3_vitb16", source="local", depth=1, trust_repo=True, check_hash=True)
+    # from_pretrained with a model name (or alias) means the variant's default weights too
+    with pytest.raises(WeightsUnavailableError, match="facebook/dinov3-vitl16-pretrain-lvd1689m"):
+        flashdino.from_pretrained("large", depth=1)
 
 
 def test_hubconf_with_weights_file(tmp_path):
@@ -510,8 +525,8 @@ def test_hub_download_success_and_weights_tag(monkeypatch, tmp_path):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    # the "lvd1689m" tag resolves to the variant's hub id
-    model = flashdino.create_model("dinov3_vits16", weights="lvd1689m", embed_dim=64, depth=2, num_heads=2)
+    # the "lvd1689m" tag (any case, as the official hub's Weights enum) resolves to the variant's hub id
+    model = flashdino.create_model("dinov3_vits16", weights="LVD1689M", embed_dim=64, depth=2, num_heads=2)
     assert requested[0] == ("facebook/dinov3-vits16-pretrain-lvd1689m", "config.json")
     assert ("facebook/dinov3-vits16-pretrain-lvd1689m", "model.safetensors") in requested
     assert torch.equal(model.cls_token, hf.embeddings.cls_token.detach())
@@ -556,3 +571,26 @@ def test_pretrained_url_failures_become_weights_unavailable(monkeypatch, tmp_pat
     for phrase in phrases:
         assert phrase in str(info.value)
     assert "dinov2_vits14_reg4_pretrain.pth" in str(info.value)
+
+
+def _meta_state_dict(name, drop=()):
+    shapes = flashdino.loading.expected_shapes(flashdino.get_config(name))
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items() if not k.startswith(drop)}
+
+
+@pytest.mark.parametrize("name,drop,hint,expected", [
+    ("dinov3_vits16", (), "", "dinov3_vits16"),
+    ("dinov3_vith16plus", (), "", "dinov3_vith16plus"),
+    ("dinov3_vitl16", (), "", "dinov3_vitl16"),
+    ("dinov3_vitl16_sat493m", (), "", "dinov3_vitl16_sat493m"),  # told apart by local_cls_norm
+    ("dinov3_vit7b16", (), "", "dinov3_vit7b16"),
+    ("dinov3_vit7b16", (), "dinov3_vit7b16_pretrain_sat493m-a6675841.pth", "dinov3_vit7b16_sat493m"),
+    ("dinov2_vitg14_reg", (), "", "dinov2_vitg14_reg"),
+    ("dinov2_vitb14", (), "", "dinov2_vitb14"),
+])
+def test_architecture_inferred_from_official_keys(name, drop, hint, expected):
+    from flashdino.loading.load import config_for_source
+    from flashdino.loading.sources import Source
+
+    cfg = config_for_source(Source(_meta_state_dict(name, drop), hint or "ckpt.pth"), hint=hint)
+    assert cfg.name == expected

@@ -61,7 +61,7 @@ def use_fp32_periods(model) -> None:
 # --------------------------------------------------------------------------------------------------- DINOv3
 
 V3_CONFIGS = {
-    "mlp": dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=3,
+    "mlp": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
                 num_register_tokens=4, patch_size=16, image_size=64, use_gated_mlp=False, hidden_act="gelu",
                 layerscale_value=1e-5),
     "swiglu": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -275,3 +275,43 @@ def test_dinov2_interpolation_is_the_official_one(hf_v2, grid):
             with torch.no_grad():
                 mine = all_tokens(model.forward_features(x), "x_norm_regtokens")
             assert (mine - ref_last).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------- in-memory state dicts
+
+
+def check_in_memory_state_dict(hf, folder):
+    """transformers 5 renames modules in memory (model.layer.*, q_proj, gate/up/down_proj): same weights."""
+    from_folder = flashdino.from_pretrained(folder)
+    model = build_like(from_folder)
+    report = flashdino.load_weights(model, hf.state_dict())
+    assert report.ok and report.format.startswith("hf_")
+    for k, v in from_folder.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_in_memory_hf_dinov3_state_dict(hf_v3):
+    check_in_memory_state_dict(hf_v3[1], hf_v3[2])
+
+
+def test_in_memory_hf_dinov2_state_dict(hf_v2):
+    check_in_memory_state_dict(hf_v2[1], hf_v2[2])
+
+
+def build_like(model):
+    from flashdino.models import build_model
+
+    return build_model(model.cfg)
+
+
+def test_classifier_checkpoint_backbone_loads_non_strict(hf_v2):
+    kind, hf, folder = hf_v2
+    from_folder = flashdino.from_pretrained(folder)
+    sd = {f"dinov2.{k}": v for k, v in hf.state_dict().items()}
+    sd["classifier.weight"] = torch.zeros(10, 128)
+    model = build_like(from_folder)
+    with pytest.raises(flashdino.CheckpointError, match="1 unexpected keys: classifier.weight"):
+        flashdino.load_weights(model, sd)
+    report = flashdino.load_weights(model, sd, strict=False)
+    assert report.unexpected == ["classifier.weight"] and not report.missing
+    assert torch.equal(model.pos_embed, from_folder.pos_embed)

@@ -52,6 +52,8 @@ V3 = {
     "vit_small_patch16_dinov3": ("dinov3_vits16", dict(embed_dim=64, num_heads=2)),
     "vit_small_patch16_dinov3_qkvb": ("dinov3_vits16", dict(embed_dim=96, num_heads=3)),
     "vit_small_plus_patch16_dinov3": ("dinov3_vits16plus", dict(embed_dim=64, num_heads=2)),
+    # 7B layout: no qkv bias, SwiGLU hidden aligned to 64, local_cls_norm absent from timm (filled as identity)
+    "vit_7b_patch16_dinov3": ("dinov3_vit7b16", dict(embed_dim=128, num_heads=2)),
 }
 
 
@@ -101,6 +103,9 @@ def test_dinov3_timm_default_periods_are_official(timm_v3):
 def test_timm_qkv_bias_layout(timm_v3):
     name, tm, model = timm_v3
     sd = tm.state_dict()
+    if not model.cfg.qkv_bias:
+        assert model.blocks[0].attn.qkv.bias is None and "blocks.0.attn.q_bias" not in sd
+        return
     bias = model.blocks[0].attn.qkv.bias.detach()
     D = model.embed_dim
     if name.endswith("_qkvb"):

@@ -246,3 +246,15 @@ def test_gpu_uint8_nhwc_normalised():
     want = reference(x, p32["weight"], p32["bias"], p32["cls"], p32["extra"], channels_last=True, mean=MEAN, std=STD)
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).norm() / want.norm() < 1e-2
+
+
+def test_opcheck_custom_op():
+    import flashdino.backends.triton.patch_embed as tp
+
+    p = _params(16, 3, 4, 2)
+    x = _image(2, 3, 9, 12)
+    masks = torch.rand(2, 6, device=DEV) > 0.5
+    pos = torch.randn(1, 7, 16, device=DEV)
+    args = (x, p["weight"], p["bias"], p["cls"], p["extra"], masks, p["mask_token"], pos, False, [0.5] * 3,
+            [0.25] * 3, torch.float32, torch.float32, torch.float32)
+    torch.library.opcheck(tp.patch_embed_tokens_op, args, test_utils=("test_schema", "test_faketensor"))

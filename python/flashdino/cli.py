@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_MODEL = "dinov3_vits16"
+PCA_MAX_IMAGES = 8  # rows of the --pca picture
 
 
 class CliError(Exception):
@@ -73,7 +74,7 @@ def _parse_size(text: str):
 
 
 def _build_model(args):
-    """(model, preprocessor-config dict or None)."""
+    """(model, path of the weights folder's preprocessor_config.json or None)."""
     import flashdino
     from flashdino.variants import resolve_name
 
@@ -87,17 +88,53 @@ def _build_model(args):
         print(f"flashdino: notice: no --weights given: {name} uses RANDOM weights, so the features are "
               "meaningless (fine for a smoke test). Pass --weights CHECKPOINT|HF_FOLDER|HUB_ID for real features.",
               file=sys.stderr)
+        _check_overrides(name, overrides)
         model = flashdino.create_model(name, **overrides)
     else:
         w = Path(args.weights)
         if w.is_dir() and (w / "preprocessor_config.json").is_file():
-            from flashdino.preprocess import read_preprocessor_config
-
-            pre_cfg = read_preprocessor_config(w / "preprocessor_config.json")
-        if not w.exists() and (os.sep in args.weights or args.weights.endswith((".pth", ".pt", ".safetensors", ".bin"))):
+            pre_cfg = w / "preprocessor_config.json"
+        if not w.exists() and _looks_like_path(args.weights):
             raise CliError(f"weights file not found: {w}")
+        _check_overrides(name, overrides)
         model = flashdino.create_model(name, weights=args.weights, **overrides)
     return model, pre_cfg
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the image header; a clear error naming the file when it is unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise CliError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+    return h, w
+
+
+def _looks_like_path(text: str) -> bool:
+    """True for things that can only be files (a hub id "org/name" is not one)."""
+    return text.startswith(("/", ".", "~")) or text.endswith((".pth", ".pt", ".safetensors", ".bin")) \
+        or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
+
+
+def _check_overrides(name: str, overrides: dict) -> None:
+    import dataclasses
+    import difflib
+
+    from flashdino.variants import VitConfig, get_config
+
+    fields = sorted({f.name for f in dataclasses.fields(VitConfig)} - {"name", "family", "weights"})
+    for key in overrides:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CliError(f"--override {key}: unknown configuration field{hint} (fields: {', '.join(fields)})")
+    try:
+        get_config(name, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--override: {exc}") from None
 
 
 def _batches(items, size):
@@ -135,7 +172,7 @@ def pca_rgb(features, grids, n_components: int = 3):
     return out
 
 
-def render_pca(images, features, grids, path, max_images: int = 8):
+def render_pca(images, features, grids, path, max_images: int = PCA_MAX_IMAGES):
     """Writes a PNG with one row per image: the (preprocessed) input next to its PCA colouring."""
     import numpy as np
     import torch
@@ -182,25 +219,30 @@ def cmd_features(args) -> int:
     out_path = Path(args.out)
     if out_path.suffix != ".safetensors":
         raise CliError(f"--out must end in .safetensors, got {out_path}")
+    if args.pca and Path(args.pca).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"):
+        raise CliError(f"--pca must name an image file (.png, .jpg, ...), got {args.pca}")
 
     model, pre_cfg = _build_model(args)
     model = model.to(args.device).eval().requires_grad_(False)
     P = model.patch_size
+    if pre_cfg is None and isinstance(getattr(model, "preprocessor_config", None), dict):
+        pre_cfg = model.preprocessor_config  # set by the loaders for HF folders / hub ids
     if pre_cfg is not None and args.size is None:
-        pre = Preprocessor.from_preprocessor_config(pre_cfg, patch_size=P)
+        pre = Preprocessor.from_preprocessor_config(pre_cfg, patch_size=P,
+                                                    origin=f"{args.weights}: preprocessor_config.json")
     else:
-        size = {None: 224, "native": None}.get(args.size, args.size) if not isinstance(args.size, tuple) else args.size
+        size = 224 if args.size is None else (None if args.size == "native" else args.size)
         pre = Preprocessor.from_variant(model.cfg, size=size)
 
-    images = [load_image(f) for f in files]  # fail early, naming the unreadable file
-    # batch images whose processed size agrees (always, with a fixed --size)
+    # read every header first (fails early, naming an unreadable file), decode the pixels per batch;
+    # batch images whose processed size agrees (all of them with a fixed --size)
     order: dict = {}
-    for i, img in enumerate(images):
-        order.setdefault(pre.output_size(*img.shape[-2:]), []).append(i)
+    for i, f in enumerate(files):
+        order.setdefault(pre.output_size(*image_size(f)), []).append(i)
     cls = [None] * len(files)
     patches = [None] * len(files)
     grids = [None] * len(files)
-    shown = [None] * len(files) if args.pca else None
+    shown = {} if args.pca else None  # the first PCA_MAX_IMAGES inputs, as the model saw them
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if dtype != torch.float32:
         model = model.to(dtype)
@@ -210,14 +252,14 @@ def cmd_features(args) -> int:
         for idx in order.values():
             for chunk in _batches(idx, args.batch_size):
                 # each image through the preprocessor on the device, then one batch
-                x = torch.cat([pre(images[i], device=args.device) for i in chunk]).to(dtype)
+                x = torch.cat([pre(load_image(files[i]), device=args.device) for i in chunk]).to(dtype)
                 out = model.forward_features(x)
                 h, w = x.shape[-2] // P, x.shape[-1] // P
                 for j, i in enumerate(chunk):
                     cls[i] = out["x_norm_clstoken"][j].float().cpu()
                     patches[i] = out["x_norm_patchtokens"][j].float().cpu()
                     grids[i] = (h, w)
-                    if shown is not None:
+                    if shown is not None and i < PCA_MAX_IMAGES:
                         shown[i] = pre.denormalize(x[j: j + 1].float())[0].cpu()
                 bar.update(len(chunk))
     bar.close()
@@ -243,7 +285,8 @@ def cmd_features(args) -> int:
               else f"per-image patch_tokens.<i> (grids differ: {sorted(set(grids))})")
     print(f"wrote {out_path}: cls [{len(files)}, {D}], {layout}")
     if args.pca:
-        path = render_pca(shown, patches, grids, args.pca)
+        keep = sorted(shown)
+        path = render_pca([shown[i] for i in keep], [patches[i] for i in keep], [grids[i] for i in keep], args.pca)
         print(f"wrote {path}: PCA of the patch features (first 3 components as RGB)")
     return 0
 
@@ -254,7 +297,7 @@ def cmd_info(args) -> int:
     except ImportError:
         info = None
     if info is not None and hasattr(info, "main"):
-        rv = info.main(args.rest) if args.rest else info.main()
+        rv = info.main(list(args.rest))  # an explicit list: sys.argv still holds "info"
         return int(rv or 0)
     import platform
 
@@ -274,9 +317,17 @@ def cmd_convert(args) -> int:
     if not hasattr(loading, "convert"):
         raise CliError("this flashdino build has no checkpoint converter (flashdino.loading.convert)")
     src = args.src
-    if not Path(src).exists() and (os.sep in src or src.endswith((".pth", ".pt", ".safetensors", ".bin"))):
+    if not Path(src).exists() and _looks_like_path(src):
         raise CliError(f"no such file or folder: {src}")
     kwargs = {"model": args.model} if args.model else {}
+    overrides = _parse_overrides(args.override)
+    if overrides:
+        if not args.model:
+            raise CliError("--override needs --model NAME (the variant the overrides change)")
+        _check_overrides(args.model, overrides)
+        kwargs.update(overrides)
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
     result = loading.convert(src, args.out, **kwargs)
     print(f"wrote {result if result is not None else args.out}")
     return 0
@@ -316,13 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--model", default=None, help="variant name when it cannot be inferred from the checkpoint")
+    c.add_argument("--override", action="append", metavar="KEY=VALUE", help="architecture override (with --model)")
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
     c.set_defaults(func=cmd_convert)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv and argv[0] == "info":  # everything after `info` belongs to flashdino.info
+        return cmd_info(argparse.Namespace(rest=argv[1:]))
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2

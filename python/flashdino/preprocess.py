@@ -141,14 +141,18 @@ class Preprocessor:
     # -- constructors -------------------------------------------------------------------------------
     @classmethod
     def from_preprocessor_config(cls, config: Union[str, os.PathLike, Mapping[str, Any]], *,
-                                 patch_size: Optional[int] = None, **overrides) -> "Preprocessor":
-        """From a Hugging Face preprocessor_config.json (a path, a model folder or the parsed dict)."""
-        origin = "preprocessor config"
+                                 patch_size: Optional[int] = None, origin: Optional[str] = None,
+                                 **overrides) -> "Preprocessor":
+        """From a Hugging Face preprocessor_config.json (a path, a model folder or the parsed dict).
+
+        ``origin`` names the source in error messages (default: the path, or "preprocessor config").
+        """
+        origin = origin or "preprocessor config"
         if not isinstance(config, Mapping):
             path = Path(config)
             if path.is_dir():
                 path = path / "preprocessor_config.json"
-            origin = str(path)
+            origin = str(path) if origin == "preprocessor config" else origin
             config = read_preprocessor_config(path)
         if not isinstance(config, Mapping):
             raise PreprocessorConfigError(f"{origin}: expected a JSON object, got {type(config).__name__}")

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..preprocess import Preprocessor, read_preprocessor_config
+from ..preprocess import Preprocessor
 from .fusion import multiscale_feature_maps
 from .selection import _dtype
 
@@ -103,9 +103,7 @@ class DinoV3Teacher:
             self.model = self.model.to(self.compute_dtype)
         vcfg = model.cfg
         if config.preprocessor_file.is_file():
-            pre = Preprocessor.from_preprocessor_config(read_preprocessor_config(config.preprocessor_file),
-                                                        patch_size=vcfg.patch_size)
-            pre.origin = str(config.preprocessor_file)
+            pre = Preprocessor.from_preprocessor_config(config.preprocessor_file, patch_size=vcfg.patch_size)
         else:
             pre = Preprocessor.from_variant(vcfg)
         if config.image_size is not None:

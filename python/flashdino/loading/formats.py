@@ -329,13 +329,14 @@ def _fix_shapes(sd: dict, fmt: str, cfg: VitConfig, notes: list) -> None:
 
 
 def _fill_missing(sd: dict, fmt: str, cfg: VitConfig, notes: list) -> None:
-    D = cfg.embed_dim
+    cls = sd.get("cls_token")
+    D = int(cls.shape[-1]) if cls is not None else cfg.embed_dim  # the checkpoint's width, fitting or not
     dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
     if fmt.startswith(("hf_", "timm_")):
         if "mask_token" not in sd and fmt.startswith("timm_"):
             sd["mask_token"] = torch.zeros(1, D, dtype=dtype)
             notes.append("no mask_token in a timm checkpoint: set to zeros (only used with masks)")
-        if cfg.local_cls_norm and "local_cls_norm.weight" not in sd and fmt.startswith(("hf_", "timm_")):
+        if cfg.local_cls_norm and "local_cls_norm.weight" not in sd:
             sd["local_cls_norm.weight"] = torch.ones(D, dtype=dtype)
             sd["local_cls_norm.bias"] = torch.zeros(D, dtype=dtype)
             notes.append("local_cls_norm is not in this format (training only, unused at inference): set to identity")

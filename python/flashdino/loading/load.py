@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -226,14 +225,22 @@ def config_for_source(src: Source, hint: str = "") -> VitConfig:
 def from_pretrained(source, *, strict: bool = True, device=None, dtype=None, **overrides):
     """Builds a backbone from a Hugging Face folder / hub id (its config.json) or a flashdino file, and
     loads its weights. ``overrides`` change configuration fields (e.g. ``drop_path_rate=0.1``).
+    A variant name (``"dinov3_vitl16"``) means ``create_model(name, pretrained=True)``.
 
     The model gets ``preprocessor_config`` (the folder's preprocessor_config.json, when present).
     """
     from ..models import build_model
     from ..variants import VARIANTS
 
-    if isinstance(source, str) and source in VARIANTS:
-        raise CheckpointError(f"{source!r} is a model name; use flashdino.create_model({source!r}, pretrained=True)")
+    from .sources import looks_like_pretrained_source
+
+    if isinstance(source, str) and not looks_like_pretrained_source(source):
+        from ..variants import ALIASES
+
+        if source in VARIANTS or source.lower() in ALIASES:  # a model name: its default weights
+            from ..factory import create_model
+
+            return create_model(source, pretrained=True, strict=strict, device=device, dtype=dtype, **overrides)
     src = resolve(source)
     cfg = config_for_source(src, hint=str(source))
     if overrides:

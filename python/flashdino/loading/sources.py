@@ -91,8 +91,9 @@ def resolve(source, weight_tags: Optional[dict] = None, model_name: str = "the m
         return read_folder(path)
     if path.is_file():
         return Source(read_state_dict(path), str(path), metadata=_safetensors_metadata(path))
-    if s in weight_tags:
-        return resolve(weight_tags[s], weight_tags, model_name)
+    tag = next((t for t in weight_tags if t.lower() == s.lower()), None)  # "lvd1689m" or "LVD1689M"
+    if tag is not None:
+        return resolve(weight_tags[tag], weight_tags, model_name)
     if is_url(s):
         local = download_url(s)
         return Source(read_state_dict(local), str(local))

@@ -297,7 +297,8 @@ def load_vggt_state_dict(aggregator: torch.nn.Module, state_dict: Mapping[str, t
     report.mismatched = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in agg.items()
                          if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if not report.ok and strict:
-        counts = f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.mismatched)} mis-shaped"
+        counts = (f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
+                  f"{len(report.mismatched)} mis-shaped")
         hint = ""
         try:
             guess = infer_aggregator_kwargs(agg)

@@ -248,7 +248,8 @@ class Aggregator(nn.Module):
                 f"{tuple(images.shape)}")
         if images.shape[2] != 3:
             hint = " (channels-last? use images.permute(0, 1, 4, 2, 3))" if images.shape[-1] == 3 else ""
-            raise ValueError(f"Aggregator: expected 3 channels, got {images.shape[2]} (shape {tuple(images.shape)}){hint}")
+            raise ValueError(
+                f"Aggregator: expected 3 channels, got {images.shape[2]} (shape {tuple(images.shape)}){hint}")
         if not images.is_floating_point():
             raise TypeError(f"Aggregator: got {images.dtype} pixels; pass floats in [0, 1] (e.g. images.float() / 255)")
         H, W = images.shape[-2:]
@@ -263,11 +264,11 @@ class Aggregator(nn.Module):
         if images.device != device:
             raise ValueError(f"Aggregator: images on {images.device} but the model on {device}; move one with .to()")
         if not self._warned_range and not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(images.detach())
-            if lo.item() < -1e-3 or hi.item() > 1 + 1e-3:
+            lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one device sync
+            if lo < -1e-3 or hi > 1 + 1e-3:
                 self._warned_range = True
                 warnings.warn(
-                    f"Aggregator: input values span [{lo.item():.3g}, {hi.item():.3g}]; VGGT expects images in "
+                    f"Aggregator: input values span [{lo:.3g}, {hi:.3g}]; VGGT expects images in "
                     "[0, 1] and normalises them itself. The input looks ImageNet-normalised (or 0-255): pass the "
                     "raw [0, 1] images instead.", stacklevel=3)
         return images

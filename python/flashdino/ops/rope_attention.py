@@ -1,7 +1,15 @@
 """``rope_attention``: attention over a fused qkv projection with in-place 2D RoPE.
 
-Dispatch rules on CUDA (see the measurements in benchmarks/results/): Triton first, then the
-reference (PyTorch RoPE + SDPA). Triton covers head dims 64 and 128 in fp16/bf16/fp32.
+Dispatch rules on CUDA: Triton first (``flashdino::rope_attention_triton``: one fused
+flash-attention kernel, forward and backward, reading q/k/v through the strides of the qkv output,
+qk-norm + 2D RoPE inside, output [B, N, h*d]), then the other backends, then the reference
+(PyTorch RoPE + SDPA). Triton covers head dims 16, 32, 64 and 128 (64/128 are the product
+targets), fp16/bf16/fp32, RoPE "dinov3" / "vggt" / none, optional qk-norm, several frames per
+sequence and any N; its ``supports`` names the reason otherwise. The ordering is provisional: the
+GPU measurements (benchmarks/test_bench_rope_attention.py -> benchmarks/results/) are still to be
+run, including the K-rotation study (FLASHDINO_ROPE_ATTN_K_ROTATION=prepass|inline|table,
+default prepass). On CPU tensors the reference runs, unless TRITON_INTERPRET=1 and
+``backend="triton"`` (tests).
 """
 
 from __future__ import annotations

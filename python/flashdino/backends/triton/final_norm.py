@@ -38,7 +38,7 @@ def _final_norm_fwd_kernel(
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = tl.rsqrt(var + eps)
     y = xc * rstd[:, None]
     b_idx = rows // N
     t_idx = rows - b_idx * N

@@ -82,7 +82,7 @@ def _residual_ln_fwd_kernel(
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = tl.rsqrt(var + eps)
     y = xc * rstd[:, None]
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)

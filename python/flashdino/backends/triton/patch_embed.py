@@ -145,10 +145,9 @@ def patch_embed_tokens_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls
     pos = pos_embed[0, n_cls:].to(tok_dtype).contiguous() if pos_embed is not None else bt
     mask_u8 = masks.contiguous().view(torch.uint8) if masks is not None else bt
     mt = mask_token.reshape(-1).contiguous() if masks is not None else bt
-    if conv_dtype == torch.float32:
+    precision = None  # half-precision operands: the default (tensor cores)
+    if conv_dtype == torch.float32:  # fp32: TF32 exactly when the eager (cuDNN) conv would use it
         precision = "tf32" if torch.backends.cudnn.allow_tf32 and x.device.type == "cuda" else "ieee"
-    else:
-        precision = "ieee"
     bm, bn, bk, warps, stages = _tiles(x.device, D)
     grid = (triton.cdiv(D, bn), triton.cdiv(M, bm))
     _patch_embed_kernel[grid](
