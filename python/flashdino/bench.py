@@ -488,6 +488,16 @@ class ModelGroup:
 
         cfg, dev = self.cfg, self.device
         wants_hf = any(p in self.peers for p in ("hf", "hf-compile"))
+        if dev.type == "cuda":
+            with torch.device("meta"):
+                numel = sum(p.numel() for p in build_model(cfg).parameters())
+            one = numel * torch.empty((), dtype=self.weight_dtype).element_size()
+            copies = 1 + int(wants_hf) + int("timm" in self.peers)
+            total = torch.cuda.get_device_properties(dev).total_memory
+            self.keep_all = one * copies <= 0.45 * total
+            if not self.keep_all:
+                self.notes.append(f"{cfg.name} {self.dtype}: {copies} x {one / 2**30:.1f} GiB of weights; only the "
+                                  "peer being measured is kept on the GPU (the others wait in host memory)")
         if wants_hf:
             try:
                 hf_cfg = _hf_config(cfg)
@@ -509,22 +519,19 @@ class ModelGroup:
             summary = getattr(report, "summary", lambda: "")()
             if summary:
                 self.notes.append(f"{cfg.name}: loader notes: {summary}")
+            if not self.keep_all:
+                self.hf.to("cpu")
         else:
             fd.init_weights()
             self.weights_source = "flashdino init_weights()"
         self.fd = fd.eval()
         if "timm" in self.peers:
             self._build_timm()
+            if self.timm is not None and not self.keep_all:
+                self.timm.to("cpu")
         if "hf-compile" in self.peers and self.hf is not None:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.hf_compiled = torch.compile(self.hf, dynamic=False)
-        if dev.type == "cuda":
-            total = torch.cuda.get_device_properties(dev).total_memory
-            resident = sum(_param_bytes(m) for m in (self.fd, self.hf, self.timm))
-            self.keep_all = resident <= 0.45 * total
-            if not self.keep_all:
-                self.notes.append(f"{cfg.name} {self.dtype}: {resident / 2**30:.1f} GiB of weights across peers; "
-                                  "only the peer being measured is kept on the GPU")
 
     def _build_timm(self) -> None:
         name = TIMM_NAMES.get(self.cfg.name)
@@ -721,7 +728,7 @@ class Runner:
             entry["copy"] = dict(error=_short(exc))
         entry["loadavg"] = _loadavg()
         self.rates[when] = entry
-        parts = [f"{k} GEMM {v['flops_per_s'] / 1e12:.3f} TFLOP/s (n={v['n']})" for k, v in entry.items()
+        parts = [f"{k} GEMM {_rate(v['flops_per_s'])} (n={v['n']})" for k, v in entry.items()
                  if isinstance(v, dict) and "flops_per_s" in v]
         if "bytes_per_s" in entry.get("copy", {}):
             parts.append(f"copy {entry['copy']['bytes_per_s'] / 1e9:.1f} GB/s")
@@ -1112,6 +1119,10 @@ def _fmt_target(t: dict) -> str:
     return f"- {t['status'].upper():6s} {t['text']}{peer}: {val} vs {thr}, margin {t['margin'] * 100:+.1f}%{extra}"
 
 
+def _rate(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e12:.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.2f} GFLOP/s"
+
+
 def _mib(v) -> str:
     return f"{v:.0f}" if v is not None else ""
 
@@ -1134,7 +1145,7 @@ def render_markdown(result: dict) -> str:
     if result.get("load_warning"):
         lines.append(f"- **{result['load_warning']}**")
     for when, r in result["rates"].items():
-        parts = [f"{k} GEMM {x['flops_per_s'] / 1e12:.4g} TFLOP/s (n={x['n']})" for k, x in r.items()
+        parts = [f"{k} GEMM {_rate(x['flops_per_s'])} (n={x['n']})" for k, x in r.items()
                  if isinstance(x, dict) and "flops_per_s" in x]
         if isinstance(r.get("copy"), dict) and "bytes_per_s" in r["copy"]:
             parts.append(f"copy {r['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
@@ -1144,7 +1155,12 @@ def render_markdown(result: dict) -> str:
                  "plus the patch-embedding GEMM; training = 3x forward.")
     lines.append("- check: cosine similarity / relative L2 error of the output tokens against flashdino's "
                  "PyTorch path (`FLASHDINO_BACKEND=torch`) on the same input and weights. HF and timm use fp32 "
-                 "RoPE periods, flashdino the official bf16-rounded ones: a small DINOv3 difference is expected.")
+                 "RoPE periods, flashdino the official bf16-rounded ones: a small DINOv3 difference is expected. "
+                 "HF DINOv2 interpolates its position table without the official 0.1 offset (differs below 518 px).")
+    lines.append("- time: median over the timed calls; " + ("CUDA events per call (latency: host wall clock, "
+                 "synchronised per call); peak mem = the most one call allocates above the resident weights and "
+                 "inputs." if env.get("gpu") else "time.perf_counter per call, peers interleaved call by call; "
+                 "peak memory is not measured on a CPU."))
     lines.append("")
     for mode in MODES[:3]:
         mrows = [r for r in rows if r["mode"] == mode]
@@ -1162,7 +1178,8 @@ def render_markdown(result: dict) -> str:
                 cells = [f"{r['time_s'] * 1e3:.2f}", f"{r['imgs_per_s']:.1f}",
                          *(f"{sp[p]:.2f}x" if p in sp else "" for p in ("hf", "hf-compile", "timm")),
                          f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "", _mib(r.get("peak_mem_mib")),
-                         f"{chk['cos']:.6f}" if "cos" in chk else "", f"{chk['rel_err']:.1e}" if "rel_err" in chk else "",
+                         "reference" if chk.get("reference") else (f"{chk['cos']:.6f}" if "cos" in chk else ""),
+                         "" if chk.get("reference") else (f"{chk['rel_err']:.1e}" if "rel_err" in chk else ""),
                          r.get("message", "")]
             else:
                 cells = ["", "", "", "", "", "", "", "", "", f"{r.get('status')}: {r.get('message', '')}"]
@@ -1271,6 +1288,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--strict", action="store_true", help="raise on errors instead of recording them")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--render", default=None, metavar="RESULT.json",
+                   help="only re-render the markdown (and plot) of an earlier result file next to it")
     return p
 
 
@@ -1315,6 +1334,16 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     prog = prog or "python -m flashdino.bench"
     args = build_parser(prog).parse_args(argv)
     log = (lambda *_: None) if args.quiet else (lambda s: print(s, flush=True))
+    if args.render:
+        path = Path(args.render)
+        result = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(render_markdown(result) + "\n")
+        if not args.no_plot:
+            why = write_plot(result, path.with_suffix(".png"))
+            if why:
+                log(why)
+        log(f"wrote {path.with_suffix('.md')}")
+        return result
 
     if args.ci:
         args.device = "cpu" if args.device == "auto" else args.device
@@ -1333,7 +1362,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     gpu = device.type == "cuda"
     if gpu and device.index is not None:
         torch.cuda.set_device(device)
-    models = _resolve_models(args.models) if args.models else list(GPU_DEFAULT_MODELS if gpu else CPU_DEFAULT_MODELS)
+    if args.models:
+        models = _resolve_models(args.models)
+    elif args.modes == ["memory"]:
+        models = ["dinov3_vitl16"]  # the memory question is asked of ViT-L/16
+    else:
+        models = list(GPU_DEFAULT_MODELS if gpu else CPU_DEFAULT_MODELS)
     resolutions = args.res or [224, 512]
     dtypes = args.dtypes or (["bf16"] if gpu else ["fp32", "bf16"])
     modes = args.modes or ["inference", "latency", "training"]
