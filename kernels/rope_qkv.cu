@@ -34,7 +34,11 @@ namespace flashdino {
 namespace {
 
 constexpr int kBlock = 128;
-constexpr int kMaxChunks = 4;  // d <= 256: at most 128 pairs = 4 chunks x 32 threads at VEC = 1
+// Chunks of VEC pairs held per thread: d <= 256 gives at most 128 pairs, i.e. 128 / VEC chunks over
+// at most 32 threads, so 4 / VEC chunks per thread (one from VEC = 4 up). Sized per VEC to keep the
+// register count (and so the occupancy of this memory-bound kernel) reasonable.
+template <int VEC>
+constexpr int max_chunks() { return VEC >= 4 ? 1 : 4 / VEC; }
 constexpr float kTwoPi = 6.283185307179586f;
 
 template <typename T> __device__ __forceinline__ float to_f(T x);
@@ -80,6 +84,7 @@ __global__ void __launch_bounds__(kBlock) rope_qkv_kernel(const RopeQkvParams p,
   const int64_t n = token - b * p.tokens;
   const int off = p.mode == RopeMode::kVggt ? d / 4 : d / 2;
   const int n_chunks = (d / 2) / VEC;
+  constexpr int kMaxChunks = max_chunks<VEC>();
 
   // ---- rotation angles of this token (shared by q and k) -------------------------------------
   bool rotate = false;
@@ -251,6 +256,7 @@ cudaError_t launch_typed(const RopeQkvParams& p, cudaStream_t stream) {
   const int n_chunks = (p.head_dim / 2) / VEC;
   int tpr_log2 = 0;
   while ((1 << tpr_log2) < n_chunks && tpr_log2 < 5) ++tpr_log2;
+  if ((n_chunks + (1 << tpr_log2) - 1) >> tpr_log2 > max_chunks<VEC>()) return cudaErrorInvalidValue;  // d > 256
   const int64_t rows = p.batch * p.tokens * p.heads;
   const int64_t rows_per_block = kBlock >> tpr_log2;
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;

@@ -274,3 +274,148 @@ def test_rope_args():
     mode, *_, freqs, dh, dw = cuda_rope.rope_args(RopeGrid("vggt", 2, 2, 5), 64, torch.device("cpu"))
     assert mode == cuda_rope.MODE_VGGT and freqs.shape == (16,)
     assert math.isclose(freqs[1].item(), 1 / 100 ** (2 / 32), rel_tol=1e-6)
+
+
+# ---- the Python glue (custom op registration, fake, autograd incl. the LayerNorm backward,
+# ---- torch.compile) on CPU, with a PyTorch stand-in registered as the op's CPU kernel --------------
+
+def _standin_tables(mode, H, W, n_prefix, freqs, denom_h, denom_w, d, dtype, round_mid, n_tokens):
+    if mode == cuda_rope.MODE_DINOV3:
+        ys = 2 * ((torch.arange(H, dtype=torch.float32) + 0.5) / denom_h) - 1
+        xs = 2 * ((torch.arange(W, dtype=torch.float32) + 0.5) / denom_w) - 1
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1)
+        angles = (2 * math.pi * coords[:, :, None] / freqs.float()[None, None, :]).flatten(1, 2).tile(2)
+        cos, sin = angles.cos(), angles.sin()
+    else:
+        ys = (torch.arange(H, dtype=torch.float32) + 1)[:, None].expand(H, W).reshape(-1)
+        xs = (torch.arange(W, dtype=torch.float32) + 1)[None, :].expand(H, W).reshape(-1)
+        ang_y, ang_x = ys[:, None] * freqs.float(), xs[:, None] * freqs.float()
+        if round_mid:
+            ang_y, ang_x = ang_y.to(dtype).float(), ang_x.to(dtype).float()
+        angles = torch.cat([ang_y, ang_y, ang_x, ang_x], -1)
+        cos, sin = angles.cos(), angles.sin()
+        if round_mid:
+            cos, sin = cos.to(dtype).float(), sin.to(dtype).float()
+    cos = torch.cat([torch.ones(n_prefix, d), cos])
+    sin = torch.cat([torch.zeros(n_prefix, d), sin])
+    frames = n_tokens // cos.shape[0]
+    return cos.repeat(frames, 1), sin.repeat(frames, 1)
+
+
+def _standin_rot(x, mode):
+    if mode == cuda_rope.MODE_DINOV3:
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat([-x2, x1], -1)
+    y, x_ = x.chunk(2, -1)
+    return torch.cat([_standin_rot(y, cuda_rope.MODE_DINOV3), _standin_rot(x_, cuda_rope.MODE_DINOV3)], -1)
+
+
+def _standin_forward(qkv, num_heads, mode, height, width, n_prefix, freqs, denom_h, denom_w, q_weight, q_bias,
+                     k_weight, k_bias, eps, round_mid):
+    q, k, v = (t.float() for t in split_qkv(qkv, num_heads))
+    d = q.shape[-1]
+    outs = []
+    for x, w, b in ((q, q_weight, q_bias), (k, k_weight, k_bias)):
+        if w is not None:
+            x = F.layer_norm(x, (d,), w.float(), None if b is None else b.float(), eps)
+            x = x.to(qkv.dtype).float() if round_mid else x
+        if mode != cuda_rope.MODE_NONE:
+            cos, sin = _standin_tables(mode, height, width, n_prefix, freqs, denom_h, denom_w, d, qkv.dtype,
+                                       round_mid, qkv.shape[1])
+            x = x * cos + _standin_rot(x, mode) * sin
+        outs.append(x.to(qkv.dtype).contiguous())
+    return outs[0], outs[1], v.to(qkv.dtype).contiguous()
+
+
+def _standin_backward(dq, dk, dv, mode, height, width, n_prefix, freqs, denom_h, denom_w, round_mid):
+    B, h, N, d = dq.shape
+    grads = []
+    for g in (dq, dk):
+        g = g.float()
+        if mode != cuda_rope.MODE_NONE:
+            cos, sin = _standin_tables(mode, height, width, n_prefix, freqs, denom_h, denom_w, d, dq.dtype,
+                                       round_mid, N)
+            g = g * cos - _standin_rot(g, mode) * sin  # rotation by -angle
+        grads.append(g.to(dq.dtype))
+    grads.append(dv.to(dq.dtype))
+    return torch.stack(grads, 2).permute(0, 3, 2, 1, 4).reshape(B, N, 3 * h * d).contiguous()
+
+
+@pytest.fixture(scope="module")
+def cpu_standin():
+    cuda_rope.rope_qkv_split.register_kernel("cpu")(_standin_forward)
+    cuda_rope.rope_qkv_split_backward.register_kernel("cpu")(_standin_backward)
+    yield
+
+
+def _cpu_case(case, dtype=torch.float32, B=2):
+    mode, H, W, n_prefix, frames, h, d, norm = case
+    N = frames * (n_prefix + H * W) if mode is not None else 17
+    qkv = torch.randn(B, N, 3 * h * d, dtype=dtype)
+    rope = make_grid(mode, H, W, n_prefix, d, device="cpu")
+    q_norm = ((1 + 0.3 * torch.randn(d)).to(dtype), (0.2 * torch.randn(d)).to(dtype)) if norm else None
+    k_norm = ((1 + 0.3 * torch.randn(d)).to(dtype), (0.2 * torch.randn(d)).to(dtype)) if norm else None
+    return qkv, h, rope, q_norm, k_norm
+
+
+GLUE_CASES = [CASES[0], CASES[2], CASES[4], CASES[8]]
+
+
+def test_layer_norm_backward_formula():
+    x = torch.randn(3, 5, 2, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 2, 24, dtype=torch.float64)
+    want = torch.autograd.grad((F.layer_norm(x, (24,), w, b, 1e-5) * g).sum(), (x, w, b))
+    got = cuda_rope._layer_norm_backward(x.detach(), g, w.detach(), 1e-5)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", GLUE_CASES, ids=case_id)
+def test_glue_forward_backward_vs_reference(cpu_standin, case):
+    qkv0, h, rope, q_norm0, k_norm0 = _cpu_case(case)
+    norm = q_norm0 is not None
+    results, grads = [], None
+    for fn in (cuda_rope.rope_qkv, reference_qkv):
+        qkv = qkv0.clone().requires_grad_(True)
+        q_norm = tuple(t.clone().requires_grad_(True) for t in q_norm0) if norm else None
+        k_norm = tuple(t.clone().requires_grad_(True) for t in k_norm0) if norm else None
+        outs = fn(qkv, h, rope, q_norm, k_norm, 1e-5)
+        grads = grads or [torch.randn_like(o) for o in outs]
+        leaves = [qkv] + (list(q_norm) + list(k_norm) if norm else [])
+        results.append((outs, torch.autograd.grad(sum((o * g).sum() for o, g in zip(outs, grads)), leaves)))
+    (out_c, grad_c), (out_r, grad_r) = results
+    for a, e in zip(out_c + grad_c, out_r + grad_r):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", GLUE_CASES, ids=case_id)
+def test_glue_opcheck(cpu_standin, case):
+    qkv, h, rope, q_norm, k_norm = _cpu_case(case, B=1)
+    d = case[6]
+    mode, H, W, n_prefix, freqs, dh, dw = cuda_rope.rope_args(rope, d, qkv.device)
+    qw, qb = q_norm if q_norm is not None else (None, None)
+    kw, kb = k_norm if k_norm is not None else (None, None)
+    for t in (qkv, qw, qb, kw, kb):
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split.default,
+                          (qkv, h, mode, H, W, n_prefix, freqs, dh, dw, qw, qb, kw, kb, 1e-5, True))
+    grads = tuple(torch.randn(1, h, qkv.shape[1], d) for _ in range(3))
+    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split_backward.default,
+                          grads + (mode, H, W, n_prefix, freqs, dh, dw, True))
+
+
+def test_glue_compile_fullgraph(cpu_standin):
+    qkv, h, rope, q_norm, k_norm = _cpu_case(CASES[4])
+
+    def block(x):
+        return cuda_rope.rope_attention(x * 2.0, h, rope, q_norm, k_norm, 1e-5, None).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = qkv.clone().requires_grad_(True)
+    out = compiled(x)
+    torch.testing.assert_close(out, block(qkv), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == qkv.shape

@@ -258,3 +258,20 @@ def test_opcheck_custom_op():
     args = (x, p["weight"], p["bias"], p["cls"], p["extra"], masks, p["mask_token"], pos, False, [0.5] * 3,
             [0.25] * 3, torch.float32, torch.float32, torch.float32)
     torch.library.opcheck(tp.patch_embed_tokens_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_weight_cache_follows_in_place_updates():
+    """The Triton path caches the folded weights / prefix rows; in-place edits must invalidate them."""
+    p = _params(24, 3, 4, 2)
+    pos = torch.randn(1, 1 + 6, 24, device=DEV)
+    x = _image(2, 3, 8, 12)
+    for step in range(3):
+        got = _run(x, p, "triton", pos=pos, mean=MEAN, std=STD)
+        want = _run(x, p, "reference", pos=pos, mean=MEAN, std=STD)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            p["weight"].mul_(1.5)
+            p["bias"].add_(1)
+            p["cls"].add_(1)
+            p["extra"].sub_(1)
+            pos.add_(0.5)

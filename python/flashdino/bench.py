@@ -47,7 +47,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -56,8 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -65,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["main", "build_parser", "model_flops", "flop_breakdown", "tokens_per_image", "TARGETS", "PEERS",
+__all__ = ["main", "build_parser", "build_plan", "model_flops", "flop_breakdown", "tokens_per_image", "TARGETS", "PEERS",
            "MODEL_ALIASES", "measure_gemm_rate", "measure_copy_bandwidth", "compare_tokens"]
 
 PEERS = ("flashdino", "flashdino-torch", "flashdino-graphs", "hf", "hf-compile", "timm")
@@ -294,20 +292,24 @@ def time_calls(fn: Callable[[Tensor], Any], inputs: Sequence[Tensor], device: to
 
 def measure_gemm_rate(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: Optional[int] = None,
                       repeats: Optional[int] = None) -> dict:
-    """Dense n x n x n matmul rate (FLOP/s): 8192 on a GPU, 1024 (fp32) / 512 (bf16) on a CPU by default."""
+    """Dense n x n x n GEMM rate (FLOP/s): 8192 on a GPU, 1024 (fp32) / 512 (bf16) on a CPU by default.
+
+    Measured with ``F.linear(a, w)`` (``a @ w.T``, the layout of every ``nn.Linear`` in the models):
+    on CPUs without native bf16 the plain ``a @ b`` bf16 matmul takes a much slower path.
+    """
     if n is None:
         n = 8192 if device.type == "cuda" else (1024 if dtype == torch.float32 else 512)
     repeats = repeats or (20 if device.type == "cuda" else 3)
     gen = torch.Generator(device="cpu").manual_seed(1)
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    fn = lambda _: torch.matmul(a, b, out=c)  # noqa: E731
+    fn = lambda _: F.linear(a, b)  # noqa: E731
     for _ in range(3 if device.type == "cuda" else 1):
         fn(None)
     t = time_calls(fn, [a], device, repeats)
     secs = statistics.median(t["event_s"] if "event_s" in t else t["wall_s"])
-    return dict(n=n, dtype=str(dtype).replace("torch.", ""), median_s=secs, flops_per_s=2.0 * n**3 / secs)
+    return dict(n=n, dtype=str(dtype).replace("torch.", ""), op="F.linear", median_s=secs,
+                flops_per_s=2.0 * n**3 / secs)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats: Optional[int] = None) -> dict:
@@ -359,7 +361,8 @@ def _hf_config(cfg):
     if cfg.ffn != "mlp":
         raise Skip(f"{cfg.name}: the HF peer covers DINOv2 models with an MLP FFN only")
     kwargs = dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-                  mlp_ratio=cfg.ffn_ratio, image_size=cfg.img_size, patch_size=cfg.patch_size,
+                  mlp_ratio=int(cfg.ffn_ratio) if float(cfg.ffn_ratio).is_integer() else cfg.ffn_ratio,
+                  image_size=cfg.img_size, patch_size=cfg.patch_size,
                   layer_norm_eps=cfg.layer_norm_eps, layerscale_value=1.0, qkv_bias=cfg.qkv_bias,
                   attn_implementation="sdpa")
     if cfg.n_storage_tokens:
@@ -606,6 +609,9 @@ class ModelGroup:
                 return "CUDA graphs are for inference"
         if peer == "hf-compile" and self.hf_compiled is None:
             return "no HF model"
+        size = _res_for(self.cfg, case.res)
+        if peer == "timm" and size % self.cfg.patch_size:
+            return f"timm needs an image size that is a multiple of the patch size {self.cfg.patch_size}"
         return None
 
     def call(self, peer: str, case: Case) -> tuple[Callable, Callable]:
@@ -710,6 +716,7 @@ class Runner:
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
         self.rates: dict = {}
+        self._probes: dict = {}
 
     # -- device rates ---------------------------------------------------------------------------------
     def measure_rates(self, when: str) -> None:
@@ -865,7 +872,12 @@ class Runner:
         peers = [p for p, st in states.items() if st.get("fn") is not None]
         for st in states.values():
             st["timing"] = {"wall_s": []}
+        probes = self._probes.setdefault(case.key, [])
+        probe_dtype = torch.float32 if case.dtype == "fp32" else torch.bfloat16
         for r in range(self.args.repeats):
+            # A short GEMM probe every round: the rate the CPU gives under the same load as the calls.
+            with contextlib.suppress(Exception):
+                probes.append(measure_gemm_rate(self.device, probe_dtype, n=self.args.gemm_size, repeats=1)["flops_per_s"])
             order = peers[r % len(peers):] + peers[:r % len(peers)] if peers else []
             for peer in order:
                 st = states[peer]
@@ -906,6 +918,10 @@ class Runner:
                        flops_per_s=row["flops"] / t, mfu=(row["flops"] / t / rate) if rate else None)
             if case.mode == "latency" and timing.get("event_s"):
                 row["gpu_time_s"] = statistics.median(timing["event_s"])
+            probes = self._probes.get(case.key)
+            if probes:
+                row["gemm_probe_flops_per_s"] = statistics.median(probes)
+                row["mfu_same_load"] = row["flops"] / t / row["gemm_probe_flops_per_s"]
         model = group.model_of(peer)
         row["param_mib"] = _param_bytes(model) / 2**20
         if peer == "flashdino-graphs":
@@ -953,6 +969,8 @@ class Runner:
         chk = row.get("check") or {}
         chk_s = f" cos {chk['cos']:.6f} rel {chk['rel_err']:.1e}" if "cos" in chk else ""
         mfu = f" MFU {row['mfu'] * 100:5.1f}%" if row.get("mfu") is not None else ""
+        if row.get("mfu_same_load") is not None:
+            mfu += f" ({row['mfu_same_load'] * 100:.1f}% vs interleaved GEMM probes)"
         mem = f" peak {row['peak_mem_mib']:.0f} MiB" if row.get("peak_mem_mib") is not None else ""
         return (f"{head} {row['time_s'] * 1e3:10.2f} ms  {row['imgs_per_s']:9.1f} img/s{mfu}{mem}{chk_s}")
 
@@ -1064,6 +1082,8 @@ def add_speedups(rows: list[dict]) -> None:
             if fd is None:
                 continue
             fd["speedup"] = {p: peers[p]["time_s"] / fd["time_s"] for p in peers if p not in FLASHDINO_PEERS}
+            # Ratio of the fastest calls: on a shared CPU the least disturbed call of each peer.
+            fd["speedup_min"] = {p: peers[p]["min_s"] / fd["min_s"] for p in peers if p not in FLASHDINO_PEERS}
 
 
 def evaluate_targets(rows: list[dict], device: torch.device, gpu_name: Optional[str], full_depth: bool) -> list[dict]:
@@ -1151,8 +1171,10 @@ def render_markdown(result: dict) -> str:
             parts.append(f"copy {r['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
         lines.append(f"- device rates ({when}): " + ", ".join(parts))
     lines.append("- MFU = model FLOPs / time / the highest GEMM rate measured in this run for the row's compute "
-                 "dtype (bf16 for bf16 and amp rows, fp32 for fp32 rows). FLOPs per shared/SPEC.md section 4 "
-                 "plus the patch-embedding GEMM; training = 3x forward.")
+                 "dtype (bf16 for bf16 and amp rows, fp32 for fp32 rows; `F.linear` = the nn.Linear layout). "
+                 "FLOPs per shared/SPEC.md section 4 plus the patch-embedding GEMM; training = 3x forward. "
+                 "On a CPU the value in brackets is against GEMM probes run between the timed calls, i.e. under "
+                 "the same load from other processes.")
     lines.append("- check: cosine similarity / relative L2 error of the output tokens against flashdino's "
                  "PyTorch path (`FLASHDINO_BACKEND=torch`) on the same input and weights. HF and timm use fp32 "
                  "RoPE periods, flashdino the official bf16-rounded ones: a small DINOv3 difference is expected. "
@@ -1167,17 +1189,25 @@ def render_markdown(result: dict) -> str:
         if not mrows:
             continue
         unit = "latency (ms)" if mode == "latency" else "time / call (ms)"
+        if any(r.get("timer") == "host wall clock" for r in mrows):
+            unit += " median [min]"
         lines += [f"## {mode}", "",
                   f"| model | res | batch | dtype | peer | {unit} | img/s | vs HF | vs compile | vs timm | MFU | "
                   "peak mem (MiB) | cos | rel err | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mrows:
             sp = r.get("speedup", {})
+            sp_min = r.get("speedup_min", {}) if r.get("timer") == "host wall clock" and r.get("samples", 0) > 1 else {}
             chk = r.get("check") or {}
             if r.get("status") == "ok" and "time_s" in r:
-                cells = [f"{r['time_s'] * 1e3:.2f}", f"{r['imgs_per_s']:.1f}",
-                         *(f"{sp[p]:.2f}x" if p in sp else "" for p in ("hf", "hf-compile", "timm")),
-                         f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "", _mib(r.get("peak_mem_mib")),
+                t_cell = f"{r['time_s'] * 1e3:.2f}" + (f" [{r['min_s'] * 1e3:.2f}]" if r.get("timer") == "host wall clock"
+                                                        and r.get("samples", 0) > 1 else "")
+                cells = [t_cell, f"{r['imgs_per_s']:.1f}",
+                         *((f"{sp[p]:.2f}x" + (f" (min {sp_min[p]:.2f}x)" if p in sp_min else "")) if p in sp else ""
+                           for p in ("hf", "hf-compile", "timm")),
+                         (f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "")
+                         + (f" ({r['mfu_same_load'] * 100:.1f}%)" if r.get("mfu_same_load") is not None else ""),
+                         _mib(r.get("peak_mem_mib")),
                          "reference" if chk.get("reference") else (f"{chk['cos']:.6f}" if "cos" in chk else ""),
                          "" if chk.get("reference") else (f"{chk['rel_err']:.1e}" if "rel_err" in chk else ""),
                          r.get("message", "")]
@@ -1278,6 +1308,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=8192, help="memory mode: largest image side tried")
     p.add_argument("--max-try-s", type=float, default=60.0, help="memory mode: stop growing after a try this long")
     p.add_argument("--no-interleave", action="store_true", help="CPU: time peers one after the other")
+    p.add_argument("--targets", action="store_true",
+                   help="run only the cases the performance targets are defined on (for this device type), "
+                        "with the peers they compare against")
     p.add_argument("--ci", action="store_true",
                    help="the CI-sized CPU table: --device cpu --models vits16 --res 224 --batch 8 --dtypes fp32,bf16 "
                         "--modes inference --peers flashdino,hf --repeats 3")
@@ -1326,6 +1359,37 @@ def _peer_available(peer: str) -> Optional[str]:
     if peer == "hf-compile" and importlib.util.find_spec("torch._dynamo") is None:
         return "torch.compile is unavailable"
     return None
+
+
+def build_plan(device: torch.device, models: Sequence[str], dtypes: Sequence[str], resolutions: Sequence[int],
+               modes: Sequence[str], peers: Sequence[str], targets_only: bool = False,
+               models_given: bool = False) -> dict:
+    """{(model, dtype): [(res, mode, batch or None for the default, [peers])]} in run order.
+
+    ``targets_only``: the cases of :data:`TARGETS` for this device type (restricted to ``models``
+    when they were given), each with flashdino, the peer it is compared against and, for latency,
+    the CUDA-graph replay.
+    """
+    plan: dict[tuple, list] = {}
+    if targets_only:
+        for t in TARGETS:
+            if t["device"] != device.type or (models_given and t["model"] not in models):
+                continue
+            want = {"flashdino", *(["flashdino-graphs"] if t["mode"] == "latency" else []),
+                    *([t["peer"]] if t.get("peer") else [])}
+            cases = plan.setdefault((t["model"], t["dtype"]), [])
+            for c in cases:
+                if (c[0], c[1], c[2]) == (t["res"], t["mode"], t["batch"]):
+                    c[3].update(want)
+                    break
+            else:
+                cases.append((t["res"], t["mode"], t["batch"], set(want)))
+        return {k: [(r, m, b, [p for p in peers if p in want]) for r, m, b, want in v] for k, v in plan.items()}
+    for model_name in models:
+        for dtype in dtypes:
+            plan[(model_name, dtype)] = [(res, mode, None, list(peers)) for res in resolutions for mode in modes
+                                         if mode != "memory"]
+    return plan
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> dict:
@@ -1411,44 +1475,42 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
     overrides = {"depth": args.depth} if args.depth is not None else {}
     from .variants import get_config
 
+    plan = build_plan(device, models, dtypes, resolutions, modes, peers, targets_only=args.targets,
+                      models_given=bool(args.models))
+
     t_start = time.perf_counter()
-    for model_name in models:
+    for (model_name, dtype), cases in plan.items():
         cfg = get_config(model_name, **overrides)
-        for dtype in dtypes:
-            log(f"== {model_name} (depth {cfg.depth}) {dtype}: building models")
-            group = ModelGroup(cfg, dtype, device, peers, log)
-            try:
-                group.build()
-            except Exception as exc:
-                if args.strict:
-                    raise
-                msg = f"building the models failed: {_short(exc)}"
-                log(msg)
-                for res in resolutions:
-                    for mode in modes:
-                        if mode != "memory":
-                            case = Case(model_name, cfg, res, _default_batch(model_name, res, mode, device, args),
-                                        dtype, mode)
-                            for peer in peers:
-                                runner.rows.append(runner._row(case, peer, _res_for(cfg, res),
-                                                               status="oom" if _is_oom(exc) else "error", message=msg))
-                group.free()
-                continue
-            for peer, why in group.unavailable.items():
-                skipped.setdefault(peer, why)
-            for note in group.notes + [f"{model_name} {dtype}: weights from {group.weights_source}"]:
-                if note not in runner.notes:
-                    runner.notes.append(note)
-            for res in resolutions:
-                for mode in modes:
-                    if mode == "memory":
-                        continue
-                    batch = _default_batch(model_name, res, mode, device, args)
-                    case = Case(model_name, cfg, res, batch, dtype, mode)
-                    runner.run_case(group, case, peers)
-            if "memory" in modes and gpu:
-                runner.run_memory(group, model_name, peers)
+        group_peers = [p for p in PEERS if any(p in c[3] for c in cases) or ("memory" in modes and p in peers)]
+        log(f"== {model_name} (depth {cfg.depth}) {dtype}: building models for {', '.join(group_peers)}")
+        group = ModelGroup(cfg, dtype, device, group_peers, log)
+        try:
+            group.build()
+        except Exception as exc:
+            if args.strict:
+                raise
+            msg = f"building the models failed: {_short(exc)}"
+            log(msg)
+            for res, mode, batch, case_peers in cases:
+                case = Case(model_name, cfg, res, batch or _default_batch(model_name, res, mode, device, args),
+                            dtype, mode)
+                for peer in case_peers:
+                    runner.rows.append(runner._row(case, peer, _res_for(cfg, res),
+                                                   status="oom" if _is_oom(exc) else "error", message=msg))
             group.free()
+            continue
+        for peer, why in group.unavailable.items():
+            skipped.setdefault(peer, why)
+        for note in group.notes + [f"{model_name} {dtype}: weights from {group.weights_source}"]:
+            if note not in runner.notes:
+                runner.notes.append(note)
+        for res, mode, batch, case_peers in cases:
+            case = Case(model_name, cfg, res, batch or _default_batch(model_name, res, mode, device, args),
+                        dtype, mode)
+            runner.run_case(group, case, case_peers)
+        if "memory" in modes and gpu and not args.targets:
+            runner.run_memory(group, model_name, group_peers)
+        group.free()
     runner.measure_rates("end")
     add_speedups(runner.rows)
 

@@ -370,13 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--override", action="append", metavar="KEY=VALUE", help="architecture override (with --model)")
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
     c.set_defaults(func=cmd_convert)
+
+    b = sub.add_parser("bench", help="end-to-end benchmark against HF / torch.compile / timm (flashdino bench --help)",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: _cmd_bench(a.rest))
     return parser
+
+
+def _cmd_bench(rest) -> int:
+    from flashdino.bench import main as bench_main
+
+    bench_main(list(rest), prog="flashdino bench")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     if argv and argv[0] == "info":  # everything after `info` belongs to flashdino.info
         return cmd_info(argparse.Namespace(rest=argv[1:]))
+    if argv and argv[0] == "bench":  # everything after `bench` belongs to flashdino.bench
+        return _cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

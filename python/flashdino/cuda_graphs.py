@@ -35,7 +35,7 @@ import contextlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Hashable, Optional
 
 import torch
 from torch import Tensor, nn

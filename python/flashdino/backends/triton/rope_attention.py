@@ -69,6 +69,7 @@ K_ROTATIONS = ("prepass", "inline", "table")
 K_ROTATION = os.environ.get("FLASHDINO_ROPE_ATTN_K_ROTATION", "prepass")
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _MODES = {"none": 0, "dinov3": 1, "vggt": 2}
+_MAX_GRID_Y = 65535  # CUDA limit of the second grid axis (batch * heads)
 
 
 def _interpreting() -> bool:
@@ -429,18 +430,25 @@ def _env_cfg(name: str, default: tuple) -> tuple:
     return tuple(int(v) for v in value.split(",")) if value else default
 
 
-def _fwd_config(head_dim: int) -> tuple:
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> tuple:
     if _interpreting():
         return (16, 16, 1, 1)
-    # Not yet tuned on a GPU (FA2-style starting points for sm80/sm90).
-    default = (128, 64, 4, 3) if head_dim <= 64 else (128, 64, 8, 3)
+    # Not yet tuned on a GPU (FA2-style starting points for sm80/sm90; fp32 tiles are smaller so
+    # that the pipelined tiles fit the shared memory of sm80 too).
+    if dtype == torch.float32:
+        default = (64, 32, 4, 2)
+    else:
+        default = (128, 64, 4, 3) if head_dim <= 64 else (128, 32, 8, 3)  # d=128: no spills at BLOCK_N=32 (ptxas)
     return _env_cfg("FLASHDINO_ROPE_ATTN_FWD_CFG", default)
 
 
-def _bwd_config(head_dim: int) -> tuple:
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple:
     if _interpreting():
         return (16, 16, 1, 1)
-    default = (64, 64, 4, 2) if head_dim <= 64 else (64, 64, 8, 2)
+    if dtype == torch.float32:
+        default = (32, 64, 4, 2)
+    else:
+        default = (64, 64, 4, 2) if head_dim <= 64 else (64, 64, 8, 2)
     return _env_cfg("FLASHDINO_ROPE_ATTN_BWD_CFG", default)
 
 
@@ -528,10 +536,37 @@ def _prepare(qkv: Tensor) -> Tensor:
     return qkv
 
 
+def _validate(qkv, periods, norm_tensors, num_heads, height, width, n_prefix, mode):
+    """Host-side checks of a direct op call (the kernels do not bounds-check tables or weights)."""
+    name = "rope_attention_triton"
+    if mode not in _MODES:
+        raise ValueError(f"{name}: unknown mode {mode!r} (expected one of {tuple(_MODES)})")
+    if qkv.dim() != 3 or num_heads <= 0 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"{name}: qkv must be [B, N, 3 * {num_heads} * head_dim], got {tuple(qkv.shape)}")
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name}: head_dim {head_dim} is not one of {SUPPORTED_HEAD_DIMS}")
+    if qkv.shape[0] * num_heads > _MAX_GRID_Y:  # grid axis 1 holds batch * heads
+        raise ValueError(f"{name}: batch * heads = {qkv.shape[0] * num_heads} exceeds {_MAX_GRID_Y}; split the batch")
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name}: qkv dtype {qkv.dtype} is not fp16, bf16 or fp32")
+    if mode != "none":
+        tpf = n_prefix + height * width
+        if height < 1 or width < 1 or n_prefix < 0 or qkv.shape[1] % tpf:
+            raise ValueError(f"{name}: N={qkv.shape[1]} is not a multiple of n_prefix + H*W = {n_prefix} + "
+                             f"{height}*{width}")
+    if mode == "dinov3" and (periods is None or periods.shape != (head_dim // 4,)):
+        raise ValueError(f"{name}: dinov3 RoPE needs periods of shape [{head_dim // 4}]")
+    for t in ([periods] if mode == "dinov3" else []) + [t for t in norm_tensors if t is not None]:
+        if t.device != qkv.device:
+            raise ValueError(f"{name}: a parameter is on {t.device}, qkv on {qkv.device}")
+        if t is not periods and t.shape != (head_dim,):
+            raise ValueError(f"{name}: qk-norm parameters must be [{head_dim}], got {tuple(t.shape)}")
+
+
 def _forward(qkv, periods, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode, normalize, base, eps,
              scale, k_rotation):
-    if mode not in _MODES:
-        raise ValueError(f"rope_attention_triton: unknown mode {mode!r} (expected one of {tuple(_MODES)})")
+    _validate(qkv, periods, (qw, qb, kw, kb), num_heads, height, width, n_prefix, mode)
     if k_rotation not in K_ROTATIONS:
         raise ValueError(f"rope_attention_triton: unknown k_rotation {k_rotation!r} (expected one of {K_ROTATIONS})")
     qkv = _prepare(qkv)
@@ -553,7 +588,9 @@ def _forward(qkv, periods, qw, qb, kw, kb, num_heads, height, width, n_prefix, m
         if mode != "none":
             cs = _cos_sin_table(mode, periods, height, width, n_prefix, D, normalize, base, qkv.dtype, qkv.device)
     dh, dw = _denoms(mode, normalize, height, width)
-    bm, bn, warps, stages = _fwd_config(D)
+    bm, bn, warps, stages = _fwd_config(D, qkv.dtype)
+    if source == 3:  # the fp32 cos/sin tiles are pipelined too: 3 stages need 192 KiB smem at d=128
+        stages = min(stages, 2)
     dummy = qkv
     _fwd_kernel[(triton.cdiv(N, bm), B * num_heads)](
         qkv, rqk if rqk is not None else dummy, table if table is not None else dummy,
@@ -571,6 +608,9 @@ def _forward(qkv, periods, qw, qb, kw, kb, num_heads, height, width, n_prefix, m
 
 def _backward(grad_out, qkv, out, lse, periods, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode,
               normalize, base, eps, scale):
+    _validate(qkv, periods, (qw, qb, kw, kb), num_heads, height, width, n_prefix, mode)
+    if grad_out.shape != out.shape:
+        raise ValueError(f"rope_attention_triton_bwd: grad_out {tuple(grad_out.shape)} != out {tuple(out.shape)}")
     qkv = _prepare(qkv)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
@@ -590,7 +630,7 @@ def _backward(grad_out, qkv, out, lse, periods, qw, qb, kw, kb, num_heads, heigh
         rqk = _prepass(qkv, table, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, normalize, eps)
         grqk = torch.empty(2, B, num_heads, N, D, device=qkv.device, dtype=torch.float32)
     source = 1 if transform else 0
-    bm, bn, warps, stages = _bwd_config(D)
+    bm, bn, warps, stages = _bwd_config(D, qkv.dtype)
     common = (qkv, rqk if rqk is not None else qkv, grad_out, lse, delta, dqkv, grqk if grqk is not None else qkv,
               qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1), N, num_heads, B,
               scale, scale * 1.4426950408889634)
@@ -712,10 +752,13 @@ def rope_attention(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid] = None,
         normalize, base = rope.normalize, rope.base
     qw, qb = q_norm if q_norm is not None else (None, None)
     kw, kb = k_norm if k_norm is not None else (None, None)
-    out, _ = torch.ops.flashdino.rope_attention_triton(
-        qkv, periods, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode, normalize, float(base),
-        float(norm_eps), float(scale), k_rotation or K_ROTATION)
-    return out
+    args = (periods, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode, normalize, float(base),
+            float(norm_eps), float(scale), k_rotation or K_ROTATION)
+    max_batch = _MAX_GRID_Y // num_heads
+    if qkv.shape[0] > max_batch:  # the grid's second axis holds batch * heads
+        return torch.cat([torch.ops.flashdino.rope_attention_triton(part, *args)[0]
+                          for part in qkv.split(max_batch)])
+    return torch.ops.flashdino.rope_attention_triton(qkv, *args)[0]
 
 
 def supports(dtype=None, head_dim=None, n_tokens=None, rope=None, qk_norm=False, **_) -> Optional[str]:
