@@ -75,3 +75,18 @@ def test_no_libtorch_or_cudart_dependency():
     assert needed, out  # the C++ runtime at least
     bad = [lib for lib in needed if FORBIDDEN.match(lib)]
     assert not bad, f"{so.name} links {bad}"
+
+
+@needs_native
+def test_cuda_errors_become_runtime_errors():
+    import torch
+
+    if not module.has_cuda():
+        pytest.skip("built without CUDA")
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a usable GPU (the launch must fail in the CUDA runtime)")
+    args = dict(qkv=16, q=16, k=16, v=16, dtype=0, batch=1, tokens=4, stride_b=0, stride_n=0, heads=1,
+                head_dim=16, mode=0, height=0, width=0, n_prefix=0, freqs=0, denom_h=1.0, denom_w=1.0, q_weight=0,
+                q_bias=0, k_weight=0, k_bias=0, eps=1e-5, round_mid=True, device=0, stream=0)
+    with pytest.raises(RuntimeError, match=r"CUDA error cuda\w+: \w"):
+        module.rope_qkv_forward(**args)

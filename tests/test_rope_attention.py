@@ -220,6 +220,56 @@ def test_batch_split_beyond_grid_limit(monkeypatch):
                                                   1, "dinov3", "separate", 100.0, 1e-5, 0.25, "prepass")
 
 
+class _GuardedTorch:
+    """Stands in for ``torch`` inside the kernel module: ``torch.empty`` buffers get NaN guard zones.
+
+    The interpreter does not fault on out-of-bounds accesses; a write past (or before) a buffer
+    lands in its guard zone and is detected afterwards.
+    """
+
+    PAD = 4096
+
+    def __init__(self):
+        self.guards = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *shape, device=None, dtype=None):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        numel = math.prod(shape)
+        flat = torch.full((numel + 2 * self.PAD,), float("nan"), device=device, dtype=dtype)
+        self.guards.append(flat)
+        return flat[self.PAD:self.PAD + numel].view(shape)
+
+    def check(self):
+        assert self.guards
+        for flat in self.guards:
+            assert flat[:self.PAD].isnan().all() and flat[-self.PAD:].isnan().all(), "out-of-bounds write"
+
+
+@pytest.mark.parametrize("mode", ["vggt", "none"])
+def test_no_out_of_bounds_access(monkeypatch, mode):
+    """Reads: qkv lives inside a NaN-filled buffer (extra rows and columns); any unmasked read outside
+    the [B, N, 3*h*d] view poisons the result. Writes: every kernel output has NaN guard zones."""
+    guarded = _GuardedTorch()
+    monkeypatch.setattr(tra, "torch", guarded)
+    d, heads, H, W, n_prefix = 16, 2, 3, 2, 5
+    n = 2 * (n_prefix + H * W) if mode == "vggt" else 21
+    width = 3 * heads * d
+    buf = torch.full((2, n + 17, width + 40), float("nan"), device=DEVICE)
+    qkv = buf[:, 3:3 + n, 24:24 + width]
+    qkv.copy_(torch.randn(2, n, width, device=DEVICE))
+    qkv.requires_grad_()
+    rope = _grid(mode, H, W, n_prefix, d)
+    q_norm, k_norm = _norms(d) if mode == "vggt" else (None, None)
+    out = tra.rope_attention(qkv, heads, rope, q_norm, k_norm, 1e-5, None)
+    (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    assert out.isfinite().all() and grad.isfinite().all()
+    guarded.check()
+    torch.testing.assert_close(out, reference(qkv, heads, rope, q_norm, k_norm), rtol=1e-5, atol=2e-6)
+
+
 def test_backward_noncontiguous_grad_output():
     d, heads, H, W = 16, 1, 3, 3
     n = 1 + H * W

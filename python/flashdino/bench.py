@@ -414,6 +414,11 @@ def _fd_to_timm(sd: dict, cfg) -> tuple[dict, list]:
             rest = re.sub(r"^mlp\.w3\.", "mlp.fc2.", rest)
             k = f"blocks.{i}.{rest}"
         out[k] = v
+    if cfg.family == "dinov2" and cfg.n_storage_tokens and "pos_embed" in out:
+        # timm's DINOv2 register models keep no CLS position: it is folded into cls_token.
+        pos = out["pos_embed"]
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
     return out, notes
 
 
@@ -556,7 +561,11 @@ class ModelGroup:
             self.unavailable["timm"] = f"timm.create_model({name!r}) failed: {exc}"
             return
         sd, notes = _fd_to_timm(self.fd.state_dict(), self.cfg)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            self.unavailable["timm"] = f"flashdino -> timm {name} weights do not fit: {_short(exc)}"
+            return
         missing = [k for k in missing if not k.startswith("rope")]
         if missing or unexpected:
             self.unavailable["timm"] = (f"flashdino -> timm {name} weights do not fit: missing {missing[:4]}, "

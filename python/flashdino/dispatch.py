@@ -50,11 +50,15 @@ def mark_unavailable(backend: str, reason: str):
     _UNAVAILABLE[backend] = reason
 
 
-def _load_backends():
-    # Imported lazily: the fast backends import triton / the native library, which may be absent.
+def load_backends():
+    """Registers every backend that can load (idempotent). ``flashdino.ops`` calls it on import,
+    so that no import happens inside a traced (torch.compile) call."""
     from .backends import load_all
 
     load_all()
+
+
+_load_backends = load_backends
 
 
 def _env_choice(op: str) -> Optional[str]:

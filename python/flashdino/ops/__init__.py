@@ -10,3 +10,7 @@ from .final_norm import final_norm
 from .patch_embed import patch_embed_tokens, patch_grid
 
 __all__ = ["RopeGrid", "rope_attention", "residual_layernorm", "final_norm", "patch_embed_tokens", "patch_grid"]
+
+from .. import dispatch as _dispatch
+
+_dispatch.load_backends()
