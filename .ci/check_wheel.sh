@@ -39,7 +39,8 @@ fi
 step "build the wheel (FLASHDINO_CUDA=$FLASHDINO_CUDA, archs='${FLASHDINO_CUDA_ARCHITECTURES:-default}')"
 mkdir -p "$WHEEL_DIR"
 rm -f "$WHEEL_DIR"/flashdino-*.whl
-"$PYTHON" -m pip wheel . --no-deps -w "$WHEEL_DIR" 2>&1 | tail -n 25
+# A private build dir: a clean build, and no clash with an editable install's build/ in the tree.
+"$PYTHON" -m pip wheel . --no-deps -w "$WHEEL_DIR" --config-settings=build-dir="$WORK/build" 2>&1 | tail -n 25
 WHEEL="$(ls -t "$WHEEL_DIR"/flashdino-*.whl | head -n 1)"
 [[ -f "$WHEEL" ]] || fail "no wheel in $WHEEL_DIR"
 echo "wheel: $WHEEL ($(du -h "$WHEEL" | cut -f1))"

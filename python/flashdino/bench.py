@@ -513,6 +513,8 @@ class ModelGroup:
                 with torch.device(dev):
                     hf = cls(hf_cfg)
                 self.hf = hf.to(dtype=self.weight_dtype).eval()
+                impl = getattr(hf.config, "_attn_implementation", None)
+                self.notes.append(f"HF {cls.__name__} attention implementation: {impl}")
             except ImportError as exc:
                 self.unavailable["hf"] = self.unavailable["hf-compile"] = f"transformers is not installed ({exc})"
             except Skip as exc:
@@ -977,7 +979,7 @@ class Runner:
             return f"{head} {row.get('status')}: {row.get('message', '')}"
         chk = row.get("check") or {}
         chk_s = f" cos {chk['cos']:.6f} rel {chk['rel_err']:.1e}" if "cos" in chk else ""
-        mfu = f" MFU {row['mfu'] * 100:5.1f}%" if row.get("mfu") is not None else ""
+        mfu = f" MFU {row['mfu'] * 100:5.1f}% (vs the start GEMM rate)" if row.get("mfu") is not None else ""
         if row.get("mfu_same_load") is not None:
             mfu += f" ({row['mfu_same_load'] * 100:.1f}% vs interleaved GEMM probes)"
         mem = f" peak {row['peak_mem_mib']:.0f} MiB" if row.get("peak_mem_mib") is not None else ""
@@ -1521,6 +1523,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
             runner.run_memory(group, model_name, group_peers)
         group.free()
     runner.measure_rates("end")
+    # MFU against the best GEMM rate of the whole run (the progress lines used the start rate).
+    for r in runner.rows:
+        if "time_s" in r:
+            rate = runner.gemm_rate(r["dtype"])
+            r["gemm_flops_per_s"] = rate
+            r["mfu"] = r["flops"] / r["time_s"] / rate if rate else None
     add_speedups(runner.rows)
 
     env["loadavg_end"] = _loadavg()
