@@ -89,19 +89,17 @@ class VitConfig:
         return self
 
 
-_DINOV3_BASE = "https://dl.fbaipublicfiles.com/dinov3"  # files are gated: a signed URL is required
 _DINOV2_BASE = "https://dl.fbaipublicfiles.com/dinov2"
 SAT_MEAN = (0.430, 0.411, 0.296)
 SAT_STD = (0.213, 0.156, 0.143)
 
 
-def _v3(name, dim, depth, heads, ffn="mlp", ratio=4.0, **kw) -> VitConfig:
-    hf_arch = name.replace("dinov3_", "")
-    weights = {"lvd1689m": f"facebook/dinov3-{hf_arch}-pretrain-lvd1689m"}
-    weights.update(kw.pop("extra_weights", {}))
+def _v3(name, dim, depth, heads, ffn="mlp", ratio=4.0, dataset="lvd1689m", **kw) -> VitConfig:
+    arch = name.removeprefix("dinov3_").removesuffix(f"_{dataset}")
     return VitConfig(
         name=name, family="dinov3", embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn,
-        ffn_ratio=ratio, patch_size=16, n_storage_tokens=4, layer_norm_eps=1e-5, weights=weights, **kw,
+        ffn_ratio=ratio, patch_size=16, n_storage_tokens=4, layer_norm_eps=1e-5,
+        weights={dataset: f"facebook/dinov3-{arch}-pretrain-{dataset}"}, **kw,
     )
 
 
@@ -128,28 +126,22 @@ _ALL = [
     _v3("dinov3_vits16", 384, 12, 6),
     _v3("dinov3_vits16plus", 384, 12, 6, ffn="swiglu", ratio=6.0),
     _v3("dinov3_vitb16", 768, 12, 12),
-    _v3("dinov3_vitl16", 1024, 24, 16,
-        extra_weights={"sat493m": "facebook/dinov3-vitl16-pretrain-sat493m"}),
+    # The vitl16 SAT weights carry local_cls_norm: they load into dinov3_vitl16_sat493m below.
+    _v3("dinov3_vitl16", 1024, 24, 16),
     _v3("dinov3_vitl16plus", 1024, 24, 16, ffn="swiglu", ratio=6.0),
     _v3("dinov3_vith16plus", 1280, 32, 20, ffn="swiglu", ratio=6.0),
     _v3("dinov3_vit7b16", 4096, 40, 32, ffn="swiglu", ratio=3.0, qkv_bias=False, swiglu_align=64,
-        local_cls_norm=True, extra_weights={"sat493m": "facebook/dinov3-vit7b16-pretrain-sat493m"}),
+        local_cls_norm=True),
     # SAT-493M (satellite) weights: same architectures, own normalisation, vitl16 adds local_cls_norm.
-    _v3("dinov3_vitl16_sat493m", 1024, 24, 16, local_cls_norm=True, image_mean=SAT_MEAN, image_std=SAT_STD),
+    _v3("dinov3_vitl16_sat493m", 1024, 24, 16, dataset="sat493m", local_cls_norm=True,
+        image_mean=SAT_MEAN, image_std=SAT_STD),
     _v3("dinov3_vit7b16_sat493m", 4096, 40, 32, ffn="swiglu", ratio=3.0, qkv_bias=False, swiglu_align=64,
-        local_cls_norm=True, image_mean=SAT_MEAN, image_std=SAT_STD),
+        dataset="sat493m", local_cls_norm=True, image_mean=SAT_MEAN, image_std=SAT_STD),
     *_dinov2_pair("vits14", 384, 12, 6),
     *_dinov2_pair("vitb14", 768, 12, 12),
     *_dinov2_pair("vitl14", 1024, 24, 16),
     *_dinov2_pair("vitg14", 1536, 40, 24, ffn="swiglu_fused"),
 ]
-# The SAT entries point at their own hub ids.
-_ALL = [
-    c.replace(weights={"sat493m": c.weights.get("sat493m") or f"facebook/dinov3-{c.name[7:-8]}-pretrain-sat493m"})
-    if c.name.endswith("_sat493m") else c
-    for c in _ALL
-]
-
 VARIANTS: dict[str, VitConfig] = {c.name: c.validate() for c in _ALL}
 
 # Short names used by downstream projects (tree segmentation tools, teacher configs).
