@@ -229,3 +229,39 @@ def test_targets_plan():
                             ["flashdino"])
     assert list(full) == [("a", "fp32"), ("a", "bf16"), ("b", "fp32"), ("b", "bf16")]
     assert full[("a", "fp32")] == [(224, "inference", None, ["flashdino"]), (512, "inference", None, ["flashdino"])]
+
+
+def test_cli_bench_subcommand(tmp_path, capsys):
+    from flashdino.cli import main as cli_main
+
+    assert cli_main(["bench"] + [a for a in _TINY_ARGS if a != "--quiet"]
+                    + ["--modes", "inference", "--peers", "flashdino", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert data["command"].startswith("flashdino bench ")
+    assert data["rows"][0]["status"] == "ok"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_memory_search_doubles_then_bisects():
+    calls = []
+
+    def fits_up_to(n, secs=1.0):
+        def attempt(k):
+            calls.append(k)
+            return secs if k <= n else None
+        return attempt
+
+    assert bench.search_largest(fits_up_to(37), 14, 512) == (37, 38, "")
+    assert calls[:4] == [14, 28, 56, 42]  # doubling until the first OOM, then bisection
+    assert bench.search_largest(fits_up_to(10_000), 14, 100) == (100, None,
+                                                                 "reached the size limit without running out of memory")
+    lo, hi, msg = bench.search_largest(fits_up_to(10_000, secs=99.0), 14, 100, max_try_s=60)
+    assert (lo, hi) == (14, None) and "took >" in msg
+    assert bench.search_largest(fits_up_to(5), 14, 100)[:2] == (None, 14)
+
+
+def test_memory_mode_is_skipped_on_cpu(tmp_path):
+    result = bench.main(["--device", "cpu", "--modes", "memory", "--depth", "1", "--peers", "flashdino",
+                         "--gemm-size", "64", "--no-save", "--quiet"])
+    assert result["memory"] == [] and result["rows"] == []
+    assert any("memory mode skipped" in n for n in result["notes"])

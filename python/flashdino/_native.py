@@ -12,10 +12,16 @@ import functools
 
 @functools.lru_cache(maxsize=None)
 def native_status() -> tuple[object, str]:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None, ("flashdino._C is not built (a source checkout on PYTHONPATH, or an install with "
+                      "FLASHDINO_NATIVE=OFF / no C++ compiler)")
     try:
-        from . import _C  # type: ignore[attr-defined]
+        _C = importlib.import_module(f"{__package__}._C")
     except Exception as exc:
-        return None, f"flashdino._C not built or not importable ({exc.__class__.__name__}: {exc})"
+        return None, f"flashdino._C is present but failed to import ({exc.__class__.__name__}: {exc})"
     has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
     if not has_cuda:
         return _C, "flashdino._C built without CUDA (no CUDA compiler at build time, or FLASHDINO_CUDA=OFF)"

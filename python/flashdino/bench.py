@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["main", "build_parser", "build_plan", "model_flops", "flop_breakdown", "tokens_per_image", "TARGETS", "PEERS",
+__all__ = ["main", "build_parser", "build_plan", "search_largest", "model_flops", "flop_breakdown", "tokens_per_image", "TARGETS", "PEERS",
            "MODEL_ALIASES", "measure_gemm_rate", "measure_copy_bandwidth", "compare_tokens"]
 
 PEERS = ("flashdino", "flashdino-torch", "flashdino-graphs", "hf", "hf-compile", "timm")
@@ -1001,7 +1001,7 @@ class Runner:
             fn, _ = group.call(peer, Case(model_name, cfg, 224, 1, group.dtype, "inference"))
             tries: list[dict] = []
 
-            def attempt(k: int) -> bool:
+            def attempt(k: int) -> Optional[float]:
                 size = k * P
                 x = None
                 try:
@@ -1021,47 +1021,24 @@ class Runner:
                                       peak_mib=(torch.cuda.max_memory_allocated(dev) - base) / 2**20))
                     self.log(f"  memory {model_name} {peer}: {size}x{size} ok ({secs:.1f} s, "
                              f"{tries[-1]['peak_mib']:.0f} MiB)")
-                    return True
+                    return secs
                 except Exception as exc:
                     if not _is_oom(exc):
                         tries.append(dict(size=size, ok=False, error=_short(exc)))
                         raise
                     tries.append(dict(size=size, ok=False, error="out of memory"))
                     self.log(f"  memory {model_name} {peer}: {size}x{size} out of memory")
-                    return False
+                    return None
                 finally:
                     del x
                     self._recover()
 
             status, message, lo_k, hi_k = "ok", "", None, None
             try:
-                k = max(1, 224 // P)
-                if not attempt(k):
-                    status, message = "oom", f"even {k * P}x{k * P} does not fit"
-                else:
-                    lo_k = k
-                    limit_k = a.max_size // P
-                    # Grow by 2x until OOM, the size limit or the per-try time limit.
-                    while True:
-                        nxt = min(lo_k * 2, limit_k)
-                        if nxt <= lo_k:
-                            message = f"reached --max-size {a.max_size} without running out of memory"
-                            break
-                        if tries[-1].get("seconds", 0) > a.max_try_s:
-                            message = f"stopped growing: a try took > {a.max_try_s} s"
-                            break
-                        if attempt(nxt):
-                            lo_k = nxt
-                        else:
-                            hi_k = nxt
-                            break
-                    if hi_k is not None:
-                        while hi_k - lo_k > 1:
-                            mid = (lo_k + hi_k) // 2
-                            if attempt(mid):
-                                lo_k = mid
-                            else:
-                                hi_k = mid
+                lo_k, hi_k, message = search_largest(attempt, max(1, 224 // P), max(1, a.max_size // P), a.max_try_s)
+                if lo_k is None:
+                    status = "oom"
+                message = message.replace("the size limit", f"--max-size {a.max_size}")
             except Exception as exc:
                 status, message = "error", _short(exc)
             best = lo_k * P if lo_k else None
@@ -1071,6 +1048,41 @@ class Runner:
                 tokens=tokens_per_image(cfg, best) if best else None, tries=tries))
             self.log(f"memory {model_name} {group.dtype} {peer}: largest {best}x{best}"
                      + (f", {hi_k * P}x{hi_k * P} runs out of memory" if hi_k else "") + (f" ({message})" if message else ""))
+
+
+def search_largest(attempt: Callable[[int], Optional[float]], start: int, limit: int,
+                   max_try_s: float = float("inf")) -> tuple[Optional[int], Optional[int], str]:
+    """Largest k (image side in patches) for which ``attempt(k)`` fits, by doubling then bisection.
+
+    ``attempt(k)`` returns the seconds the try took, or None when it ran out of memory. Growth stops
+    at ``limit`` or after a try longer than ``max_try_s``. Returns (largest k that fits or None,
+    smallest k that did not fit or None, a message saying why the search stopped early).
+    """
+    secs = attempt(start)
+    if secs is None:
+        return None, start, f"even the start size ({start} patches a side) does not fit"
+    lo, hi, message = start, None, ""
+    while True:
+        nxt = min(lo * 2, limit)
+        if nxt <= lo:
+            message = "reached the size limit without running out of memory"
+            break
+        if secs > max_try_s:
+            message = f"stopped growing: a try took > {max_try_s} s"
+            break
+        t = attempt(nxt)
+        if t is None:
+            hi = nxt
+            break
+        lo, secs = nxt, t
+    if hi is not None:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if attempt(mid) is None:
+                hi = mid
+            else:
+                lo = mid
+    return lo, hi, message
 
 
 # -- targets, summaries, output ---------------------------------------------------------------------------
@@ -1491,6 +1503,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
 
     t_start = time.perf_counter()
     for (model_name, dtype), cases in plan.items():
+        if not cases and not ("memory" in modes and gpu and not args.targets):
+            continue
         cfg = get_config(model_name, **overrides)
         group_peers = [p for p in PEERS if any(p in c[3] for c in cases) or ("memory" in modes and p in peers)]
         log(f"== {model_name} (depth {cfg.depth}) {dtype}: building models for {', '.join(group_peers)}")
