@@ -50,23 +50,37 @@ def build_pair(case: dict):
     return hf, fd
 
 
-def measure(fn, repeats: int, warmup: int = 2) -> float:
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_pair(fn_a, fn_b, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median times of two callables, interleaved call by call so load and clock drift hit both alike."""
     with torch.inference_mode():
         for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            fn_a()
+            fn_b()
+        times_a, times_b = [], []
+        for i in range(repeats):
+            order = ((fn_a, times_a), (fn_b, times_b)) if i % 2 == 0 else ((fn_b, times_b), (fn_a, times_a))
+            for fn, times in order:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def run(cases: list[str], repeats: int) -> list[dict]:
+def run(cases: list[str], repeats: int, modes_wanted: dict) -> list[dict]:
     rows = []
     for name in cases:
         case = CASES[name]
@@ -83,6 +97,8 @@ def run(cases: list[str], repeats: int) -> list[dict]:
         modes["bf16 weights"] = (hf16.to(torch.bfloat16), fd16.to(torch.bfloat16), x.bfloat16(),
                                  contextlib.nullcontext)
         for mode, (hf_m, fd_m, inp, ctx) in modes.items():
+            if mode not in modes_wanted.get(name, modes):
+                continue
             def run_hf():
                 with ctx():
                     return hf_m(pixel_values=inp).last_hidden_state
@@ -98,8 +114,7 @@ def run(cases: list[str], repeats: int) -> list[dict]:
             fd_tokens = torch.cat([out["x_norm_clstoken"][:, None], out["x_storage_tokens"],
                                    out["x_norm_patchtokens"]], dim=1)
             deviation = max_rel_diff(fd_tokens, ref)
-            t_hf = measure(run_hf, repeats)
-            t_fd = measure(run_fd, repeats)
+            t_hf, t_fd = measure_pair(run_hf, run_fd, repeats)
             row = dict(case=name, mode=mode, hf_s=t_hf, flashdino_s=t_fd, speedup=t_hf / t_fd,
                        max_rel_deviation=deviation)
             rows.append(row)
@@ -113,18 +128,23 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="ViT-S/16 only, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--fp32-only-large", action="store_true",
+                        help="ViT-B/16 at 512 in fp32 only (bf16 GEMMs are very slow on CPUs without AMX/AVX512-BF16)")
     args = parser.parse_args(argv)
     cases = ["vits16@224xb8"] if args.quick else list(CASES)
     repeats = args.repeats or (3 if args.quick else 7)
     torch.manual_seed(0)
-    rows = run(cases, repeats)
+    modes_wanted = {"vitb16@512xb2": ("fp32",)} if args.fp32_only_large else {}
+    rows = run(cases, repeats, modes_wanted)
     import transformers
 
-    meta = dict(date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
+    import os
+
+    meta = dict(date=datetime.date.today().isoformat(), machine=_cpu_name(), load_average=os.getloadavg(),
                 cpu_threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
                 python=sys.version.split()[0])
-    lines = [f"CPU, {meta['cpu_threads']} threads, torch {meta['torch']}, transformers {meta['transformers']}, "
-             f"{meta['date']}", "", "| case | mode | HF eager (ms) | flashdino (ms) | speed-up |", "|---|---|---|---|---|"]
+    lines = [f"{meta['machine']}, {meta['cpu_threads']} threads, torch {meta['torch']}, "
+             f"transformers {meta['transformers']}, {meta['date']}, load average {meta['load_average'][0]:.1f}", "", "| case | mode | HF eager (ms) | flashdino (ms) | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['mode']} | {r['hf_s'] * 1e3:.1f} | {r['flashdino_s'] * 1e3:.1f} | "
               f"{r['speedup']:.2f}x |" for r in rows]
     table = "\n".join(lines)

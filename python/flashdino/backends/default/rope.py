@@ -104,6 +104,21 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def _swap_halves(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x2, x1], dim=-1)
+
+
+def _signed_sin(grid: RopeGrid, sin: Tensor) -> Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == swap_halves(x) * signed_sin exactly
+    (a sign flip is exact), which saves one elementwise pass per tensor."""
+    key = ("signed", sin.shape, sin.device)
+    if key not in grid._cache:
+        half = sin.shape[-1] // 2
+        grid._cache[key] = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return grid._cache[key]
+
+
 def _rotate_half_per_half(x: Tensor) -> Tensor:
     y_part, x_part = x.chunk(2, dim=-1)
     return torch.cat([_rotate_half(y_part), _rotate_half(x_part)], dim=-1)
@@ -127,8 +142,10 @@ def apply_rope(q: Tensor, k: Tensor, grid: RopeGrid) -> tuple[Tensor, Tensor]:
     n_tokens, head_dim = q.shape[-2], q.shape[-1]
     if grid.mode == "dinov3":
         cos, sin = _frame_tables(grid, n_tokens, head_dim, torch.float32, q.device)
-        q_out = q.float() * cos + _rotate_half(q.float()) * sin
-        k_out = k.float() * cos + _rotate_half(k.float()) * sin
+        sin = _signed_sin(grid, sin)
+        qf, kf = q.float(), k.float()
+        q_out = qf * cos + _swap_halves(qf) * sin
+        k_out = kf * cos + _swap_halves(kf) * sin
         return q_out.to(q.dtype), k_out.to(k.dtype)
     cos, sin = _frame_tables(grid, n_tokens, head_dim, q.dtype, q.device)
     q_out = q * cos + _rotate_half_per_half(q) * sin
