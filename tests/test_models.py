@@ -213,6 +213,9 @@ def test_get_intermediate_layers_all_arguments(family, v3, v2):
         maps = model.get_intermediate_layers(x, n=2, reshape=True)
         assert maps[0].shape == (2, model.embed_dim, 4, 3)
         torch.testing.assert_close(maps[1].flatten(2).transpose(1, 2), last[0])
+        raw_maps = model.get_intermediate_layers(x, n=1, reshape=True, norm=False, return_class_token=True)
+        torch.testing.assert_close(raw_maps[0][0].flatten(2).transpose(1, 2), raw[0])
+        torch.testing.assert_close(raw_maps[0][1], ff["x_prenorm"][:, 0])
         with_cls = model.get_intermediate_layers(x, n=1, return_class_token=True)
         torch.testing.assert_close(with_cls[0][1], ff["x_norm_clstoken"])
         if family == "v3":

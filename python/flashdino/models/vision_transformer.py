@@ -205,15 +205,18 @@ class DinoVisionTransformer(nn.Module):
                                 norm: bool = True):
         outputs = self._intermediate_raw(x, n)
         p = self.n_prefix_tokens
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         if norm:
-            outputs = [torch.cat(self._final_norm(o), dim=1) for o in outputs]
-        class_tokens = [o[:, 0] for o in outputs]
-        extra_tokens = [o[:, 1:p] for o in outputs]
-        patches = [o[:, p:] for o in outputs]
-        if reshape:
-            B = x.shape[0]
-            h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-            patches = [o.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for o in patches]
+            # Feature maps come straight out of the final-norm op in [B, D, H, W] (no extra copy).
+            split = [self._final_norm(o, patch_grid=grid if reshape else None) for o in outputs]
+        else:
+            split = [(o[:, :p], o[:, p:]) for o in outputs]
+            if reshape:
+                split = [(pre, pat.reshape(pat.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous())
+                         for pre, pat in split]
+        class_tokens = [pre[:, 0] for pre, _ in split]
+        extra_tokens = [pre[:, 1:] for pre, _ in split]
+        patches = [pat for _, pat in split]
         if return_class_token and return_extra_tokens:
             return tuple(zip(patches, class_tokens, extra_tokens))
         if return_class_token:
