@@ -233,3 +233,19 @@ def test_opcheck_custom_op():
                  (x, w, b, pw, pb, True, 3, 1e-6, 2, 2, True, torch.float32)):
         torch.library.opcheck(tf.final_norm_fwd, args,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_untied_norms_with_mixed_affine_fall_back():
+    # Regression: an untied pair where only one norm has a bias passed supports() and the Triton
+    # kernel raised, while the reference handles it; supports() now refuses it.
+    x = torch.randn(2, 5, 24, device=DEV)
+    w, b, pw = torch.randn(24, device=DEV), torch.randn(24, device=DEV), torch.randn(24, device=DEV)
+    with pytest.raises(ValueError, match="cannot run"):
+        ops.final_norm(x, 1, w, b, 1e-6, prefix_norm=(pw, None), backend="triton")
+    # the default order on CUDA skips Triton for this call and runs the reference
+    fn, name, _ = dispatch.select("final_norm", torch.device("cuda"), dtype=x.dtype, dim=24, mixed_affine=True)
+    assert name != "triton"
+    prefix, patches = ops.final_norm(x, 1, w, b, 1e-6, prefix_norm=(pw, None))
+    ref_prefix, ref_patches = reference(x, 1, w, b, 1e-6, prefix_norm=(pw, None))
+    torch.testing.assert_close(prefix, ref_prefix)
+    torch.testing.assert_close(patches, ref_patches)

@@ -253,7 +253,8 @@ for xdt, wdt, prec, cl in (("*bf16", "*bf16", None, False), ("*u8", "*bf16", Non
                            ("*fp32", "*fp32", "tf32", False)):
     compile_(tp._patch_embed_kernel,
              dict(X=xdt, WT=wdt, BIAS="*fp32", MASKS="*u8", MT="*fp32", POS="*fp32", OUT="*fp32", M="i32",
-                  D="i32", K="i32", HW="i32", Wp="i32", C="i32", sxb="i32", sxc="i32", sxh="i32", sxw="i32",
+                  m_start="i32", D="i32", K="i32", HW="i32", Wp="i32", C="i32", sxb="i32", sxc="i32",
+                  sxh="i32", sxw="i32",
                   out_sb="i32", n_prefix="i32"),
              dict(P=14, CHANNELS_LAST=cl, HAS_MASK=True, HAS_POS=True, ROUND_CONV=wdt != "*fp32",
                   PRECISION=prec, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 8)
@@ -279,3 +280,15 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     if res.returncode and ("ptxas" in res.stderr and "not found" in res.stderr.lower()):
         pytest.skip("no ptxas bundled with triton")
     assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+
+
+def test_fp64_branch_is_left_to_the_reference():
+    # Regression: supports() ignored the branch dtype, so an fp64 branch (outputs promote to fp64)
+    # was sent to the fp32 Triton kernel, which only approximates the fp64 result.
+    x = torch.randn(2, 5, 24, device=DEV)
+    branch = torch.randn(2, 5, 24, device=DEV, dtype=torch.float64)
+    why = dispatch._REGISTRY["residual_layernorm"]["triton"].supports(dtype=x.dtype, dim=24,
+                                                                      branch_dtype=branch.dtype)
+    assert why is not None and "branch" in why
+    with pytest.raises(ValueError, match="cannot run"):
+        ops.residual_layernorm(x, branch, None, None, None, 1e-6, backend="triton")

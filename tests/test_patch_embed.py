@@ -275,3 +275,16 @@ def test_weight_cache_follows_in_place_updates():
             p["cls"].add_(1)
             p["extra"].sub_(1)
             pos.add_(0.5)
+
+
+def test_rows_beyond_the_grid_limit_are_launched_in_chunks(monkeypatch):
+    # Regression: the patch rows sit on grid axis 1 (CUDA cap 65535), so a batch of more than
+    # 65535 * BLOCK_M patches failed to launch; the op now launches in chunks of rows.
+    tpe = pytest.importorskip("flashdino.backends.triton.patch_embed")
+    monkeypatch.setattr(tpe, "_MAX_GRID_Y", 1)  # one row block per launch
+    p = _params(24)
+    x = _image(3, 3, 20, 28)  # 3 x 5 x 7 = 105 patches: several launches
+    masks = torch.rand(3, 35, device=DEV) < 0.3
+    out = _run(x, p, "triton", masks=masks)
+    ref = _run(x, p, "torch", masks=masks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

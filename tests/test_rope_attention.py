@@ -481,3 +481,74 @@ def test_gpu_torch_compile():
     out = f(qkv)
     ref = _reference_fp32(qkv, 16, rope, q_norm, k_norm, torch.bfloat16)
     assert _cos(out, ref) > 0.9999 and _rel(out, ref) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# autocast + qk-norm + vggt RoPE (the VGGT aggregator's default path)
+# ------------------------------------------------------------------------------------------------
+
+def _cuda_autocast_vggt_reference(qkv, heads, rope, q_norm, k_norm, eps):
+    """What the reference computes under CUDA autocast: F.layer_norm returns fp32 q/k, so the vggt
+    tables (built in q's dtype) and the rotation are fp32; SDPA then casts q/k/v to the token dtype."""
+    import torch.nn.functional as F
+    from flashdino.backends.default.rope import apply_rope
+    from flashdino.backends.default.rope_attention import split_qkv
+    q, k, v = split_qkv(qkv, heads)
+    d = q.shape[-1]
+    q = F.layer_norm(q.float(), (d,), q_norm[0], q_norm[1], eps)
+    k = F.layer_norm(k.float(), (d,), k_norm[0], k_norm[1], eps)
+    q, k = apply_rope(q, k, rope)
+    out = F.scaled_dot_product_attention(q.to(qkv.dtype).float(), k.to(qkv.dtype).float(), v.float())
+    B, _, N, _ = out.shape
+    return out.transpose(1, 2).reshape(B, N, -1)
+
+
+def test_autocast_qk_norm_vggt_uses_fp32_tables(monkeypatch):
+    # Regression: the kernels rounded the vggt angles / cos / sin to the token dtype even when the
+    # reference's q is fp32 (CUDA autocast + q_norm), off by up to 0.06 rad at fp16 and 0.5 rad at
+    # bf16 for positions ~200 (0.125 rad at bf16 for VGGT's 37x37 grid). CPU autocast keeps
+    # layer_norm in fp16, so the CUDA policy is forced here.
+    monkeypatch.setattr(tra, "_layer_norm_autocasts_to_fp32", lambda device: True)
+    d, heads, H, W = 16, 1, 1, 200
+    qkv = _qkv(1, 1 + H * W, heads, d, dtype=torch.float16)
+    q_norm, k_norm = _norms(d)
+    rope = RopeGrid("vggt", H, W, 1)
+    out = ops.rope_attention(qkv, heads, rope, q_norm=q_norm, k_norm=k_norm, backend="triton")
+    ref = _cuda_autocast_vggt_reference(qkv, heads, rope, q_norm, k_norm, 1e-5)
+    # fp16-rounded tables: max error 3e-3; fp32 tables: 1.5e-4
+    assert (out.float() - ref).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_autocast_qk_norm_vggt_matches_reference(dtype):
+    d, heads, H, W = 64, 2, 37, 37
+    qkv = _qkv(2, 5 + H * W, heads, d, dtype=dtype)
+    q_norm, k_norm = _norms(d)
+    rope = RopeGrid("vggt", H, W, 5)
+    with torch.autocast("cuda", dtype=dtype):
+        ref = reference(qkv, heads, rope, q_norm, k_norm)
+        out = ops.rope_attention(qkv, heads, rope, q_norm=q_norm, k_norm=k_norm, backend="triton")
+    assert out.dtype == ref.dtype == dtype
+    assert _rel(out, _cuda_autocast_vggt_reference(qkv, heads, rope, q_norm, k_norm, 1e-5)) < 1e-2
+    assert _rel(out, ref) < 1e-2
+
+
+def test_supports_refuses_int32_overflowing_sequences():
+    # Regression: token offsets inside the kernels are int32 (tok * s_n); a sequence whose qkv
+    # spans 2**31 elements per image (VGGT global attention over ~700 frames) must not reach them.
+    sup = dispatch._REGISTRY["rope_attention"]["triton"].supports
+    assert sup(dtype=torch.bfloat16, head_dim=64, n_tokens=700_000, token_stride=3072) is not None
+    assert sup(dtype=torch.bfloat16, head_dim=64, n_tokens=200_000, token_stride=3072) is None
+
+
+def test_fp32_qkv_under_autocast_is_left_to_the_reference():
+    # Regression: the reference returns the autocast dtype (SDPA is autocast to it) while the
+    # kernels returned fp32 computed in fp32; supports() now refuses this call.
+    qkv = _qkv(1, 13, 1, 16)
+    rope = _grid("dinov3", 3, 4, 1, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert reference(qkv, 1, rope).dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="autocast"):
+            ops.rope_attention(qkv, 1, rope, backend="triton")
+    assert ops.rope_attention(qkv, 1, rope, backend="triton").dtype == torch.float32  # no autocast: fine

@@ -61,5 +61,7 @@ def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optiona
                 f"(N={N}, n_prefix={n_prefix})"
             )
         patch_grid = (H, W)
-    fn, _, _ = dispatch.select("final_norm", x.device, backend, dtype=x.dtype, dim=D)
+    mixed_affine = prefix_norm is not None and ((weight is None) != (prefix_norm[0] is None)
+                                                or (bias is None) != (prefix_norm[1] is None))
+    fn, _, _ = dispatch.select("final_norm", x.device, backend, dtype=x.dtype, dim=D, mixed_affine=mixed_affine)
     return fn(x, n_prefix, weight, bias, eps, prefix_norm, patch_grid)

@@ -90,7 +90,7 @@ def rope_attention(
     head_dim = _check(qkv, num_heads, rope, q_norm, k_norm)
     fn, _, _ = dispatch.select(
         "rope_attention", qkv.device, backend,
-        dtype=qkv.dtype, head_dim=head_dim, n_tokens=qkv.shape[1], rope=rope,
+        dtype=qkv.dtype, head_dim=head_dim, n_tokens=qkv.shape[1], rope=rope, token_stride=qkv.stride(1),
         qk_norm=q_norm is not None or k_norm is not None,
     )
     return fn(qkv, num_heads, rope, q_norm, k_norm, norm_eps, scale)

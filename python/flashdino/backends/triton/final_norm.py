@@ -197,7 +197,11 @@ def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optiona
     return prefix, patches
 
 
-def _supports(dtype=None, dim=None, **_):
+def _supports(dtype=None, dim=None, mixed_affine=False, **_):
+    # The kernel selects the prefix / patch parameters per row, so an untied pair where only one
+    # norm has a weight (or a bias) is left to the reference (the kernel would raise).
+    if mixed_affine:
+        return "the prefix and patch norms differ in having a weight / bias"
     if dtype is not None and dtype not in _DTYPES:
         return f"dtype {dtype} (Triton kernel covers fp32/fp16/bf16)"
     if dim is not None and not 0 < dim <= MAX_DIM:

@@ -310,9 +310,13 @@ def residual_layernorm(x: Tensor, branch: Tensor, gamma: Optional[Tensor], weigh
     return x_new, normed
 
 
-def _supports(dtype=None, dim=None, **_):
+def _supports(dtype=None, dim=None, branch_dtype=None, **_):
     if dtype is not None and dtype not in _DTYPES:
         return f"dtype {dtype} (Triton kernel covers fp32/fp16/bf16)"
+    # The branch dtype matters too: an fp64 branch promotes the outputs to fp64, which the fp32
+    # kernel would only approximate.
+    if branch_dtype is not None and branch_dtype not in _DTYPES:
+        return f"branch dtype {branch_dtype} (Triton kernel covers fp32/fp16/bf16)"
     if dim is not None and not 0 < dim <= MAX_DIM:
         return f"row width {dim} (Triton kernel covers 1..{MAX_DIM})"
     return None

@@ -23,19 +23,20 @@ from torch import Tensor
 from ... import dispatch
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535  # CUDA limit of the second grid axis (the patch rows)
 
 
 @triton.jit
 def _patch_embed_kernel(
     X, WT, BIAS, MASKS, MT, POS, OUT,
-    M, D, K, HW, Wp, C, sxb, sxc, sxh, sxw, out_sb, n_prefix,
+    M, m_start, D, K, HW, Wp, C, sxb, sxc, sxh, sxw, out_sb, n_prefix,
     P: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_MASK: tl.constexpr, HAS_POS: tl.constexpr,
     ROUND_CONV: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # fast axis: programs sharing an image tile run together (L2 reuse)
     pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = m_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
     nmask = rn < D
@@ -190,14 +191,18 @@ def patch_embed_tokens_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls
     if conv_dtype == torch.float32:  # fp32: TF32 exactly when the eager (cuDNN) conv would use it
         precision = "tf32" if torch.backends.cudnn.allow_tf32 and x.device.type == "cuda" else "ieee"
     bm, bn, bk, warps, stages = _tiles(x.device, D)
-    grid = (triton.cdiv(D, bn), triton.cdiv(M, bm))
-    _patch_embed_kernel[grid](
-        x, wt, bt, mask_u8, mt, pos, out,
-        M, D, wt.shape[0], HW, Wp, C, sxb, sxc, sxh, sxw, out.stride(0), n_prefix,
-        P=P, CHANNELS_LAST=channels_last, HAS_MASK=masks is not None, HAS_POS=pos_embed is not None,
-        ROUND_CONV=conv_dtype != torch.float32, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
-    )
+    # Patch rows run on grid axis 1, which CUDA caps at 65535 programs: launch in chunks of rows
+    # (a batch of > 65535 * BLOCK_M patches, e.g. 3064 images of 518 px, failed to launch).
+    rows_per_launch = _MAX_GRID_Y * bm
+    for m_start in range(0, M, rows_per_launch):
+        grid = (triton.cdiv(D, bn), triton.cdiv(min(M - m_start, rows_per_launch), bm))
+        _patch_embed_kernel[grid](
+            x, wt, bt, mask_u8, mt, pos, out,
+            M, m_start, D, wt.shape[0], HW, Wp, C, sxb, sxc, sxh, sxw, out.stride(0), n_prefix,
+            P=P, CHANNELS_LAST=channels_last, HAS_MASK=masks is not None, HAS_POS=pos_embed is not None,
+            ROUND_CONV=conv_dtype != torch.float32, PRECISION=precision,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        )
     return out
 
 

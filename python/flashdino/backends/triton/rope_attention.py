@@ -73,7 +73,10 @@ K_ROTATIONS = ("prepass", "inline", "table")
 # Default way of rotating K; FLASHDINO_ROPE_ATTN_K_ROTATION overrides it (for the GPU comparison).
 K_ROTATION = os.environ.get("FLASHDINO_ROPE_ATTN_K_ROTATION", "prepass")
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-_MODES = {"none": 0, "dinov3": 1, "vggt": 2}
+# "vggt_f32" is "vggt" without rounding the angles / cos / sin to the token dtype: under autocast
+# with q-norm the reference's LayerNorm returns fp32 q, so its vggt tables are fp32 (the dispatcher
+# entry below picks it; the rounded tables differ by up to ~0.1 rad at bf16 for 37x37 grids).
+_MODES = {"none": 0, "dinov3": 1, "vggt": 2, "vggt_f32": 3}
 _MAX_GRID_Y = 65535  # CUDA limit of the second grid axis (batch * heads)
 
 
@@ -109,12 +112,17 @@ def _cos_sin(tok, cols, TAB, CS, TPF, n_prefix, GRID_W, denom_h, denom_w,
             ang = tl.math.div_rn(6.283185307179586 * coord, freq[None, :])
             cos = tl.cos(ang)
             sin = tl.sin(ang)
-        else:  # vggt: first half y, second half x, angles and cos/sin rounded to the token dtype
+        else:  # vggt: first half y, second half x, angles and cos/sin rounded to the token dtype (ROPE 2)
             use_x = (cols & (D // 2)) != 0
             pos = tl.where(use_x[None, :], (x + 1).to(tl.float32)[:, None], (y + 1).to(tl.float32)[:, None])
-            ang = (pos * freq[None, :]).to(ROUND_TY).to(tl.float32)
-            cos = tl.cos(ang).to(ROUND_TY).to(tl.float32)
-            sin = tl.sin(ang).to(ROUND_TY).to(tl.float32)
+            ang = pos * freq[None, :]
+            if ROPE == 2:  # "vggt_f32" (ROPE == 3) keeps the fp32 angles and cos/sin
+                ang = ang.to(ROUND_TY).to(tl.float32)
+            cos = tl.cos(ang)
+            sin = tl.sin(ang)
+            if ROPE == 2:
+                cos = cos.to(ROUND_TY).to(tl.float32)
+                sin = sin.to(ROUND_TY).to(tl.float32)
         cos = tl.where(is_patch[:, None], cos, 1.0)
         sin = tl.where(is_patch[:, None], sin, 0.0)
     return cos, sin
@@ -493,7 +501,8 @@ def _cos_sin_table(mode, periods, height, width, n_prefix, head_dim, normalize, 
         if mode == "dinov3":
             cos, sin = dinov3_rope_tables(height, width, periods, normalize)
         else:
-            cos, sin = vggt_rope_tables(height, width, head_dim, base, dtype, device)
+            tab_dtype = torch.float32 if mode == "vggt_f32" else dtype
+            cos, sin = vggt_rope_tables(height, width, head_dim, base, tab_dtype, device)
         table = torch.stack([cos.float(), sin.float()])  # [2, HW, d]
         if n_prefix:
             pad = table.new_zeros(2, n_prefix, head_dim)
@@ -511,7 +520,7 @@ def _geometry(qkv: Tensor, num_heads: int, mode: str, height: int, width: int, n
 
 
 def _half_group(mode: str, head_dim: int) -> int:
-    return head_dim // 2 if mode == "dinov3" else head_dim // 4 if mode == "vggt" else 1
+    return head_dim // 2 if mode == "dinov3" else head_dim // 4 if mode in ("vggt", "vggt_f32") else 1
 
 
 def _dot_prec(dtype) -> str:
@@ -740,6 +749,12 @@ rope_attention_triton.register_autograd(_backward_autograd, setup_context=_setup
 # ----------------------------------------------------------------------------------------------
 
 
+def _layer_norm_autocasts_to_fp32(device: torch.device) -> bool:
+    """Whether ``F.layer_norm`` returns fp32 for low-precision input here: CUDA autocast casts it to
+    fp32; CPU autocast keeps the input dtype (so the interpreted CPU path matches its reference)."""
+    return device.type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
 def rope_attention(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid] = None,
                    q_norm: Optional[tuple[Tensor, Optional[Tensor]]] = None,
                    k_norm: Optional[tuple[Tensor, Optional[Tensor]]] = None,
@@ -753,6 +768,10 @@ def rope_attention(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid] = None,
         mode, periods, height, width, n_prefix, normalize, base = "none", None, 1, 1, 0, "separate", 100.0
     else:
         mode, height, width, n_prefix = rope.mode, rope.height, rope.width, rope.n_prefix
+        # The reference builds the vggt tables in the dtype of q after q_norm: fp32 under CUDA
+        # autocast (F.layer_norm is on its fp32 list), the token dtype otherwise.
+        if mode == "vggt" and q_norm is not None and _layer_norm_autocasts_to_fp32(qkv.device):
+            mode = "vggt_f32"
         periods = rope.periods if mode == "dinov3" else None
         normalize, base = rope.normalize, rope.base
     qw, qb = q_norm if q_norm is not None else (None, None)
@@ -766,9 +785,20 @@ def rope_attention(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid] = None,
     return torch.ops.flashdino.rope_attention_triton(qkv, *args)[0]
 
 
-def supports(dtype=None, head_dim=None, n_tokens=None, rope=None, qk_norm=False, **_) -> Optional[str]:
+def supports(dtype=None, head_dim=None, n_tokens=None, rope=None, qk_norm=False, token_stride=None,
+             **_) -> Optional[str]:
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} (Triton rope_attention covers fp16, bf16, fp32)"
+    # Under autocast the reference's SDPA casts fp32 q/k/v to the autocast dtype (and returns it);
+    # the kernels would compute and return fp32 (only reachable by calling the op on fp32 qkv:
+    # the models' qkv Linear already returns the autocast dtype).
+    if dtype == torch.float32 and (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+        return "fp32 qkv under autocast (the reference attends in the autocast dtype)"
+    # The kernels address a token of qkv as ``tok * s_n`` in int32 (only the batch offset is
+    # int64): refuse sequences whose per-image qkv spans 2**31 elements (e.g. VGGT global
+    # attention over ~700 frames at 518 px) rather than read out of bounds.
+    if n_tokens is not None and token_stride is not None and n_tokens * max(token_stride, 1) >= 2**31:
+        return f"{n_tokens} tokens x stride {token_stride} overflows the kernels' int32 token offsets"
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {head_dim} (Triton rope_attention covers {SUPPORTED_HEAD_DIMS})"
     if n_tokens is not None and n_tokens < 1:
