@@ -14,48 +14,14 @@ import torch.nn.functional as F
 import flashdino
 from flashdino.layers import dinov3_periods
 
+from _oracle import all_tokens, close, randomise, use_fp32_periods
+
 transformers = pytest.importorskip("transformers")
-
-TOL = 2e-5  # relative to the largest magnitude of the reference output
-
-
-def randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter random and away from identity (norms, layer scales, biases, tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2 and "token" not in name and "position" not in name and "pos_embed" not in name:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif "lambda1" in name or "gamma" in name:
-                p.copy_(0.3 + 0.7 * torch.rand(p.shape, generator=g))
-            elif name.endswith("weight") and p.dim() == 1:  # LayerNorm weights
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:  # biases, cls / register / mask tokens, position tables
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def close(actual, expected, what: str, tol: float = TOL) -> float:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
-    return err / max(scale, 1.0)
-
-
-def all_tokens(out: dict, extra_key: str) -> torch.Tensor:
-    return torch.cat([out["x_norm_clstoken"][:, None], out[extra_key], out["x_norm_patchtokens"]], dim=1)
-
 
 def raw_layers(model, x, layers):
     """Block outputs (no final norm) as full token sequences [CLS, extra, patches]."""
     outs = model.get_intermediate_layers(x, n=layers, norm=False, return_class_token=True, return_extra_tokens=True)
     return [torch.cat([cls[:, None], extra, patches], dim=1) for patches, cls, extra in outs]
-
-
-def use_fp32_periods(model) -> None:
-    with torch.no_grad():
-        model.rope_embed.periods.copy_(dinov3_periods(model.cfg.head_dim, model.cfg.rope_base, round_to_bf16=False))
 
 
 # --------------------------------------------------------------------------------------------------- DINOv3

@@ -6,44 +6,15 @@ agree at fp32 to ~1e-5 of the output scale. timm recomputes fp32 RoPE periods, s
 model gets the same fp32 periods for the tight comparison.
 """
 
-import math
-
 import pytest
 import torch
 
 import flashdino
 from flashdino.layers import dinov3_periods
 
+from _oracle import all_tokens, close, compare_intermediates, randomise
+
 timm = pytest.importorskip("timm")
-
-TOL = 2e-5
-
-
-def randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2 and "token" not in name and "pos_embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif "gamma" in name:
-                p.copy_(0.3 + 0.7 * torch.rand(p.shape, generator=g))
-            elif name.endswith("weight") and p.dim() == 1:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-
-
-def close(actual, expected, what: str, tol: float = TOL) -> float:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3g} (scale {scale:.3g})"
-    return err / max(scale, 1.0)
-
-
-def all_tokens(out: dict, extra_key: str) -> torch.Tensor:
-    return torch.cat([out["x_norm_clstoken"][:, None], out[extra_key], out["x_norm_patchtokens"]], dim=1)
-
 
 # --------------------------------------------------------------------------------------------------- DINOv3
 
@@ -75,18 +46,7 @@ def test_dinov3_matches_timm(timm_v3, size):
     name, tm, model = timm_v3
     with torch.no_grad():
         model.rope_embed.periods.copy_(dinov3_periods(model.cfg.head_dim, 100.0, round_to_bf16=False))
-    x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        ref = tm.forward_features(x)
-        out = model.forward_features(x)
-        ref_inter = tm.forward_intermediates(x, indices=[0, 1], norm=False, output_fmt="NLC",
-                                             return_prefix_tokens=True, intermediates_only=True)
-        mine = model.get_intermediate_layers(x, n=[0, 1], norm=False, return_class_token=True,
-                                             return_extra_tokens=True)
-    close(all_tokens(out, "x_storage_tokens"), ref, f"{name} forward_features")
-    for i, ((spatial, prefix), (patches, cls, extra)) in enumerate(zip(ref_inter, mine)):
-        close(patches, spatial, f"{name} block {i} patches")
-        close(torch.cat([cls[:, None], extra], dim=1), prefix, f"{name} block {i} prefix tokens")
+    compare_intermediates(model, torch.randn(2, 3, *size), tm, "x_storage_tokens", name)
 
 
 def test_dinov3_timm_default_periods_are_official(timm_v3):
@@ -131,18 +91,7 @@ def test_dinov2_matches_timm_at_native_size(timm_name):
     tm = timm.create_model(timm_name, pretrained=False, depth=2, img_size=56, num_classes=0, **dims).eval()
     randomise(tm, seed=6)
     model = flashdino.create_model(V2[timm_name], depth=2, img_size=56, weights=tm.state_dict(), **dims).eval()
-    x = torch.randn(2, 3, 56, 56)
-    with torch.no_grad():
-        ref = tm.forward_features(x)
-        out = model.forward_features(x)
-        ref_inter = tm.forward_intermediates(x, indices=[0, 1], norm=False, output_fmt="NLC",
-                                             return_prefix_tokens=True, intermediates_only=True)
-        mine = model.get_intermediate_layers(x, n=[0, 1], norm=False, return_class_token=True,
-                                             return_extra_tokens=True)
-    close(all_tokens(out, "x_norm_regtokens"), ref, f"{timm_name} forward_features")
-    for i, ((spatial, prefix), (patches, cls, extra)) in enumerate(zip(ref_inter, mine)):
-        close(patches, spatial, f"{timm_name} block {i} patches")
-        close(torch.cat([cls[:, None], extra], dim=1), prefix, f"{timm_name} block {i} prefix")
+    compare_intermediates(model, torch.randn(2, 3, 56, 56), tm, "x_norm_regtokens", timm_name)
 
 
 def test_dinov2_giant_style_packed_swiglu_from_timm():
