@@ -1,0 +1,91 @@
+"""The ``flashdino`` command line (also ``python -m flashdino``).
+
+    flashdino features IMAGES_OR_FOLDERS --model NAME [--weights PATH] --out FILE.safetensors
+                       [--batch-size N] [--device cpu|cuda] [--size 224] [--pca OUT.png]
+    flashdino features --sample --model dinov3_vits16 --out sample.safetensors --pca sample_pca.png
+    flashdino info
+    flashdino convert SRC OUT [--model NAME]
+    flashdino bench ...
+
+One module per command (``cli/<command>.py``, with ``add_parser(sub)`` and ``run(args)``); this
+module only parses and reports errors. ``info`` and ``bench`` own their whole argument list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from . import convert, features
+from ._common import CliError
+from .features import collect_images
+from .pca import pca_rgb, render_pca
+
+# Commands that parse their own arguments: everything after the command word is passed through.
+PASSTHROUGH = {
+    "info": "environment, kernels and models (flashdino info --help)",
+    "bench": "end-to-end benchmark against HF / torch.compile / timm (flashdino bench --help)",
+}
+
+
+def _run_info(rest) -> int:
+    from flashdino import info
+
+    return int(info.main(list(rest)) or 0)  # an explicit list: sys.argv still holds "info"
+
+
+def _run_bench(rest) -> int:
+    from flashdino.bench import main as bench_main
+
+    bench_main(list(rest), prog="flashdino bench")
+    return 0
+
+
+_PASSTHROUGH_RUN = {"info": _run_info, "bench": _run_bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import flashdino
+
+    parser = argparse.ArgumentParser(prog="flashdino", description="flashdino: fast DINOv2 / DINOv3 / VGGT backbones")
+    parser.add_argument("--version", action="version", version=f"flashdino {flashdino.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    features.add_parser(sub)
+    convert.add_parser(sub)
+    for name, help_text in PASSTHROUGH.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, name=name: _PASSTHROUGH_RUN[name](a.rest))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv and argv[0] in _PASSTHROUGH_RUN:
+        return _PASSTHROUGH_RUN[argv[0]](argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    from flashdino.integrations.config import ConfigError
+    from flashdino.loading import CheckpointError, WeightsUnavailableError
+    from flashdino.preprocess import PreprocessorConfigError
+
+    if os.environ.get("FLASHDINO_DEBUG"):  # full tracebacks
+        return args.func(args)
+    try:
+        return args.func(args)
+    except (CliError, CheckpointError, WeightsUnavailableError, ConfigError, PreprocessorConfigError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"flashdino: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def console_main() -> None:  # pragma: no cover - the installed script
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "collect_images", "pca_rgb", "render_pca", "CliError"]
