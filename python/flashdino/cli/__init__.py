@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from . import convert, features
@@ -61,8 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temporary files) runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command; returns the exit status (0, 2 for a user error, 130 / 143 when interrupted)."""
     argv = list(argv) if argv is not None else sys.argv[1:]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("flashdino: interrupted (Ctrl-C); partial outputs were removed", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("flashdino: terminated (SIGTERM); partial outputs were removed", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list) -> int:
     if argv and argv[0] in _PASSTHROUGH_RUN:
         return _PASSTHROUGH_RUN[argv[0]](argv[1:])
     parser = build_parser()
@@ -72,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from flashdino.integrations.config import ConfigError
     from flashdino.loading import CheckpointError, WeightsUnavailableError
+    from flashdino.outputs import OutputPathError
     from flashdino.preprocess import PreprocessorConfigError
 
     if os.environ.get("FLASHDINO_DEBUG"):  # full tracebacks
@@ -79,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (CliError, CheckpointError, WeightsUnavailableError, ConfigError, PreprocessorConfigError,
-            FileNotFoundError, ValueError) as exc:
+            OutputPathError, FileNotFoundError, ValueError) as exc:
         print(f"flashdino: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,121 @@
+"""Writing output files without ever hurting the user's data.
+
+Every file flashdino writes (features, converted checkpoints, exports, shards) goes through
+:func:`check_output_path` before any computation and :func:`atomic_write` for the bytes:
+
+- an existing output is refused unless ``overwrite=True``, and an output that is one of the inputs
+  is refused always (``--weights w.safetensors --out w.safetensors`` must not eat the checkpoint);
+- problems with the location (a folder in the way, no write permission) are reported before the
+  work starts, in one line;
+- the bytes go to a unique temporary file in the destination folder, are fsynced and renamed over
+  the destination in one step, so a reader sees the old file or the new one, never half of one,
+  and two concurrent writers never share a temporary name;
+- on any exception, Ctrl-C included, the temporary file is removed.
+
+An output that is a symbolic link is written through: the link stays and its target is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+class OutputPathError(OSError):
+    """The output location cannot be used; the message names the path and the fix."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(path: PathLike, *, overwrite: bool = False, inputs: Iterable[PathLike] = (),
+                      what: str = "output", overwrite_flag: str = "--overwrite") -> Path:
+    """Validates an output file location before any work; returns it as a ``Path``.
+
+    Creates missing parent folders (and says which, through the returned path's caller) only when
+    they can be created; raises :class:`OutputPathError` otherwise.
+    """
+    out = Path(path).expanduser()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).expanduser()
+        if _same_file(out, src) or out.resolve() == src.resolve():
+            raise OutputPathError(f"{what} {out} is also an input ({src}); choose another {what} path")
+    if out.is_dir():
+        raise OutputPathError(f"{what} {out} is a folder; give a file name inside it, e.g. {out / 'out.safetensors'}")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputPathError(f"{what} {out} already exists; pass {overwrite_flag} to replace it, "
+                                  "or choose another path")
+    parent = out.parent if str(out.parent) else Path(".")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"cannot create the folder for {what} {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {what} {out}: no write permission in {existing}")
+    if out.exists() and not os.access(out.resolve().parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot replace {what} {out}: no write permission in {out.resolve().parent}")
+    return out
+
+
+def missing_parents(path: PathLike) -> list[Path]:
+    """Folders that writing ``path`` will create, outermost first (for a notice to the user)."""
+    out, missing = Path(path).expanduser().parent, []
+    while str(out) and not out.exists():
+        missing.append(out)
+        if out.parent == out:
+            break
+        out = out.parent
+    return list(reversed(missing))
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on folders
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, *, suffix: Optional[str] = None) -> Iterator[Path]:
+    """Yields a fresh temporary path next to ``path``; on success it replaces ``path`` atomically.
+
+    The caller writes the whole file to the yielded path (by name: safetensors, torch, ONNX writers
+    all take a path). The temporary name keeps the destination's suffix unless ``suffix`` is given,
+    since some writers look at it.
+    """
+    dest = Path(path).expanduser()
+    if dest.is_symlink():
+        dest = Path(os.path.realpath(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".tmp{suffix if suffix is not None else dest.suffix}",
+                                    dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+__all__ = ["OutputPathError", "check_output_path", "missing_parents", "atomic_write"]

@@ -1,0 +1,31 @@
+import os, pytest
+from pathlib import Path
+from flashdino.outputs import OutputPathError, atomic_write, check_output_path
+def test_refuses_existing_and_input(tmp_path):
+    f = tmp_path / "a.safetensors"; f.write_bytes(b"x")
+    with pytest.raises(OutputPathError, match="already exists"):
+        check_output_path(f)
+    with pytest.raises(OutputPathError, match="also an input"):
+        check_output_path(f, overwrite=True, inputs=[f])
+    with pytest.raises(OutputPathError, match="is a folder"):
+        check_output_path(tmp_path)
+    assert check_output_path(f, overwrite=True) == f
+def test_atomic(tmp_path):
+    f = tmp_path / "sub" / "o.bin"
+    with atomic_write(f) as t:
+        t.write_bytes(b"new")
+    assert f.read_bytes() == b"new"
+    link = tmp_path / "link.bin"; link.symlink_to(f)
+    with atomic_write(link) as t:
+        t.write_bytes(b"newer")
+    assert link.is_symlink() and f.read_bytes() == b"newer"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(f) as t:
+            t.write_bytes(b"half"); raise KeyboardInterrupt
+    assert f.read_bytes() == b"newer"
+    assert sorted(p.name for p in f.parent.iterdir()) == ["o.bin"]
+def test_unwritable(tmp_path):
+    d = tmp_path / "ro"; d.mkdir(); d.chmod(0o500)
+    if os.access(d, os.W_OK): pytest.skip("root ignores permissions")
+    with pytest.raises(OutputPathError, match="no write permission"):
+        check_output_path(d / "x" / "y.bin")
