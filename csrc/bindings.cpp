@@ -18,7 +18,7 @@ namespace py = pybind11;
 
 namespace flashdino {
 #ifdef FLASHDINO_WITH_CUDA
-void register_rope_qkv(py::module_& m);
+void register_rope_attention_qkv(py::module_& m);
 #endif
 
 namespace {
@@ -72,6 +72,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_version", &flashdino::cuda_version, "CUDA toolkit version used at build time, or None");
   m.def("cuda_driver_version", &flashdino::cuda_driver_version, "CUDA driver version (0 if none)");
 #ifdef FLASHDINO_WITH_CUDA
-  flashdino::register_rope_qkv(m);
+  flashdino::register_rope_attention_qkv(m);
 #endif
 }

@@ -685,8 +685,7 @@ def test_not_a_vggt_checkpoint(tmp_path):
 def _triton_rope_attention_registered() -> bool:
     from flashdino import dispatch
 
-    dispatch._load_backends()
-    return "triton" in dispatch._REGISTRY.get("rope_attention", {})
+    return "triton" in dispatch.backends("rope_attention")
 
 
 def test_fast_path_matches_torch_path(monkeypatch):

@@ -1,8 +1,10 @@
 """Final norm op (``ops.final_norm``) and the models' use of it, Triton vs the reference.
 
 The whole-model tests run a depth-2 model with the Triton norm / patch-embed kernels forced
-(per-op FLASHDINO_BACKEND_<OP>, interpreter on CPU) against the forced torch backend.
+(``dispatch.use``, interpreter on CPU) against the forced torch backend.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -10,11 +12,12 @@ import torch.nn.functional as F
 
 import flashdino
 from flashdino import dispatch, ops
-from flashdino.backends.default.final_norm import final_norm as reference
+from flashdino.ops.final_norm import FinalNormCall
+from flashdino.ops.final_norm.reference import final_norm as reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-OUR_OPS = ("RESIDUAL_LAYERNORM", "FINAL_NORM", "PATCH_EMBED_TOKENS")
+OUR_OPS = ("residual_layernorm", "final_norm", "patch_embed")
 
 
 def _params(D, dtype=torch.float32, grad=False, device=DEV):
@@ -99,7 +102,7 @@ def test_bad_inputs():
 
 
 def test_cpu_default_is_the_reference_function():
-    fn, name, _ = dispatch.select("final_norm", torch.device("cpu"), dtype=torch.float32, dim=8)
+    fn, name, _ = dispatch.select("final_norm", FinalNormCall(torch.float32, 8, False), torch.device("cpu"))
     assert name == "torch" and fn is reference
 
 
@@ -133,21 +136,19 @@ def test_model_final_norm_cpu_bitwise_unchanged(untie):
     assert torch.equal(fmap, old[1].reshape(2, 2, 3, 64).permute(0, 3, 1, 2))
 
 
-@pytest.fixture
-def force_ours(monkeypatch):
-    def force(backend):
-        for op in OUR_OPS:
-            monkeypatch.setenv(f"FLASHDINO_BACKEND_{op}", backend)
-            # the forced backend really runs (no silent fallback) for a plain fp32 call
-            facts = {"dtype": torch.float32, "dim": 64}
-            if op == "PATCH_EMBED_TOKENS":
-                facts = {"dtype": torch.float32, "weight_dtype": torch.float32, "needs_grad": False}
-            assert dispatch.select(op.lower(), torch.device(DEV), **facts)[1] == backend
-    return force
+@contextlib.contextmanager
+def ours(backend, op_names=OUR_OPS):
+    """Forces ``backend`` for flashdino's fused ops, then checks that it really ran."""
+    with contextlib.ExitStack() as stack:
+        for op in op_names:
+            stack.enter_context(dispatch.use(backend, op))
+        yield
+    for op in op_names:
+        assert dispatch.last_backend(op) == backend, op
 
 
 @pytest.mark.parametrize("name", ["dinov3_vits16", "dinov2_vits14_reg", "dinov2_vits14"])
-def test_whole_model_triton_vs_torch(name, force_ours):
+def test_whole_model_triton_vs_torch(name):
     m = _tiny(name)
     P = m.patch_size
     x = torch.randn(2, 3, 3 * P, 2 * P, device=DEV)
@@ -155,12 +156,12 @@ def test_whole_model_triton_vs_torch(name, force_ours):
     masks = torch.zeros(2, 6, dtype=torch.bool, device=DEV)
     masks[0, 1] = masks[1, 4] = True
     with torch.no_grad():
-        force_ours("torch")
-        want = m.forward_features(x, masks)
-        want_il = m.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True)
-        force_ours("triton")
-        got = m.forward_features(x, masks)
-        got_il = m.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True)
+        with ours("torch"):
+            want = m.forward_features(x, masks)
+            want_il = m.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True)
+        with ours("triton"):
+            got = m.forward_features(x, masks)
+            got_il = m.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True)
     for key, e in want.items():
         if key == "masks":
             continue
@@ -170,18 +171,18 @@ def test_whole_model_triton_vs_torch(name, force_ours):
         torch.testing.assert_close(gc, ec, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:patch_embed_tokens.*inference-only")
-def test_whole_model_training_grads_triton_vs_torch(force_ours):
-    """Backward through the fused residual LayerNorm and the final norm (patch embed falls back)."""
+def test_whole_model_training_grads_triton_vs_torch():
+    """Backward through the fused residual LayerNorm and the final norm (the Triton patch embed is
+    inference-only, so it is not forced)."""
     grads = {}
     for backend in ("torch", "triton"):
-        force_ours(backend)
         m = _tiny("dinov3_vits16", untie_cls_and_patch_norms=True).to(DEV).train()
         x = torch.randn(2, 3, 32, 48, device=DEV, generator=torch.Generator(DEV).manual_seed(1))
-        out = m.forward_features(x)
-        loss = out["x_norm_clstoken"].square().sum() + out["x_norm_patchtokens"].mul(0.5).sum() \
-            + out["x_storage_tokens"].sum()
-        loss.backward()
+        with ours(backend, ("residual_layernorm", "final_norm")):
+            out = m.forward_features(x)
+            loss = out["x_norm_clstoken"].square().sum() + out["x_norm_patchtokens"].mul(0.5).sum() \
+                + out["x_storage_tokens"].sum()
+            loss.backward()
         grads[backend] = {k: v.grad.clone() for k, v in m.named_parameters() if v.grad is not None}
     assert grads["torch"].keys() == grads["triton"].keys()
     for k, e in grads["torch"].items():
@@ -210,13 +211,12 @@ def test_gpu_bf16_model_sizes(D, untied, nchw):
 
 
 @pytest.mark.gpu
-def test_gpu_whole_model_default_vs_torch(monkeypatch):
+def test_gpu_whole_model_default_vs_torch():
     m = _tiny("dinov3_vits16").cuda()
     x = torch.randn(2, 3, 64, 48, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        monkeypatch.setenv("FLASHDINO_BACKEND", "torch")
-        want = m.forward_features(x)
-        monkeypatch.delenv("FLASHDINO_BACKEND")
+        with dispatch.use("torch"):
+            want = m.forward_features(x)
         got = m.forward_features(x)
     for key, e in want.items():
         if key != "masks":
@@ -225,7 +225,7 @@ def test_gpu_whole_model_default_vs_torch(monkeypatch):
 
 
 def test_opcheck_custom_op():
-    import flashdino.backends.triton.final_norm as tf
+    from flashdino.ops.final_norm import triton as tf
 
     x = torch.randn(2, 7, 16, device=DEV, requires_grad=True)
     w, b, pw, pb = _params(16, grad=True)
@@ -243,7 +243,7 @@ def test_untied_norms_with_mixed_affine_fall_back():
     with pytest.raises(ValueError, match="cannot run"):
         ops.final_norm(x, 1, w, b, 1e-6, prefix_norm=(pw, None), backend="triton")
     # the default order on CUDA skips Triton for this call and runs the reference
-    fn, name, _ = dispatch.select("final_norm", torch.device("cuda"), dtype=x.dtype, dim=24, mixed_affine=True)
+    fn, name, _ = dispatch.select("final_norm", FinalNormCall(x.dtype, 24, True), torch.device("cuda"))
     assert name != "triton"
     prefix, patches = ops.final_norm(x, 1, w, b, 1e-6, prefix_norm=(pw, None))
     ref_prefix, ref_patches = reference(x, 1, w, b, 1e-6, prefix_norm=(pw, None))

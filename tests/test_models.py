@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import flashdino
-from flashdino.backends.default.rope import RopeGrid, apply_rope, dinov3_rope_tables
+from flashdino.ops.rope_attention.grid import RopeGrid, dinov3_rope_tables
+from flashdino.ops.rope_attention.reference import apply_rope
 from flashdino.layers import dinov3_periods
 from flashdino.models import build_model
 

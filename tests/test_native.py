@@ -39,7 +39,7 @@ def test_api_types():
         assert all(re.fullmatch(r"\d{2,3}[af]?", a) for a in archs), archs
         assert isinstance(module.cuda_version(), str)
         assert isinstance(module.cuda_driver_version(), int)
-        assert hasattr(module, "rope_qkv_forward") and hasattr(module, "rope_qkv_backward")
+        assert hasattr(module, "rope_attention_qkv_forward") and hasattr(module, "rope_attention_qkv_backward")
         assert "sm_" + archs[0] in why
     else:
         assert archs == []
@@ -55,11 +55,11 @@ def test_bad_arguments_raise_before_any_launch():
                   n_prefix=0, freqs=0, denom_h=1.0, denom_w=1.0, q_weight=0, q_bias=0, k_weight=0, k_bias=0,
                   eps=1e-5, round_mid=True, device=0, stream=0)
     with pytest.raises(ValueError, match="head_dim"):
-        module.rope_qkv_forward(qkv=1, q=1, k=1, v=1, head_dim=12, **common)
+        module.rope_attention_qkv_forward(qkv=1, q=1, k=1, v=1, head_dim=12, **common)
     with pytest.raises(ValueError, match="null data pointer"):
-        module.rope_qkv_forward(qkv=0, q=0, k=0, v=0, head_dim=16, **common)
+        module.rope_attention_qkv_forward(qkv=0, q=0, k=0, v=0, head_dim=16, **common)
     with pytest.raises(ValueError, match="multiple of n_prefix"):
-        module.rope_qkv_forward(qkv=1, q=1, k=1, v=1, head_dim=16,
+        module.rope_attention_qkv_forward(qkv=1, q=1, k=1, v=1, head_dim=16,
                                 **{**common, "mode": 1, "height": 1, "width": 3, "freqs": 1})
 
 
@@ -89,4 +89,4 @@ def test_cuda_errors_become_runtime_errors():
                 head_dim=16, mode=0, height=0, width=0, n_prefix=0, freqs=0, denom_h=1.0, denom_w=1.0, q_weight=0,
                 q_bias=0, k_weight=0, k_bias=0, eps=1e-5, round_mid=True, device=0, stream=0)
     with pytest.raises(RuntimeError, match=r"CUDA error cuda\w+: \w"):
-        module.rope_qkv_forward(**args)
+        module.rope_attention_qkv_forward(**args)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import flashdino
 from flashdino import dispatch, ops
-from flashdino.backends.default.patch_embed import patch_embed_tokens as reference
+from flashdino.ops.patch_embed import PatchEmbedCall
+from flashdino.ops.patch_embed.reference import patch_embed_tokens as reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -143,7 +144,8 @@ def test_bad_inputs():
 
 
 def test_dispatch_cpu_reference_and_training_fallback():
-    fn, name, _ = dispatch.select("patch_embed_tokens", torch.device("cpu"), dtype=torch.float32)
+    call = PatchEmbedCall(dtype=torch.float32, weight_dtype=torch.float32, patch_size=4, needs_grad=False)
+    fn, name, _ = dispatch.select("patch_embed", call, torch.device("cpu"))
     assert name == "torch" and fn is reference
     p = _params(16, 3, 4, 0)
     w = p["weight"].requires_grad_(True)
@@ -221,14 +223,13 @@ def test_compile_fullgraph_cpu_reference_path():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,size", [("dinov3_vitl16", 224), ("dinov2_vitb14_reg", 518), ("dinov3_vits16", 500)])
-def test_gpu_bf16_model_sizes(name, size, monkeypatch):
+def test_gpu_bf16_model_sizes(name, size):
     m = flashdino.create_model(name, depth=1).cuda().eval()
     x = torch.randn(4, 3, size, size, device="cuda")
     masks = torch.rand(4, (size // m.patch_size) ** 2, device="cuda") > 0.7
     with torch.no_grad():
-        monkeypatch.setenv("FLASHDINO_BACKEND", "torch")
-        want = m.prepare_tokens_with_masks(x, masks)[0]  # fp32 reference (TF32 conv allowed)
-        monkeypatch.delenv("FLASHDINO_BACKEND")
+        with dispatch.use("torch"):
+            want = m.prepare_tokens_with_masks(x, masks)[0]  # fp32 reference (TF32 conv allowed)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = m.prepare_tokens_with_masks(x, masks)[0]
     assert got.dtype == want.dtype == torch.float32
@@ -249,7 +250,7 @@ def test_gpu_uint8_nhwc_normalised():
 
 
 def test_opcheck_custom_op():
-    import flashdino.backends.triton.patch_embed as tp
+    from flashdino.ops.patch_embed import triton as tp
 
     p = _params(16, 3, 4, 2)
     x = _image(2, 3, 9, 12)
@@ -280,7 +281,7 @@ def test_weight_cache_follows_in_place_updates():
 def test_rows_beyond_the_grid_limit_are_launched_in_chunks(monkeypatch):
     # Regression: the patch rows sit on grid axis 1 (CUDA cap 65535), so a batch of more than
     # 65535 * BLOCK_M patches failed to launch; the op now launches in chunks of rows.
-    tpe = pytest.importorskip("flashdino.backends.triton.patch_embed")
+    tpe = pytest.importorskip("flashdino.ops.patch_embed.triton")
     monkeypatch.setattr(tpe, "_MAX_GRID_Y", 1)  # one row block per launch
     p = _params(24)
     x = _image(3, 3, 20, 28)  # 3 x 5 x 7 = 105 patches: several launches

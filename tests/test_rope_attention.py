@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from flashdino import dispatch, ops
-from flashdino.backends.default.rope import RopeGrid
-from flashdino.backends.default.rope_attention import rope_attention as reference
+from flashdino.ops.rope_attention import RopeAttentionCall
+from flashdino.ops.rope_attention import grid as rope_grid
+from flashdino.ops.rope_attention.grid import RopeGrid
+from flashdino.ops.rope_attention.reference import rope_attention as reference
 
 triton = pytest.importorskip("triton")
-tra = pytest.importorskip("flashdino.backends.triton.rope_attention")
+tra = pytest.importorskip("flashdino.ops.rope_attention.triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -216,8 +218,9 @@ def test_batch_split_beyond_grid_limit(monkeypatch):
     torch.testing.assert_close(torch.autograd.grad(out, qkv, g)[0], torch.autograd.grad(ref, qkv, g)[0],
                                rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="split the batch"):
-        torch.ops.flashdino.rope_attention_triton(qkv.detach(), rope.periods, None, None, None, None, heads, H, W,
-                                                  1, "dinov3", "separate", 100.0, 1e-5, 0.25, "prepass")
+        torch.ops.flashdino.rope_attention_triton(qkv.detach(), rope.frequencies(d, qkv.device), None, None, None,
+                                                  None, None, heads, H, W, 1, "dinov3", float(H), float(W), 1e-5,
+                                                  0.25, "prepass")
 
 
 class _GuardedTorch:
@@ -306,8 +309,7 @@ def test_torch_compile_fullgraph_forward_backward():
 
 
 def test_torch_compile_fullgraph_through_dispatcher():
-    """ops.rope_attention(backend="triton") traces without graph breaks once backends are loaded."""
-    dispatch._load_backends()  # the lazy first-call import is not traceable (reported)
+    """ops.rope_attention(backend="triton") traces without graph breaks."""
     d, heads, H, W = 16, 1, 2, 3
     rope = _grid("dinov3", H, W, 1, d)
     q_norm, k_norm = _norms(d)
@@ -322,21 +324,26 @@ def test_opcheck():
     n = n_prefix + H * W
     qkv = _qkv(1, n, heads, d).requires_grad_()
     (qw, qb), (kw, kb) = _norms(d, requires_grad=True)
-    args = (qkv, None, qw, qb, kw, kb, heads, H, W, n_prefix, "vggt", "separate", 100.0, 1e-5, d ** -0.5, "prepass")
+    freqs = RopeGrid("vggt", H, W, n_prefix).frequencies(d, qkv.device)
+    args = (qkv, freqs, None, qw, qb, kw, kb, heads, H, W, n_prefix, "vggt", 1.0, 1.0, 1e-5, d ** -0.5, "prepass")
     torch.library.opcheck(torch.ops.flashdino.rope_attention_triton.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def _call(dtype=torch.bfloat16, head_dim=64, n_tokens=10, token_stride=None, rope=None, qk_norm=False):
+    return RopeAttentionCall(dtype=dtype, head_dim=head_dim, n_tokens=n_tokens,
+                             token_stride=3 * head_dim if token_stride is None else token_stride, rope=rope,
+                             qk_norm=qk_norm)
+
+
 def test_registered_with_dispatcher():
-    dispatch._load_backends()
-    impl = dispatch._REGISTRY["rope_attention"]["triton"]
-    assert impl.supports(dtype=torch.bfloat16, head_dim=64, n_tokens=1370, rope=None, qk_norm=True) is None
-    assert impl.supports(dtype=torch.float16, head_dim=128, n_tokens=4101,
-                         rope=RopeGrid("vggt", 37, 37, 5), qk_norm=True) is None
-    assert "head_dim" in impl.supports(dtype=torch.bfloat16, head_dim=48, n_tokens=10, rope=None, qk_norm=False)
-    assert "dtype" in impl.supports(dtype=torch.float64, head_dim=64, n_tokens=10, rope=None, qk_norm=False)
-    assert "mode" in impl.supports(dtype=torch.float32, head_dim=64, n_tokens=10,
-                                   rope=RopeGrid("spiral", 2, 2, 0), qk_norm=False)
+    assert "triton" in dispatch.backends("rope_attention")
+    sup = tra.supports
+    assert sup(_call(head_dim=64, n_tokens=1370, qk_norm=True)) is None
+    assert sup(_call(torch.float16, 128, 4101, rope=RopeGrid("vggt", 37, 37, 5), qk_norm=True)) is None
+    assert "head_dim" in sup(_call(head_dim=48))
+    assert "dtype" in sup(_call(torch.float64))
+    assert "mode" in sup(_call(torch.float32, rope=RopeGrid("spiral", 2, 2, 0)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,15 +386,17 @@ def test_bad_inputs():
         tra.rope_attention(qkv, heads, rope, k_rotation="sideways")
     # direct op calls are checked too (the kernels do not bounds-check tables or weights)
     op = torch.ops.flashdino.rope_attention_triton
-    scalars = (heads, 3, 4, 1, "dinov3", "separate", 100.0, 1e-5, 0.25, "prepass")
-    with pytest.raises(ValueError, match="periods of shape"):
-        op(qkv, _periods(d)[:2], None, None, None, None, *scalars)
+    scalars = (heads, 3, 4, 1, "dinov3", 3.0, 4.0, 1e-5, 0.25, "prepass")
+    with pytest.raises(ValueError, match="frequency table of shape"):
+        op(qkv, _periods(d)[:2], None, None, None, None, None, *scalars)
     with pytest.raises(ValueError, match="qk-norm parameters"):
-        op(qkv, _periods(d), qw[:4], None, None, None, *scalars)
+        op(qkv, _periods(d), None, qw[:4], None, None, None, *scalars)
     with pytest.raises(ValueError, match="not a multiple"):
-        op(qkv, _periods(d), None, None, None, None, heads, 3, 3, 1, *scalars[4:])
+        op(qkv, _periods(d), None, None, None, None, None, heads, 3, 3, 1, *scalars[4:])
     with pytest.raises(ValueError, match="head_dim 24"):
-        op(_qkv(1, 13, 1, 24), None, None, None, None, None, 1, 3, 4, 1, "vggt", *scalars[5:])
+        op(_qkv(1, 13, 1, 24), None, None, None, None, None, None, 1, 3, 4, 1, "vggt", *scalars[5:])
+    with pytest.raises(ValueError, match="needs cos_sin"):
+        op(qkv, _periods(d), None, None, None, None, None, *scalars[:-1], "table")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,8 +428,8 @@ def _reference_fp32(qkv, heads, rope, q_norm, k_norm, token_dtype):
     The reference rounds VGGT angles (and cos/sin) to the token dtype, as VGGT does, and the kernel
     reproduces that; an all-fp32 reference would differ by that rounding (up to ~0.1 rad in bf16).
     """
-    from flashdino.backends.default.rope import _frame_tables, _rotate_half_per_half
-    from flashdino.backends.default.rope_attention import split_qkv
+    from flashdino.ops.rope_attention.reference import _frame_tables, _rotate_half_per_half
+    from flashdino.ops.rope_attention.reference import split_qkv
 
     qkv = qkv.float()
     n32 = lambda nrm: None if nrm is None else tuple(t.float() if t is not None else None for t in nrm)  # noqa
@@ -491,8 +500,8 @@ def _cuda_autocast_vggt_reference(qkv, heads, rope, q_norm, k_norm, eps):
     """What the reference computes under CUDA autocast: F.layer_norm returns fp32 q/k, so the vggt
     tables (built in q's dtype) and the rotation are fp32; SDPA then casts q/k/v to the token dtype."""
     import torch.nn.functional as F
-    from flashdino.backends.default.rope import apply_rope
-    from flashdino.backends.default.rope_attention import split_qkv
+    from flashdino.ops.rope_attention.reference import apply_rope
+    from flashdino.ops.rope_attention.reference import split_qkv
     q, k, v = split_qkv(qkv, heads)
     d = q.shape[-1]
     q = F.layer_norm(q.float(), (d,), q_norm[0], q_norm[1], eps)
@@ -508,7 +517,7 @@ def test_autocast_qk_norm_vggt_uses_fp32_tables(monkeypatch):
     # reference's q is fp32 (CUDA autocast + q_norm), off by up to 0.06 rad at fp16 and 0.5 rad at
     # bf16 for positions ~200 (0.125 rad at bf16 for VGGT's 37x37 grid). CPU autocast keeps
     # layer_norm in fp16, so the CUDA policy is forced here.
-    monkeypatch.setattr(tra, "_layer_norm_autocasts_to_fp32", lambda device: True)
+    monkeypatch.setattr(rope_grid, "layer_norm_returns_fp32", lambda device: True)
     d, heads, H, W = 16, 1, 1, 200
     qkv = _qkv(1, 1 + H * W, heads, d, dtype=torch.float16)
     q_norm, k_norm = _norms(d)
@@ -537,9 +546,9 @@ def test_gpu_autocast_qk_norm_vggt_matches_reference(dtype):
 def test_supports_refuses_int32_overflowing_sequences():
     # Regression: token offsets inside the kernels are int32 (tok * s_n); a sequence whose qkv
     # spans 2**31 elements per image (VGGT global attention over ~700 frames) must not reach them.
-    sup = dispatch._REGISTRY["rope_attention"]["triton"].supports
-    assert sup(dtype=torch.bfloat16, head_dim=64, n_tokens=700_000, token_stride=3072) is not None
-    assert sup(dtype=torch.bfloat16, head_dim=64, n_tokens=200_000, token_stride=3072) is None
+    sup = tra.supports
+    assert sup(_call(n_tokens=700_000, token_stride=3072)) is not None
+    assert sup(_call(n_tokens=200_000, token_stride=3072)) is None
 
 
 def test_fp32_qkv_under_autocast_is_left_to_the_reference():

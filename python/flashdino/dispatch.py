@@ -1,130 +1,217 @@
 """The one place that decides which backend runs each op.
 
-Backends register an implementation per op (``backends/{default,triton,cuda}``); the reference
-("torch") implementation always exists. Selection order:
+The table of ops imports no backend. Each op package (``flashdino/ops/<op>/__init__.py``) declares
+its op once with :func:`define` (the typed call description its ``supports`` rules read, the
+preferred order on CUDA, a typical call for :func:`explain`), then registers its implementations
+with :func:`register`: the pure-PyTorch reference as "torch" (always present) and, when their
+toolchain imports, "triton" and "cuda". A backend that cannot load is recorded with
+:func:`mark_unavailable` and reported by ``flashdino info``.
 
-1. an explicit ``backend=`` argument (an error if that backend cannot run the call);
-2. the environment: ``FLASHDINO_BACKEND_<OP>`` then ``FLASHDINO_BACKEND`` (``torch``, ``triton``,
-   ``cuda`` or ``auto``); a forced backend that cannot run the call falls back with a warning;
-3. on CUDA tensors, the op's preference list (written from measurements next to each op),
-   skipping backends that are missing or do not support the call; anything else runs "torch".
+Selection for one call, first match wins:
 
-``explain()`` reports, for ``python -m flashdino.info``, what would run and why.
+1. ``backend=`` passed to the op: that backend, or ``ValueError`` if it cannot run the call;
+2. the innermost :func:`use` block naming the op (or all ops): that backend, or ``ValueError``;
+   a block for all ops skips the ops that have no implementation in that backend;
+3. the environment, ``FLASHDINO_BACKEND_<OP>`` then ``FLASHDINO_BACKEND`` (``torch``, ``triton``,
+   ``cuda`` or ``auto``): a backend that cannot run the call falls back, with a warning;
+4. on CUDA tensors, the op's preference order, skipping backends that are missing or do not
+   support the call; anywhere else the "torch" reference.
+
+Non-CUDA tensors run only on "torch", except "triton" under ``TRITON_INTERPRET=1`` (tests).
+:func:`last_backend` reports the backend of the last eager call of an op.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 BACKENDS = ("cuda", "triton", "torch")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Op:
+    name: str
+    call_type: type  # the frozen dataclass every supports() rule of this op receives
+    preference: tuple[str, ...]  # order tried on CUDA tensors
+    typical: Callable[[torch.device], object]  # a representative call, for explain()
+
+
+@dataclass(frozen=True)
 class Impl:
     fn: Callable
-    # Returns None when the call is supported, else a short reason.
-    supports: Callable[..., Optional[str]]
+    # Returns None when the backend can run the call, else a short reason it cannot.
+    supports: Callable[[object], Optional[str]]
 
 
+_OPS: dict[str, Op] = {}
 _REGISTRY: dict[str, dict[str, Impl]] = {}
-_PREFERENCE: dict[str, tuple[str, ...]] = {}
 _UNAVAILABLE: dict[str, str] = {}  # backend -> why it could not be loaded
+_LAST: dict[str, str] = {}
+# Innermost use() first: (backend, op or None for every op).
+_FORCED: contextvars.ContextVar[tuple[tuple[str, Optional[str]], ...]] = contextvars.ContextVar(
+    "flashdino_dispatch_forced", default=())
 
 
-def register(op: str, backend: str, fn: Callable, supports: Optional[Callable[..., Optional[str]]] = None):
+def _always(_call) -> Optional[str]:
+    return None
+
+
+def define(name: str, call_type: type, preference: tuple[str, ...], typical: Callable[[torch.device], object]) -> Op:
+    """Declares an op once; its backends then :func:`register` against it."""
+    if not dataclasses.is_dataclass(call_type):
+        raise TypeError(f"{name}: the call description must be a dataclass, got {call_type!r}")
+    unknown = [b for b in preference if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"{name}: unknown backends {unknown} in the preference order (known: {BACKENDS})")
+    if name in _OPS and _OPS[name].call_type is not call_type:
+        raise ValueError(f"op {name!r} is already defined with another call description")
+    op = _OPS[name] = Op(name, call_type, tuple(preference), typical)
+    _REGISTRY.setdefault(name, {})
+    return op
+
+
+def register(op: str, backend: str, fn: Callable,
+             supports: Optional[Callable[[object], Optional[str]]] = None) -> None:
+    if op not in _OPS:
+        raise ValueError(f"register: op {op!r} is not defined (call dispatch.define first)")
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
-    _REGISTRY.setdefault(op, {})[backend] = Impl(fn, supports or (lambda **_: None))
+        raise ValueError(f"register: unknown backend {backend!r} (known: {BACKENDS})")
+    _REGISTRY[op][backend] = Impl(fn, supports or _always)
 
 
-def set_preference(op: str, order: tuple[str, ...]):
-    _PREFERENCE[op] = order
+def mark_unavailable(backend: str, reason: str) -> None:
+    _UNAVAILABLE.setdefault(backend, reason)
 
 
-def mark_unavailable(backend: str, reason: str):
-    _UNAVAILABLE[backend] = reason
+def ops() -> tuple[str, ...]:
+    return tuple(sorted(_OPS))
 
 
-def load_backends():
-    """Registers every backend that can load (idempotent). ``flashdino.ops`` calls it on import,
-    so that no import happens inside a traced (torch.compile) call."""
-    from .backends import load_all
-
-    load_all()
+def backends(op: str) -> tuple[str, ...]:
+    """Backends registered for ``op`` on this machine."""
+    return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
 
 
-_load_backends = load_backends
+def _check_backend(value: str, source: str) -> str:
+    lowered = value.lower()
+    if lowered not in BACKENDS:
+        raise ValueError(f"{source}={value!r} is not one of {BACKENDS} (or 'auto' for the default order)")
+    return lowered
 
 
 def _env_choice(op: str) -> Optional[str]:
-    value = os.environ.get(f"FLASHDINO_BACKEND_{op.upper()}") or os.environ.get("FLASHDINO_BACKEND")
-    if not value or value.lower() == "auto":
-        return None
-    value = value.lower()
-    if value not in BACKENDS:
-        raise ValueError(f"FLASHDINO_BACKEND={value!r} is not one of {BACKENDS + ('auto',)}")
-    return value
+    for name in (f"FLASHDINO_BACKEND_{op.upper()}", "FLASHDINO_BACKEND"):
+        value = os.environ.get(name)
+        if value:
+            return None if value.lower() == "auto" else _check_backend(value, name)
+    return None
 
 
-def _why_not(op: str, backend: str, device: torch.device, facts: dict) -> Optional[str]:
-    impls = _REGISTRY.get(op, {})
+def _forced(op: str) -> Optional[str]:
+    for backend, scope in _FORCED.get():
+        if scope == op or (scope is None and backend in _REGISTRY[op]):
+            return backend
+    return None
+
+
+@contextlib.contextmanager
+def use(backend: str, op: Optional[str] = None) -> Iterator[None]:
+    """Runs ``op`` (every op when None) on ``backend`` inside the block.
+
+    ``with flashdino.dispatch.use("torch"): model(x)`` runs the PyTorch reference path. A call the
+    forced backend cannot run raises ``ValueError`` naming the reason. The choice is per thread
+    and per asyncio task (a context variable) and is read when a call is traced, so a
+    ``torch.compile``d function keeps the backend it was compiled with.
+    """
+    backend = _check_backend(backend, "use(backend)")
+    if op is not None and op not in _OPS:
+        raise ValueError(f"use: unknown op {op!r} (known: {ops()})")
+    token = _FORCED.set(((backend, op),) + _FORCED.get())
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def _why_not(op: str, backend: str, device: torch.device, call) -> Optional[str]:
+    impls = _REGISTRY[op]
     if backend not in impls:
         return _UNAVAILABLE.get(backend, f"no {backend} implementation of {op}")
     if backend != "torch" and device.type != "cuda":
         interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
         if not interpreted:
             return f"tensors are on {device.type}, the {backend} kernels need CUDA"
-    return impls[backend].supports(**facts)
+    return impls[backend].supports(call)
 
 
-def select(op: str, device: torch.device, backend: Optional[str] = None, **facts) -> tuple[Callable, str, str]:
-    """(implementation, backend name, reason) for one call."""
-    _load_backends()
-    if backend is not None:
-        why = _why_not(op, backend, device, facts)
-        if why:
-            raise ValueError(f"{op}: backend {backend!r} cannot run this call: {why}")
-        return _REGISTRY[op][backend].fn, backend, "requested by the caller"
-    forced = _env_choice(op)
-    if forced is not None:
-        why = _why_not(op, forced, device, facts)
+def _choose(op: str, call, device: torch.device, backend: Optional[str]) -> tuple[Impl, str, str]:
+    spec = _OPS.get(op)
+    if spec is None:
+        raise ValueError(f"unknown op {op!r} (known: {ops()})")
+    if type(call) is not spec.call_type:
+        raise TypeError(f"{op}: expected a {spec.call_type.__name__} call description, got {type(call).__name__}")
+    impls = _REGISTRY[op]
+    for chosen, source in ((backend, "requested by the caller"), (_forced(op), "forced by dispatch.use")):
+        if chosen is not None:
+            chosen = _check_backend(chosen, "backend")
+            why = _why_not(op, chosen, device, call)
+            if why:
+                raise ValueError(f"{op}: backend {chosen!r} ({source}) cannot run this call: {why}")
+            return impls[chosen], chosen, source
+    env = _env_choice(op)
+    if env is not None:
+        why = _why_not(op, env, device, call)
         if why is None:
-            return _REGISTRY[op][forced].fn, forced, "forced by FLASHDINO_BACKEND"
-        warnings.warn(f"{op}: FLASHDINO_BACKEND={forced} cannot run this call ({why}); using the default order",
-                      stacklevel=3)
+            return impls[env], env, "forced by FLASHDINO_BACKEND"
+        warnings.warn(f"{op}: FLASHDINO_BACKEND={env} cannot run this call ({why}); using the default order",
+                      stacklevel=4)
+    if device.type != "cuda":
+        return impls["torch"], "torch", f"tensors on {device.type}"
     reasons = []
-    if device.type == "cuda":
-        for name in _PREFERENCE.get(op, ("torch",)):
-            why = _why_not(op, name, device, facts)
-            if why is None:
-                reason = "preferred on CUDA" if not reasons else "; ".join(reasons)
-                return _REGISTRY[op][name].fn, name, reason
-            reasons.append(f"{name}: {why}")
-    else:
-        reasons.append(f"tensors on {device.type}")
-    return _REGISTRY[op]["torch"].fn, "torch", "; ".join(reasons) or "reference path"
+    for name in spec.preference:
+        why = _why_not(op, name, device, call)
+        if why is None:
+            return impls[name], name, "preferred on CUDA" if not reasons else "; ".join(reasons)
+        reasons.append(f"{name}: {why}")
+    return impls["torch"], "torch", "; ".join(reasons) or "reference path"
 
 
-def explain(device: Optional[torch.device] = None, **facts) -> dict[str, tuple[str, str]]:
-    """Backend and reason per op for a typical call on ``device``."""
-    _load_backends()
+def select(op: str, call, device: torch.device, backend: Optional[str] = None) -> tuple[Callable, str, str]:
+    """(implementation, backend name, reason) for one call described by ``call``."""
+    impl, name, reason = _choose(op, call, device, backend)
+    # Outside tracing only: a compiled graph has no Python-side effects to record.
+    if not torch.compiler.is_compiling():
+        _LAST[op] = name
+    return impl.fn, name, reason
+
+
+def last_backend(op: str) -> Optional[str]:
+    """Backend that ran the last eager call of ``op`` in this process (None before the first)."""
+    if op not in _OPS:
+        raise ValueError(f"last_backend: unknown op {op!r} (known: {ops()})")
+    return _LAST.get(op)
+
+
+def explain(device: Optional[torch.device] = None) -> dict[str, tuple[str, str]]:
+    """Backend and reason per op for the op's typical call on ``device`` (``flashdino info``)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
-    for op in sorted(_REGISTRY):
-        op_facts = facts.get(op, {})
+    for op in ops():
         try:
-            _, name, reason = select(op, device, **op_facts)
-        except Exception as exc:  # pragma: no cover - report, never crash the info command
+            _, name, reason = _choose(op, _OPS[op].typical(device), device, None)
+        except Exception as exc:  # report, never crash the info command
             name, reason = "?", str(exc)
         out[op] = (name, reason)
     return out
 
 
 def unavailable() -> dict[str, str]:
-    _load_backends()
     return dict(_UNAVAILABLE)

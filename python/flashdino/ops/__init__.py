@@ -1,16 +1,14 @@
-"""Public ops: one dispatch point each (see ``flashdino.dispatch``).
+"""Public ops, one package each: ``flashdino/ops/<op>/``.
 
-Each op validates its arguments once here, then runs the backend chosen for the call. The
-"torch" backend is the reference implementation in ``flashdino.backends.default``.
+Every package holds the public function (validation + its one dispatch call) in ``__init__.py``,
+the pure-PyTorch reference in ``reference.py`` and the kernels in ``triton.py`` / ``cuda.py``.
+Importing a package declares the op with ``flashdino.dispatch`` and registers the backends that
+load on this machine.
 """
 
-from .rope_attention import RopeGrid, rope_attention
-from .norms import residual_layernorm
 from .final_norm import final_norm
 from .patch_embed import patch_embed_tokens, patch_grid
+from .residual_layernorm import residual_layernorm
+from .rope_attention import RopeGrid, rope_attention
 
 __all__ = ["RopeGrid", "rope_attention", "residual_layernorm", "final_norm", "patch_embed_tokens", "patch_grid"]
-
-from .. import dispatch as _dispatch
-
-_dispatch.load_backends()

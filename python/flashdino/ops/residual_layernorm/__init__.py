@@ -1,18 +1,46 @@
 """``residual_layernorm``: ``x + gamma * branch`` followed by LayerNorm, in one op.
 
-Dispatch on CUDA: Triton first (fused forward and backward, fp32 statistics, fp32/fp16/bf16,
-rows of width up to 8192), then the reference (two elementwise kernels + ``F.layer_norm``).
+Files: ``reference.py`` (two elementwise ops + ``F.layer_norm``), ``triton.py`` (fused forward
+and backward, fp32 statistics; its LayerNorm backward also serves ``final_norm``).
+Dispatch on CUDA tensors: "triton", then "torch".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .. import dispatch
+from ... import dispatch
+from . import reference
 
-dispatch.set_preference("residual_layernorm", ("triton", "torch"))
+OP = "residual_layernorm"
+
+
+@dataclass(frozen=True)
+class ResidualLayerNormCall:
+    """What the backends' ``supports`` rules look at for one call."""
+
+    dtype: torch.dtype
+    branch_dtype: torch.dtype
+    dim: int
+
+
+def _typical(device: torch.device) -> ResidualLayerNormCall:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return ResidualLayerNormCall(dtype=dtype, branch_dtype=dtype, dim=1024)
+
+
+dispatch.define(OP, ResidualLayerNormCall, preference=("triton", "torch"), typical=_typical)
+dispatch.register(OP, "torch", reference.residual_layernorm)
+try:
+    from . import triton as _triton
+except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
+    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
+else:
+    dispatch.register(OP, "triton", _triton.residual_layernorm, _triton.supports)
 
 
 def _check_vector(name: str, t: Optional[Tensor], D: int, x: Tensor) -> None:
@@ -47,6 +75,6 @@ def residual_layernorm(x: Tensor, branch: Tensor, gamma: Optional[Tensor], weigh
     D = x.shape[-1]
     for name, t in (("gamma", gamma), ("weight", weight), ("bias", bias)):
         _check_vector(name, t, D, x)
-    fn, _, _ = dispatch.select("residual_layernorm", x.device, backend, dtype=x.dtype, dim=D,
-                               branch_dtype=branch.dtype)
+    call = ResidualLayerNormCall(dtype=x.dtype, branch_dtype=branch.dtype, dim=D)
+    fn, _, _ = dispatch.select(OP, call, x.device, backend)
     return fn(x, branch, gamma, weight, bias, eps)

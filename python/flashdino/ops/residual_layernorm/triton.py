@@ -7,7 +7,7 @@ the output dtype before the statistics are taken, so ``x_new`` equals the eager 
 whenever the hardware rounds like PyTorch's elementwise kernels (the Triton interpreter on CPU
 truncates to bf16 instead of rounding, so bf16 is compared with tolerances there).
 
-The backward kernel is shared with the final-norm op (``final_norm.py``): a plain LayerNorm
+The backward kernel is shared with the final-norm op (``final_norm/triton.py``): a plain LayerNorm
 backward is this kernel without the residual inputs. Weight / bias / gamma gradients are reduced
 per program into fp32 partial rows and summed by PyTorch (a [programs, D] buffer).
 
@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ... import dispatch
+from ...triton_support import require_triton
+
+require_triton()
 
 MAX_DIM = 8192
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -310,16 +312,14 @@ def residual_layernorm(x: Tensor, branch: Tensor, gamma: Optional[Tensor], weigh
     return x_new, normed
 
 
-def _supports(dtype=None, dim=None, branch_dtype=None, **_):
-    if dtype is not None and dtype not in _DTYPES:
-        return f"dtype {dtype} (Triton kernel covers fp32/fp16/bf16)"
+def supports(call) -> Optional[str]:
+    """None when the kernel runs ``call`` (a ``ResidualLayerNormCall``), else the reason not."""
+    if call.dtype not in _DTYPES:
+        return f"dtype {call.dtype} (Triton kernel covers fp32/fp16/bf16)"
     # The branch dtype matters too: an fp64 branch promotes the outputs to fp64, which the fp32
     # kernel would only approximate.
-    if branch_dtype is not None and branch_dtype not in _DTYPES:
-        return f"branch dtype {branch_dtype} (Triton kernel covers fp32/fp16/bf16)"
-    if dim is not None and not 0 < dim <= MAX_DIM:
-        return f"row width {dim} (Triton kernel covers 1..{MAX_DIM})"
+    if call.branch_dtype not in _DTYPES:
+        return f"branch dtype {call.branch_dtype} (Triton kernel covers fp32/fp16/bf16)"
+    if not 0 < call.dim <= MAX_DIM:
+        return f"row width {call.dim} (Triton kernel covers 1..{MAX_DIM})"
     return None
-
-
-dispatch.register("residual_layernorm", "triton", residual_layernorm, supports=_supports)

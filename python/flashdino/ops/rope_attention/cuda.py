@@ -1,18 +1,18 @@
 """CUDA backend of ``rope_attention``: fused qkv split + qk-norm + 2D RoPE, then SDPA.
 
-``flashdino::rope_qkv_split`` (a ``torch.library`` custom op around ``flashdino._C``) reads the
+``flashdino::rope_attention_qkv_split`` (a ``torch.library`` custom op around ``flashdino._C``) reads the
 fused qkv projection ``[B, N, 3*h*d]`` once (any strides on B and N, last dim contiguous),
 applies the optional per-head LayerNorm of q and k (VGGT ``qk_norm``) and the 2D RoPE
 ("dinov3" or "vggt", prefix tokens of every frame unrotated), and writes q, k, v as contiguous
 ``[B, h, N, d]`` tensors, the layout SDPA wants.
 
-Backward: ``flashdino::rope_qkv_split_backward`` runs the same CUDA kernel with the backward flag
+Backward: ``flashdino::rope_attention_qkv_split_backward`` runs the same CUDA kernel with the backward flag
 (dq, dk rotated by -angle, dv copied) into a contiguous ``[B, N, 3*h*d]`` gradient. With qk-norm,
 the LayerNorm part of the backward is NOT fused: it is the analytic LayerNorm gradient (the same
 as autograd of ``F.layer_norm`` in the reference) computed with PyTorch ops in fp32 from the saved
 qkv input; the weight/bias gradients come from the same formulas.
 
-Numerics follow ``backends/default/rope.py``: rotation in fp32 with one rounding to the output
+Numerics follow ``reference.py`` / ``grid.py``: rotation in fp32 with one rounding to the output
 dtype. "vggt" rounds the angles and cos/sin to the token dtype like the reference does, except
 under autocast with qk-norm, where the reference's norm output (and so its RoPE) is fp32: the
 kernel then keeps every intermediate in fp32 as well (``round_mid=False``).
@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import dispatch
 from ..._native import require_native
-from ..default.rope import RopeGrid
+from .grid import RopeGrid, rotation_dtype
 
 _C = require_native()
 
@@ -55,21 +54,21 @@ def _launch_args(device: torch.device) -> dict:
 
 def _check_inputs(qkv: Tensor, num_heads: int, mode: int) -> int:
     if qkv.device.type != "cuda":
-        raise ValueError(f"flashdino::rope_qkv_split needs a CUDA tensor, got {qkv.device}")
+        raise ValueError(f"flashdino::rope_attention_qkv_split needs a CUDA tensor, got {qkv.device}")
     if qkv.dtype not in _DTYPES:
-        raise TypeError(f"flashdino::rope_qkv_split: dtype {qkv.dtype} is not supported")
+        raise TypeError(f"flashdino::rope_attention_qkv_split: dtype {qkv.dtype} is not supported")
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"flashdino::rope_qkv_split: qkv must be [B, N, 3*{num_heads}*d], got {tuple(qkv.shape)}")
+        raise ValueError(f"flashdino::rope_attention_qkv_split: qkv must be [B, N, 3*{num_heads}*d], got {tuple(qkv.shape)}")
     if mode not in (MODE_NONE, MODE_DINOV3, MODE_VGGT):
-        raise ValueError(f"flashdino::rope_qkv_split: unknown mode {mode}")
+        raise ValueError(f"flashdino::rope_attention_qkv_split: unknown mode {mode}")
     return qkv.shape[-1] // (3 * num_heads)
 
 
 # ------------------------------------------------------------------------------------------------
 # forward op
 
-@torch.library.custom_op("flashdino::rope_qkv_split", mutates_args=())
-def rope_qkv_split(
+@torch.library.custom_op("flashdino::rope_attention_qkv_split", mutates_args=())
+def rope_attention_qkv_split(
     qkv: Tensor,
     num_heads: int,
     mode: int,
@@ -100,7 +99,7 @@ def rope_qkv_split(
     if freqs is not None:
         freqs = freqs.detach().to(device=qkv.device, dtype=torch.float32).contiguous()
     q_weight, q_bias, k_weight, k_bias = (_fp32_param(t) for t in (q_weight, q_bias, k_weight, k_bias))
-    _C.rope_qkv_forward(
+    _C.rope_attention_qkv_forward(
         qkv=qkv.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dtype=_DTYPES[qkv.dtype],
         batch=B, tokens=N, stride_b=qkv.stride(0), stride_n=qkv.stride(1), heads=num_heads, head_dim=head_dim,
         mode=mode, height=height, width=width, n_prefix=n_prefix, freqs=_ptr(freqs), denom_h=denom_h,
@@ -110,7 +109,7 @@ def rope_qkv_split(
     return q, k, v
 
 
-@rope_qkv_split.register_fake
+@rope_attention_qkv_split.register_fake
 def _(qkv, num_heads, mode, height, width, n_prefix, freqs, denom_h, denom_w, q_weight, q_bias, k_weight, k_bias,
       eps, round_mid):
     B, N, C3 = qkv.shape
@@ -121,8 +120,8 @@ def _(qkv, num_heads, mode, height, width, n_prefix, freqs, denom_h, denom_w, q_
 # ------------------------------------------------------------------------------------------------
 # backward op (rotation transpose only; no norm)
 
-@torch.library.custom_op("flashdino::rope_qkv_split_backward", mutates_args=())
-def rope_qkv_split_backward(
+@torch.library.custom_op("flashdino::rope_attention_qkv_split_backward", mutates_args=())
+def rope_attention_qkv_split_backward(
     dq: Tensor,
     dk: Tensor,
     dv: Tensor,
@@ -143,7 +142,7 @@ def rope_qkv_split_backward(
     _check_inputs(dqkv, h, mode)
     if freqs is not None:
         freqs = freqs.detach().to(device=dq.device, dtype=torch.float32).contiguous()
-    _C.rope_qkv_backward(
+    _C.rope_attention_qkv_backward(
         dq=dq.data_ptr(), dk=dk.data_ptr(), dv=dv.data_ptr(), dqkv=dqkv.data_ptr(), dtype=_DTYPES[dtype],
         batch=B, tokens=N, stride_b=dqkv.stride(0), stride_n=dqkv.stride(1), heads=h, head_dim=d, mode=mode,
         height=height, width=width, n_prefix=n_prefix, freqs=_ptr(freqs), denom_h=denom_h, denom_w=denom_w,
@@ -152,7 +151,7 @@ def rope_qkv_split_backward(
     return dqkv
 
 
-@rope_qkv_split_backward.register_fake
+@rope_attention_qkv_split_backward.register_fake
 def _(dq, dk, dv, mode, height, width, n_prefix, freqs, denom_h, denom_w, round_mid):
     B, h, N, d = dq.shape
     return dq.new_empty((B, N, 3 * h * d))
@@ -191,7 +190,7 @@ def _backward(ctx, dq, dk, dv):
     mode, height, width, n_prefix, denom_h, denom_w, round_mid = ctx.rope
     ref = dq if dq is not None else (dk if dk is not None else dv)
     dq, dk, dv = (torch.zeros_like(ref) if g is None else g for g in (dq, dk, dv))
-    dqkv = rope_qkv_split_backward(dq, dk, dv, mode, height, width, n_prefix, freqs, denom_h, denom_w, round_mid)
+    dqkv = rope_attention_qkv_split_backward(dq, dk, dv, mode, height, width, n_prefix, freqs, denom_h, denom_w, round_mid)
     grads_norm = [None, None, None, None]  # dq_weight, dq_bias, dk_weight, dk_bias
     if qkv is not None:
         B, N, C3 = dqkv.shape
@@ -212,48 +211,24 @@ def _backward(ctx, dq, dk, dv):
             grads_norm[0], grads_norm[1], grads_norm[2], grads_norm[3], None, None)
 
 
-rope_qkv_split.register_autograd(_backward, setup_context=_setup_context)
+rope_attention_qkv_split.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------
 # Python entry points
 
-def _vggt_inv_freq(head_dim: int, base: float, device: torch.device) -> Tensor:
-    half = head_dim // 2  # same expression as backends/default/rope.py::vggt_rope_tables
-    return 1.0 / (base ** (torch.arange(0, half, 2, device=device).float() / half))
-
-
-_INV_FREQ_CACHE: dict = {}
-
-
 def rope_args(rope: Optional[RopeGrid], head_dim: int, device: torch.device) -> tuple:
-    """(mode, height, width, n_prefix, freqs, denom_h, denom_w) for the op."""
+    """(mode, height, width, n_prefix, freqs, denom_h, denom_w) for the op, from the grid."""
     if rope is None:
         return MODE_NONE, 0, 0, 0, None, 1.0, 1.0
-    if rope.mode == "dinov3":
-        H, W = rope.height, rope.width
-        if rope.normalize == "separate":
-            dh, dw = H, W
-        elif rope.normalize == "max":
-            dh = dw = max(H, W)
-        elif rope.normalize == "min":
-            dh = dw = min(H, W)
-        else:
-            raise ValueError(f"unknown RoPE coordinate normalisation {rope.normalize!r}")
-        return MODE_DINOV3, H, W, rope.n_prefix, rope.periods, float(dh), float(dw)
-    if rope.mode == "vggt":
-        if torch.compiler.is_compiling():
-            freqs = _vggt_inv_freq(head_dim, rope.base, device)
-        else:
-            key = (head_dim, float(rope.base), device)
-            freqs = _INV_FREQ_CACHE.get(key)
-            if freqs is None:
-                freqs = _INV_FREQ_CACHE[key] = _vggt_inv_freq(head_dim, rope.base, device)
-        return MODE_VGGT, rope.height, rope.width, rope.n_prefix, freqs, 1.0, 1.0
-    raise ValueError(f"unknown RoPE mode {rope.mode!r}")
+    if rope.mode not in _MODES:
+        raise ValueError(f"unknown RoPE mode {rope.mode!r} (expected one of {tuple(_MODES)})")
+    denom_h, denom_w = rope.denominators()
+    return (_MODES[rope.mode], rope.height, rope.width, rope.n_prefix, rope.frequencies(head_dim, device),
+            denom_h, denom_w)
 
 
-def rope_qkv(
+def rope_attention_qkv(
     qkv: Tensor,
     num_heads: int,
     rope: Optional[RopeGrid] = None,
@@ -266,10 +241,10 @@ def rope_qkv(
     mode, H, W, n_prefix, freqs, dh, dw = rope_args(rope, head_dim, qkv.device)
     # Under autocast the reference's LayerNorm returns fp32, so its RoPE runs on fp32 tokens.
     normed = q_norm is not None or k_norm is not None
-    round_mid = not (normed and torch.is_autocast_enabled(qkv.device.type))
+    round_mid = rotation_dtype(qkv.dtype, normed, qkv.device) == qkv.dtype
     qw, qb = q_norm if q_norm is not None else (None, None)
     kw, kb = k_norm if k_norm is not None else (None, None)
-    return rope_qkv_split(qkv, num_heads, mode, H, W, n_prefix, freqs, dh, dw, qw, qb, kw, kb, float(norm_eps),
+    return rope_attention_qkv_split(qkv, num_heads, mode, H, W, n_prefix, freqs, dh, dw, qw, qb, kw, kb, float(norm_eps),
                           round_mid)
 
 
@@ -282,25 +257,23 @@ def rope_attention(
     norm_eps: float = 1e-5,
     scale: Optional[float] = None,
 ) -> Tensor:
-    """Same contract as ``backends.default.rope_attention.rope_attention``."""
-    q, k, v = rope_qkv(qkv, num_heads, rope, q_norm, k_norm, norm_eps)
+    """Same contract as ``reference.rope_attention``."""
+    q, k, v = rope_attention_qkv(qkv, num_heads, rope, q_norm, k_norm, norm_eps)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     B, _, N, d = out.shape
     return out.transpose(1, 2).reshape(B, N, num_heads * d)
 
 
-def supports(dtype=None, head_dim=None, n_tokens=None, rope=None, qk_norm=False, **_) -> Optional[str]:
-    """None when the CUDA kernel handles the call, else the reason it does not."""
-    if dtype is not None and dtype not in _DTYPES:
-        return f"dtype {dtype} not supported (float32, float16, bfloat16)"
-    if head_dim is not None and (head_dim % 8 or head_dim > MAX_HEAD_DIM or head_dim <= 0):
-        return f"head_dim {head_dim} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]"
+def supports(call) -> Optional[str]:
+    """None when the CUDA kernel handles ``call`` (a ``RopeAttentionCall``), else the reason not."""
+    if call.dtype not in _DTYPES:
+        return f"dtype {call.dtype} not supported (float32, float16, bfloat16)"
+    if call.head_dim % 8 or call.head_dim > MAX_HEAD_DIM or call.head_dim <= 0:
+        return f"head_dim {call.head_dim} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]"
+    rope = call.rope
     if rope is not None:
         if rope.mode not in _MODES:
             return f"RoPE mode {rope.mode!r} not supported"
         if rope.mode == "dinov3" and rope.normalize not in ("separate", "min", "max"):
             return f"RoPE coordinate normalisation {rope.normalize!r} not supported"
     return None
-
-
-dispatch.register("rope_attention", "cuda", rope_attention, supports=supports)

@@ -4,7 +4,7 @@ of that sequence.
 
 Run on a CUDA machine (everything is skipped without one)::
 
-    pytest benchmarks/test_bench_patch_embed.py --benchmark-enable \
+    pytest benchmarks/bench_patch_embed.py --benchmark-enable \
         --benchmark-json=benchmarks/results/patch_embed_<gpu>.json
 
 Cases (bf16 weights): DINOv3 ViT-L/16 at 224 px (B=64) and 512 px (B=16), DINOv2 ViT-L/14-reg at
@@ -16,6 +16,8 @@ weights, token buffer written once).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -24,8 +26,8 @@ if not torch.cuda.is_available():
 
 from _util import cuda_median_ms, synced  # noqa: E402
 
-from flashdino import ops  # noqa: E402
-from flashdino.backends.default.patch_embed import patch_embed_tokens as reference  # noqa: E402
+from flashdino import dispatch, ops  # noqa: E402
+from flashdino.ops.patch_embed.reference import patch_embed_tokens as reference  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # name: (B, size, P, D, R, pos, uint8_nhwc)
@@ -58,8 +60,7 @@ def test_patch_embed_tokens(benchmark, case, impl):
         kw = dict(channels_last=False, mean=None, std=None)
     args = (x, w, b, cls, extra, None, None, pos, kw["channels_last"], kw["mean"], kw["std"])
     if impl == "triton":
-        fn = lambda: ops.patch_embed_tokens(x, w, b, cls, extra_tokens=extra, pos_embed=pos,  # noqa: E731
-                                            backend="triton", **kw)
+        fn = lambda: ops.patch_embed_tokens(x, w, b, cls, extra_tokens=extra, pos_embed=pos, **kw)  # noqa: E731
     elif impl == "eager":
         fn = lambda: reference(*args)  # noqa: E731
     else:
@@ -70,8 +71,11 @@ def test_patch_embed_tokens(benchmark, case, impl):
     K = 3 * P * P
     flops = 2.0 * B * HW * D * K
     nbytes = x.numel() * x.element_size() + w.numel() * 2 + B * (1 + R + HW) * D * 2 + (pos.numel() * 2 if with_pos else 0)
-    with torch.no_grad():
+    steer = dispatch.use("triton", "patch_embed") if impl == "triton" else contextlib.nullcontext()
+    with torch.no_grad(), steer:
         ms = cuda_median_ms(fn, warmup=5, iters=20)
         benchmark.extra_info.update(case=case, impl=impl, median_ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
                                     gbps=nbytes / (ms * 1e-3) / 1e9, device=torch.cuda.get_device_name())
         benchmark.pedantic(synced(fn), rounds=20, warmup_rounds=2, iterations=1)
+    if impl == "triton":
+        assert dispatch.last_backend("patch_embed") == "triton"

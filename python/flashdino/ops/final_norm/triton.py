@@ -5,7 +5,7 @@ every row to its destination: prefix tokens (CLS + storage/register) to a [B, p,
 tokens either to [B, HW, D] or transposed into a [B, D, H, W] feature map (what dense heads and
 ``get_intermediate_layers(reshape=True)`` consume; this saves the separate permute + copy). An
 untied model (``cls_norm``) selects the prefix weights per row. Mean and 1/std are saved; the
-backward pass reuses the LayerNorm-backward kernel of ``norms.py``.
+backward pass reuses the LayerNorm-backward kernel of ``residual_layernorm/triton.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ... import dispatch
-from .norms import MAX_DIM, _DTYPES, layernorm_backward, norm_output_dtype, tile_config
+from ...triton_support import require_triton
+from ..residual_layernorm.triton import MAX_DIM, _DTYPES, layernorm_backward, norm_output_dtype, tile_config
+
+require_triton()
 
 
 @triton.jit
@@ -197,16 +199,14 @@ def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optiona
     return prefix, patches
 
 
-def _supports(dtype=None, dim=None, mixed_affine=False, **_):
+def supports(call) -> Optional[str]:
+    """None when the kernel runs ``call`` (a ``FinalNormCall``), else the reason not."""
     # The kernel selects the prefix / patch parameters per row, so an untied pair where only one
     # norm has a weight (or a bias) is left to the reference (the kernel would raise).
-    if mixed_affine:
+    if call.mixed_affine:
         return "the prefix and patch norms differ in having a weight / bias"
-    if dtype is not None and dtype not in _DTYPES:
-        return f"dtype {dtype} (Triton kernel covers fp32/fp16/bf16)"
-    if dim is not None and not 0 < dim <= MAX_DIM:
-        return f"row width {dim} (Triton kernel covers 1..{MAX_DIM})"
+    if call.dtype not in _DTYPES:
+        return f"dtype {call.dtype} (Triton kernel covers fp32/fp16/bf16)"
+    if not 0 < call.dim <= MAX_DIM:
+        return f"row width {call.dim} (Triton kernel covers 1..{MAX_DIM})"
     return None
-
-
-dispatch.register("final_norm", "triton", final_norm, supports=_supports)

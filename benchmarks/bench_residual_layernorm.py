@@ -1,17 +1,15 @@
-"""Fused norms (Triton) vs the eager PyTorch sequences they replace and vs torch.compile of them.
+"""Fused residual + LayerScale + LayerNorm (Triton) vs the eager PyTorch sequence it replaces and
+vs torch.compile of it.
 
 Run on a CUDA machine (everything is skipped without one)::
 
-    pytest benchmarks/test_bench_norms.py --benchmark-enable \
-        --benchmark-json=benchmarks/results/norms_<gpu>.json
+    pytest benchmarks/bench_residual_layernorm.py --benchmark-enable \
+        --benchmark-json=benchmarks/results/residual_layernorm_<gpu>.json
 
 Cases, bf16, rows = B * N with N = 261 (DINOv2/v3 at 224 px with 4 extra tokens) and B chosen so
-that there are ~64K rows (the GPU is full), D in {384, 768, 1024, 1536, 4096}:
-
-* ``residual_layernorm`` forward: ``x + gamma * branch`` and ``layer_norm`` (eager: 3 kernels);
-  forward + backward (eager: autograd of the same);
-* ``final_norm`` with tokens output and with a [B, D, H, W] feature map (eager: layer_norm,
-  slicing, permute + contiguous).
+that there are ~64K rows (the GPU is full), D in {384, 768, 1024, 1536, 4096}: forward
+(``x + gamma * branch`` and ``layer_norm``; eager: 3 kernels) and forward + backward (eager:
+autograd of the same).
 
 ``extra_info`` holds the CUDA-event median and the achieved GB/s counting the minimal HBM traffic
 of the fused op (each tensor read or written once), so eager and fused numbers are comparable
@@ -28,9 +26,8 @@ if not torch.cuda.is_available():
 
 from _util import cuda_median_ms, synced  # noqa: E402
 
-from flashdino import ops  # noqa: E402
-from flashdino.backends.default.final_norm import final_norm as final_norm_ref  # noqa: E402
-from flashdino.backends.default.norms import residual_layernorm as residual_ref  # noqa: E402
+from flashdino import dispatch, ops  # noqa: E402
+from flashdino.ops.residual_layernorm.reference import residual_layernorm as residual_ref  # noqa: E402
 
 DIMS = [384, 768, 1024, 1536, 4096]
 N_TOK = 261
@@ -40,6 +37,15 @@ _compiled = {}
 
 
 def _record(benchmark, fn, nbytes: float, **info):
+    if info["impl"] == "triton":
+        with dispatch.use("triton", "residual_layernorm"):
+            _measure(benchmark, fn, nbytes, **info)
+        assert dispatch.last_backend("residual_layernorm") == "triton"
+    else:
+        _measure(benchmark, fn, nbytes, **info)
+
+
+def _measure(benchmark, fn, nbytes: float, **info):
     ms = cuda_median_ms(fn, warmup=5, iters=20)
     benchmark.extra_info.update(info)
     benchmark.extra_info.update(median_ms=ms, bytes=nbytes, gbps=nbytes / (ms * 1e-3) / 1e9,
@@ -61,7 +67,7 @@ def _res_inputs(D, grad=False, dtype=torch.bfloat16):
 
 def _res_fn(impl):
     if impl == "triton":
-        return lambda *a: ops.residual_layernorm(*a, 1e-6, backend="triton")
+        return lambda *a: ops.residual_layernorm(*a, 1e-6)
     if impl == "eager":
         return lambda *a: residual_ref(*a, 1e-6)
     return _compile("residual", lambda *a: residual_ref(*a, 1e-6))
@@ -95,23 +101,3 @@ def test_residual_layernorm_forward_backward(benchmark, D, impl):
     nbytes = 10 * x.numel() * x.element_size()
     _record(benchmark, step, nbytes, op="residual_layernorm", pass_="forward+backward", impl=impl, D=D,
             rows=x.shape[0] * x.shape[1])
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layout", ["tokens", "nchw"])
-@pytest.mark.parametrize("D", DIMS)
-def test_final_norm(benchmark, D, layout, impl):
-    B, p, H, W = max(1, ROWS // N_TOK), 5, 16, 16
-    x = torch.randn(B, p + H * W, D, device="cuda", dtype=torch.bfloat16)
-    w, b = torch.randn(D, device="cuda", dtype=torch.bfloat16), torch.randn(D, device="cuda", dtype=torch.bfloat16)
-    grid = (H, W) if layout == "nchw" else None
-    if impl == "triton":
-        fn = lambda: ops.final_norm(x, p, w, b, 1e-6, patch_grid=grid, backend="triton")  # noqa: E731
-    elif impl == "eager":
-        fn = lambda: final_norm_ref(x, p, w, b, 1e-6, None, grid)  # noqa: E731
-    else:
-        cf = _compile(f"final_{layout}", lambda x, w, b: final_norm_ref(x, p, w, b, 1e-6, None, grid))
-        fn = lambda: cf(x, w, b)  # noqa: E731
-    nbytes = 2 * x.numel() * x.element_size()
-    with torch.no_grad():
-        _record(benchmark, fn, nbytes, op="final_norm", layout=layout, impl=impl, D=D, rows=B * (p + H * W))

@@ -12,7 +12,7 @@
 // inside each half). Each thread holds up to kMaxChunks chunks of VEC pairs in registers, loaded
 // with 16-byte (or narrower) vector loads.
 //
-// Numerics (matching flashdino/backends/default/rope.py):
+// Numerics (matching python/flashdino/ops/rope_attention/reference.py and grid.py):
 //   dinov3: coord = 2 * ((i + 0.5) / denom) - 1, angle = (2*pi * coord) / period (IEEE division),
 //           precise sincosf, rotation in fp32, one rounding to the token dtype.
 //   vggt  : angle = (i + 1) * inv_freq rounded to the token dtype, cos/sin rounded to the token
@@ -28,7 +28,7 @@
 
 #include <cstdint>
 
-#include "rope_qkv.h"
+#include "rope_attention.h"
 
 namespace flashdino {
 namespace {
@@ -68,7 +68,7 @@ __device__ __forceinline__ float group_sum(float v, unsigned mask, int tpr) {
 __device__ __forceinline__ int pair_first(int pair, int off) { return (pair / off) * 2 * off + pair % off; }
 
 template <typename T, int VEC, bool BWD>
-__global__ void __launch_bounds__(kBlock) rope_qkv_kernel(const RopeQkvParams p, int tpr_log2) {
+__global__ void __launch_bounds__(kBlock) rope_attention_qkv_kernel(const RopeAttentionQkvParams p, int tpr_log2) {
   const int tpr = 1 << tpr_log2;
   const int lane = threadIdx.x & (tpr - 1);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kBlock >> tpr_log2) + (threadIdx.x >> tpr_log2);
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kBlock) rope_qkv_kernel(const RopeQkvParams p,
 bool aligned(const void* ptr, int bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
 
 template <typename T, int VEC, bool BWD>
-cudaError_t launch_typed(const RopeQkvParams& p, cudaStream_t stream) {
+cudaError_t launch_typed(const RopeAttentionQkvParams& p, cudaStream_t stream) {
   const int n_chunks = (p.head_dim / 2) / VEC;
   int tpr_log2 = 0;
   while ((1 << tpr_log2) < n_chunks && tpr_log2 < 5) ++tpr_log2;
@@ -261,12 +261,12 @@ cudaError_t launch_typed(const RopeQkvParams& p, cudaStream_t stream) {
   const int64_t rows_per_block = kBlock >> tpr_log2;
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  rope_qkv_kernel<T, VEC, BWD><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p, tpr_log2);
+  rope_attention_qkv_kernel<T, VEC, BWD><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p, tpr_log2);
   return cudaGetLastError();
 }
 
 template <typename T, bool BWD>
-cudaError_t launch_vec(const RopeQkvParams& p, cudaStream_t stream) {
+cudaError_t launch_vec(const RopeAttentionQkvParams& p, cudaStream_t stream) {
   const int off = p.mode == RopeMode::kVggt ? p.head_dim / 4 : p.head_dim / 2;
   const void* ptrs[4];
   if (BWD) {
@@ -294,7 +294,7 @@ cudaError_t launch_vec(const RopeQkvParams& p, cudaStream_t stream) {
 }
 
 template <bool BWD>
-cudaError_t launch_dtype(const RopeQkvParams& p, cudaStream_t stream) {
+cudaError_t launch_dtype(const RopeAttentionQkvParams& p, cudaStream_t stream) {
   switch (p.dtype) {
     case DType::kFloat32: return launch_vec<float, BWD>(p, stream);
     case DType::kFloat16: return launch_vec<__half, BWD>(p, stream);
@@ -305,7 +305,7 @@ cudaError_t launch_dtype(const RopeQkvParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_rope_qkv(const RopeQkvParams& p, cudaStream_t stream) {
+cudaError_t launch_rope_attention_qkv(const RopeAttentionQkvParams& p, cudaStream_t stream) {
   if (p.batch * p.tokens * p.heads == 0) return cudaSuccess;
   return p.backward ? launch_dtype<true>(p, stream) : launch_dtype<false>(p, stream);
 }

@@ -1,4 +1,4 @@
-// Shared between the host launcher (csrc/rope_qkv.cpp) and the device code (kernels/rope_qkv.cu).
+// Shared between the host launcher (csrc/rope_attention.cpp) and the device code (kernels/rope_attention.cu).
 // Plain C++ only: no CUDA syntax, no torch.
 #pragma once
 
@@ -15,7 +15,7 @@ enum class RopeMode : int { kNone = 0, kDinoV3 = 1, kVggt = 2 };
 // elements, last dim contiguous) and three contiguous head-major tensors [B, h, N, d].
 //   forward : reads qkv, optional per-head LayerNorm of q and k, RoPE, writes q, k, v.
 //   backward: reads dq, dk, dv, rotates dq and dk by -angle, writes dqkv (norm not included).
-struct RopeQkvParams {
+struct RopeAttentionQkvParams {
   const void* qkv_in = nullptr;  // forward input  [B, N, 3hd]
   void* qkv_out = nullptr;       // backward output [B, N, 3hd]
   const void* heads_in[3] = {nullptr, nullptr, nullptr};  // backward inputs dq, dk, dv [B, h, N, d]
@@ -44,6 +44,6 @@ struct RopeQkvParams {
 };
 
 // Checks nothing (the host launcher validates); returns the launch error, if any.
-cudaError_t launch_rope_qkv(const RopeQkvParams& p, cudaStream_t stream);
+cudaError_t launch_rope_attention_qkv(const RopeAttentionQkvParams& p, cudaStream_t stream);
 
 }  // namespace flashdino

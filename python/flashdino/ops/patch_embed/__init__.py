@@ -5,22 +5,49 @@ One op covers the patch conv, the mask-token replacement, CLS / storage / regist
 channels-last (NHWC) images and mean/std normalisation, which the Triton backend folds into the
 conv weights (``w' = w / std``, ``b' = b - sum(w * mean / std)``).
 
-Dispatch on CUDA: Triton first (an implicit-im2col GEMM over K = C*P*P whose epilogue adds the
-bias, applies the mask token and the position table and writes straight into the token buffer
-after the prefix tokens), then the reference (conv2d -> flatten -> where -> cat -> add). The
-Triton kernel is inference-only: when a gradient is needed the reference runs.
+Files: ``reference.py`` (conv2d -> flatten -> where -> cat -> add), ``triton.py`` (an
+implicit-im2col GEMM over K = C*P*P whose epilogue adds the bias, applies the mask token and the
+position table and writes straight into the token buffer after the prefix tokens; inference
+only). Dispatch on CUDA tensors: "triton" (when no gradient is needed), then "torch".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .. import dispatch
+from ... import dispatch
+from . import reference
 
-dispatch.set_preference("patch_embed_tokens", ("triton", "torch"))
+OP = "patch_embed"
+
+
+@dataclass(frozen=True)
+class PatchEmbedCall:
+    """What the backends' ``supports`` rules look at for one call."""
+
+    dtype: torch.dtype  # pixels
+    weight_dtype: torch.dtype
+    patch_size: int
+    needs_grad: bool
+
+
+def _typical(device: torch.device) -> PatchEmbedCall:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return PatchEmbedCall(dtype=dtype, weight_dtype=dtype, patch_size=16, needs_grad=False)
+
+
+dispatch.define(OP, PatchEmbedCall, preference=("triton", "torch"), typical=_typical)
+dispatch.register(OP, "torch", reference.patch_embed_tokens)
+try:
+    from . import triton as _triton
+except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
+    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
+else:
+    dispatch.register(OP, "triton", _triton.patch_embed_tokens, _triton.supports)
 
 
 def patch_grid(x: Tensor, patch_size: int, channels_last: bool = False) -> tuple[int, int]:
@@ -127,6 +154,6 @@ def patch_embed_tokens(
     if torch.is_grad_enabled():
         for t in (x, weight, bias, cls_token, extra_tokens, mask_token if masks is not None else None, pos_embed):
             needs_grad = needs_grad or (t is not None and t.requires_grad)
-    fn, _, _ = dispatch.select("patch_embed_tokens", x.device, backend, dtype=x.dtype, weight_dtype=weight.dtype,
-                               patch_size=weight.shape[-1], needs_grad=needs_grad)
+    call = PatchEmbedCall(dtype=x.dtype, weight_dtype=weight.dtype, patch_size=weight.shape[-1], needs_grad=needs_grad)
+    fn, _, _ = dispatch.select(OP, call, x.device, backend)
     return fn(x, weight, bias, cls_token, extra_tokens, masks, mask_token, pos_embed, channels_last, mean, std)

@@ -1,30 +1,62 @@
 """``rope_attention``: attention over a fused qkv projection with in-place 2D RoPE.
 
-Dispatch rules on CUDA: Triton first (``flashdino::rope_attention_triton``: one fused
-flash-attention kernel, forward and backward, reading q/k/v through the strides of the qkv output,
-qk-norm + 2D RoPE inside, output [B, N, h*d]), then the other backends, then the reference
-(PyTorch RoPE + SDPA). Triton covers head dims 16, 32, 64 and 128 (64/128 are the product
-targets), fp16/bf16/fp32, RoPE "dinov3" / "vggt" / none, optional qk-norm, several frames per
-sequence and any N; its ``supports`` names the reason otherwise. The ordering is provisional: the
-GPU measurements (benchmarks/test_bench_rope_attention.py -> benchmarks/results/) are still to be
-run, including the K-rotation study (FLASHDINO_ROPE_ATTN_K_ROTATION=prepass|inline|table,
-default prepass). On CPU tensors the reference runs, unless TRITON_INTERPRET=1 and
-``backend="triton"`` (tests).
+Files: ``reference.py`` (PyTorch: split, qk-norm, RoPE, SDPA; the CPU path and the oracle),
+``grid.py`` (:class:`RopeGrid`: RoPE geometry for every backend), ``triton.py`` +
+``triton_kernels.py`` (one fused flash-attention kernel, forward and backward, qk-norm + RoPE
+inside), ``cuda.py`` (``flashdino._C``: fused qkv split + qk-norm + RoPE into SDPA's layout).
+
+Dispatch on CUDA tensors: "triton", then "cuda", then "torch". Each backend's ``supports`` names
+why it declines a call (head dim, dtype, RoPE mode, int32 offsets, ...).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import dispatch
-from ..backends.default.rope import RopeGrid
+from ... import dispatch
+from . import reference
+from .grid import MODES, RopeGrid
 
-# "cuda" (flashdino._C: fused qkv split + qk-norm + RoPE, then SDPA) is placed second: the measured
-# ordering of triton vs cuda is still pending GPU runs.
-dispatch.set_preference("rope_attention", ("triton", "cuda", "torch"))
+OP = "rope_attention"
+
+
+@dataclass(frozen=True)
+class RopeAttentionCall:
+    """What the backends' ``supports`` rules look at for one call."""
+
+    dtype: torch.dtype
+    head_dim: int
+    n_tokens: int
+    token_stride: int  # elements between consecutive tokens of qkv
+    rope: Optional[RopeGrid]
+    qk_norm: bool
+
+
+def _typical(device: torch.device) -> RopeAttentionCall:
+    # ViT-L/16 at 512 px (CLS + 4 storage tokens + 32x32 patches), bf16 on GPUs.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    grid = RopeGrid("dinov3", 32, 32, 5, periods=torch.ones(16))
+    return RopeAttentionCall(dtype=dtype, head_dim=64, n_tokens=1029, token_stride=3 * 1024, rope=grid, qk_norm=False)
+
+
+dispatch.define(OP, RopeAttentionCall, preference=("triton", "cuda", "torch"), typical=_typical)
+dispatch.register(OP, "torch", reference.rope_attention)
+try:
+    from . import triton as _triton
+except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
+    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
+else:
+    dispatch.register(OP, "triton", _triton.rope_attention, _triton.supports)
+try:
+    from . import cuda as _cuda
+except Exception as exc:
+    dispatch.mark_unavailable("cuda", f"CUDA backend did not load: {exc}")
+else:
+    dispatch.register(OP, "cuda", _cuda.rope_attention, _cuda.supports)
 
 
 def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm) -> int:
@@ -46,6 +78,8 @@ def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm
                 f"rope_attention: N={n_tokens} tokens do not fit a grid of {rope.height}x{rope.width} patches "
                 f"plus {rope.n_prefix} prefix tokens per frame ({rope.tokens_per_frame} tokens)"
             )
+        if rope.mode not in MODES:
+            raise ValueError(f"rope_attention: unknown RoPE mode {rope.mode!r} (expected one of {MODES})")
         if rope.mode == "dinov3":
             if rope.periods is None or rope.periods.numel() != head_dim // 4:
                 got = None if rope.periods is None else rope.periods.numel()
@@ -86,11 +120,13 @@ def rope_attention(
     ``rope`` describes the patch grid: the first ``rope.n_prefix`` tokens of every frame are
     left unrotated, the others are rotated by their (y, x) position. ``q_norm``/``k_norm`` are
     optional per-head LayerNorm (weight, bias) pairs applied before the rotation (VGGT qk_norm).
+    ``scale`` defaults to ``head_dim ** -0.5``. ``backend`` forces one backend ("torch",
+    "triton", "cuda"); ``ValueError`` if it cannot run the call.
     """
     head_dim = _check(qkv, num_heads, rope, q_norm, k_norm)
-    fn, _, _ = dispatch.select(
-        "rope_attention", qkv.device, backend,
-        dtype=qkv.dtype, head_dim=head_dim, n_tokens=qkv.shape[1], rope=rope, token_stride=qkv.stride(1),
-        qk_norm=q_norm is not None or k_norm is not None,
-    )
+    call = RopeAttentionCall(dtype=qkv.dtype, head_dim=head_dim, n_tokens=qkv.shape[1], token_stride=qkv.stride(1),
+                             rope=rope, qk_norm=q_norm is not None or k_norm is not None)
+    fn, _, _ = dispatch.select(OP, call, qkv.device, backend)
     return fn(qkv, num_heads, rope, q_norm, k_norm, norm_eps, scale)
+
+__all__ = ["RopeGrid", "RopeAttentionCall", "rope_attention"]

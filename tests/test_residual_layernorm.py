@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flashdino import dispatch, ops
-from flashdino.backends.default.norms import residual_layernorm as reference
+from flashdino.ops.residual_layernorm import ResidualLayerNormCall
+from flashdino.ops.residual_layernorm.reference import residual_layernorm as reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -153,12 +154,13 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_cpu_default_is_the_reference_function():
-    fn, name, _ = dispatch.select("residual_layernorm", torch.device("cpu"), dtype=torch.float32, dim=8)
+    call = ResidualLayerNormCall(dtype=torch.float32, branch_dtype=torch.float32, dim=8)
+    fn, name, _ = dispatch.select("residual_layernorm", call, torch.device("cpu"))
     assert name == "torch" and fn is reference
 
 
 def test_opcheck_custom_op():
-    import flashdino.backends.triton.norms as tn
+    from flashdino.ops.residual_layernorm import triton as tn
 
     x, br, g, w, b = _inputs((2, 3, 16), grad=True)
     torch.library.opcheck(tn.residual_layernorm_fwd, (x, br, g, w, b, 1e-5, torch.float32),
@@ -220,9 +222,9 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import flashdino.backends.triton.final_norm as tf
-import flashdino.backends.triton.norms as tn
-import flashdino.backends.triton.patch_embed as tp
+from flashdino.ops.final_norm import triton as tf
+from flashdino.ops.residual_layernorm import triton as tn
+from flashdino.ops.patch_embed import triton as tp
 
 
 def compile_(fn, types, constexprs, num_warps):
@@ -287,8 +289,9 @@ def test_fp64_branch_is_left_to_the_reference():
     # was sent to the fp32 Triton kernel, which only approximates the fp64 result.
     x = torch.randn(2, 5, 24, device=DEV)
     branch = torch.randn(2, 5, 24, device=DEV, dtype=torch.float64)
-    why = dispatch._REGISTRY["residual_layernorm"]["triton"].supports(dtype=x.dtype, dim=24,
-                                                                      branch_dtype=branch.dtype)
+    from flashdino.ops.residual_layernorm import triton as tn
+
+    why = tn.supports(ResidualLayerNormCall(dtype=x.dtype, branch_dtype=branch.dtype, dim=24))
     assert why is not None and "branch" in why
     with pytest.raises(ValueError, match="cannot run"):
         ops.residual_layernorm(x, branch, None, None, None, 1e-6, backend="triton")

@@ -1,19 +1,47 @@
 """``final_norm``: the last LayerNorm of a ViT, split into prefix tokens and patches in one launch.
 
-Dispatch on CUDA: Triton first (one kernel reads the block output once and writes the normalised
-prefix tokens and the patch tokens, optionally straight into a [B, D, H, W] feature map; backward
-through the shared LayerNorm-backward kernel), then the reference (``F.layer_norm`` + slicing).
+Files: ``reference.py`` (``F.layer_norm`` + slicing), ``triton.py`` (one kernel reads the block
+output once and writes the normalised prefix tokens and the patch tokens, optionally straight
+into a [B, D, H, W] feature map; backward through ``residual_layernorm``'s LayerNorm backward).
+Dispatch on CUDA tensors: "triton", then "torch".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .. import dispatch
+from ... import dispatch
+from . import reference
 
-dispatch.set_preference("final_norm", ("triton", "torch"))
+OP = "final_norm"
+
+
+@dataclass(frozen=True)
+class FinalNormCall:
+    """What the backends' ``supports`` rules look at for one call."""
+
+    dtype: torch.dtype
+    dim: int
+    mixed_affine: bool  # untied prefix norm and patch norm differ in having a weight / bias
+
+
+def _typical(device: torch.device) -> FinalNormCall:
+    return FinalNormCall(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, dim=1024,
+                         mixed_affine=False)
+
+
+dispatch.define(OP, FinalNormCall, preference=("triton", "torch"), typical=_typical)
+dispatch.register(OP, "torch", reference.final_norm)
+try:
+    from . import triton as _triton
+except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
+    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
+else:
+    dispatch.register(OP, "triton", _triton.final_norm, _triton.supports)
 
 
 def _check_vector(name: str, t: Optional[Tensor], D: int, x: Tensor) -> None:
@@ -63,5 +91,5 @@ def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optiona
         patch_grid = (H, W)
     mixed_affine = prefix_norm is not None and ((weight is None) != (prefix_norm[0] is None)
                                                 or (bias is None) != (prefix_norm[1] is None))
-    fn, _, _ = dispatch.select("final_norm", x.device, backend, dtype=x.dtype, dim=D, mixed_affine=mixed_affine)
+    fn, _, _ = dispatch.select(OP, FinalNormCall(dtype=x.dtype, dim=D, mixed_affine=mixed_affine), x.device, backend)
     return fn(x, n_prefix, weight, bias, eps, prefix_norm, patch_grid)

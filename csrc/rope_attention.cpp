@@ -1,6 +1,6 @@
 // Host side of the fused qkv split + qk-norm + 2D RoPE kernel: argument checks, device / stream
 // handling, GIL release, and CUDA errors turned into Python exceptions. No device code here (see
-// kernels/rope_qkv.cu) and no libtorch: tensors arrive as integer data pointers + sizes/strides.
+// kernels/rope_attention.cu) and no libtorch: tensors arrive as integer data pointers + sizes/strides.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -9,7 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "rope_qkv.h"
+#include "rope_attention.h"
 
 namespace py = pybind11;
 
@@ -22,10 +22,10 @@ T* as_ptr(std::uintptr_t value) {
 }
 
 void check(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("flashdino._C.rope_qkv: " + what);
+  if (!ok) throw std::invalid_argument("flashdino._C.rope_attention_qkv: " + what);
 }
 
-void fill_common(RopeQkvParams& p, int dtype, int64_t batch, int64_t tokens, int64_t stride_b, int64_t stride_n,
+void fill_common(RopeAttentionQkvParams& p, int dtype, int64_t batch, int64_t tokens, int64_t stride_b, int64_t stride_n,
                  int heads, int head_dim, int mode, int height, int width, int n_prefix, std::uintptr_t freqs,
                  double denom_h, double denom_w) {
   check(dtype >= 0 && dtype <= 2, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
@@ -59,7 +59,7 @@ void fill_common(RopeQkvParams& p, int dtype, int64_t batch, int64_t tokens, int
   p.denom_w = static_cast<float>(denom_w);
 }
 
-void launch(const RopeQkvParams& p, int device, std::uintptr_t stream) {
+void launch(const RopeAttentionQkvParams& p, int device, std::uintptr_t stream) {
   cudaError_t err = cudaSuccess;
   {
     py::gil_scoped_release nogil;
@@ -67,7 +67,7 @@ void launch(const RopeQkvParams& p, int device, std::uintptr_t stream) {
     err = cudaGetDevice(&previous);
     if (err == cudaSuccess && previous != device) err = cudaSetDevice(device);
     if (err == cudaSuccess) {
-      err = launch_rope_qkv(p, reinterpret_cast<cudaStream_t>(stream));
+      err = launch_rope_attention_qkv(p, reinterpret_cast<cudaStream_t>(stream));
       if (previous >= 0 && previous != device) {
         const cudaError_t restore = cudaSetDevice(previous);
         if (err == cudaSuccess) err = restore;
@@ -75,17 +75,17 @@ void launch(const RopeQkvParams& p, int device, std::uintptr_t stream) {
     }
   }
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flashdino._C.rope_qkv: CUDA error ") + cudaGetErrorName(err) + ": " +
+    throw std::runtime_error(std::string("flashdino._C.rope_attention_qkv: CUDA error ") + cudaGetErrorName(err) + ": " +
                              cudaGetErrorString(err));
   }
 }
 
-void rope_qkv_forward(std::uintptr_t qkv, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, int dtype,
+void rope_attention_qkv_forward(std::uintptr_t qkv, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, int dtype,
                       int64_t batch, int64_t tokens, int64_t stride_b, int64_t stride_n, int heads, int head_dim,
                       int mode, int height, int width, int n_prefix, std::uintptr_t freqs, double denom_h,
                       double denom_w, std::uintptr_t q_weight, std::uintptr_t q_bias, std::uintptr_t k_weight,
                       std::uintptr_t k_bias, double eps, bool round_mid, int device, std::uintptr_t stream) {
-  RopeQkvParams p;
+  RopeAttentionQkvParams p;
   fill_common(p, dtype, batch, tokens, stride_b, stride_n, heads, head_dim, mode, height, width, n_prefix, freqs,
               denom_h, denom_w);
   check(batch * tokens == 0 || (qkv && q && k && v), "null data pointer");
@@ -105,11 +105,11 @@ void rope_qkv_forward(std::uintptr_t qkv, std::uintptr_t q, std::uintptr_t k, st
   launch(p, device, stream);
 }
 
-void rope_qkv_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t dqkv, int dtype,
+void rope_attention_qkv_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t dqkv, int dtype,
                        int64_t batch, int64_t tokens, int64_t stride_b, int64_t stride_n, int heads, int head_dim,
                        int mode, int height, int width, int n_prefix, std::uintptr_t freqs, double denom_h,
                        double denom_w, bool round_mid, int device, std::uintptr_t stream) {
-  RopeQkvParams p;
+  RopeAttentionQkvParams p;
   fill_common(p, dtype, batch, tokens, stride_b, stride_n, heads, head_dim, mode, height, width, n_prefix, freqs,
               denom_h, denom_w);
   check(batch * tokens == 0 || (dq && dk && dv && dqkv), "null data pointer");
@@ -124,15 +124,15 @@ void rope_qkv_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, 
 
 }  // namespace
 
-void register_rope_qkv(py::module_& m) {
-  m.def("rope_qkv_forward", &rope_qkv_forward,
+void register_rope_attention_qkv(py::module_& m) {
+  m.def("rope_attention_qkv_forward", &rope_attention_qkv_forward,
         "qkv [B,N,3hd] -> q, k, v [B,h,N,d]: optional qk LayerNorm, 2D RoPE (mode 0 none, 1 dinov3, 2 vggt)",
         py::arg("qkv"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dtype"), py::arg("batch"),
         py::arg("tokens"), py::arg("stride_b"), py::arg("stride_n"), py::arg("heads"), py::arg("head_dim"),
         py::arg("mode"), py::arg("height"), py::arg("width"), py::arg("n_prefix"), py::arg("freqs"),
         py::arg("denom_h"), py::arg("denom_w"), py::arg("q_weight"), py::arg("q_bias"), py::arg("k_weight"),
         py::arg("k_bias"), py::arg("eps"), py::arg("round_mid"), py::arg("device"), py::arg("stream"));
-  m.def("rope_qkv_backward", &rope_qkv_backward,
+  m.def("rope_attention_qkv_backward", &rope_attention_qkv_backward,
         "dq, dk, dv [B,h,N,d] -> dqkv [B,N,3hd]: inverse rotation of dq and dk, copy of dv (no norm)",
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dqkv"), py::arg("dtype"), py::arg("batch"),
         py::arg("tokens"), py::arg("stride_b"), py::arg("stride_n"), py::arg("heads"), py::arg("head_dim"),

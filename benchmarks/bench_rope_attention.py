@@ -2,9 +2,9 @@
 
 Run on a CUDA machine (everything is skipped without one)::
 
-    pytest benchmarks/test_bench_rope_attention.py --benchmark-enable \
+    pytest benchmarks/bench_rope_attention.py --benchmark-enable \
         --benchmark-json=benchmarks/results/rope_attention_<gpu>.json
-    pytest benchmarks/test_bench_rope_attention.py --benchmark-enable -k k_rotation   # the K-rotation study
+    pytest benchmarks/bench_rope_attention.py --benchmark-enable -k k_rotation   # the K-rotation study
 
 Cases (head dim 64, bf16): DINOv3 ViT sequences N = 201 (224 px), 1029 (512 px), 4101 (1024 px)
 with RoPE, DINOv2 sequences N = 261 (224 px, registers) and 1370 (518 px) without RoPE, a VGGT
@@ -17,6 +17,7 @@ of the same GPU in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -27,11 +28,13 @@ if not torch.cuda.is_available():
 
 from _util import attention_flops, gemm_tflops, record  # noqa: E402
 
-from flashdino.backends.default.rope import RopeGrid, apply_rope  # noqa: E402
-from flashdino.backends.default.rope_attention import rope_attention as torch_reference  # noqa: E402
-from flashdino.backends.default.rope_attention import split_qkv  # noqa: E402
+from flashdino import dispatch, ops  # noqa: E402
+from flashdino.ops.rope_attention.grid import RopeGrid  # noqa: E402
+from flashdino.ops.rope_attention.reference import apply_rope  # noqa: E402
+from flashdino.ops.rope_attention.reference import rope_attention as torch_reference  # noqa: E402
+from flashdino.ops.rope_attention.reference import split_qkv  # noqa: E402
 
-tra = pytest.importorskip("flashdino.backends.triton.rope_attention")
+tra = pytest.importorskip("flashdino.ops.rope_attention.triton")
 
 try:
     import xformers.ops as xops
@@ -100,6 +103,9 @@ def _xformers(qkv, heads, rope, q_norm, k_norm):
 def _impl(name: str):
     if name.startswith("flashdino"):
         k_rotation = name.split("-", 1)[1]
+        if k_rotation == tra.K_ROTATION:  # the shipped path, through the public op
+            return lambda qkv, heads, rope, qn, kn: ops.rope_attention(qkv, heads, rope, q_norm=qn, k_norm=kn)
+        # the other K-rotation variants exist only as a kernel option
         return lambda qkv, heads, rope, qn, kn: tra.rope_attention(qkv, heads, rope, qn, kn, 1e-5, None,
                                                                    k_rotation=k_rotation)
     if name == "xformers":
@@ -126,15 +132,17 @@ def _run(benchmark, case, impl_name, backward):
         def fn():
             with torch.no_grad():
                 return impl(qkv, heads, rope, q_norm, k_norm)
-    try:
-        fn()
-    except RuntimeError as exc:  # an SDPA backend that cannot run this case, or OOM
-        torch.cuda.empty_cache()
-        pytest.skip(f"{impl_name} cannot run {case}: {str(exc).splitlines()[0][:200]}")
+    ours = impl_name.startswith("flashdino")
     mode, H, W, n_prefix, frames, _, qk_norm = CASES[case]
-    record(benchmark, fn, attention_flops(batch, heads, n, n, D, backward=backward),
-           case=case, impl=impl_name, pass_="fwd+bwd" if backward else "fwd", batch=batch, heads=heads,
-           n_tokens=n, head_dim=D, dtype="bfloat16", rope=mode, frames=frames, qk_norm=qk_norm)
+    with dispatch.use("triton", "rope_attention") if ours else contextlib.nullcontext():
+        try:
+            fn()
+        except RuntimeError as exc:  # an SDPA backend that cannot run this case, or OOM
+            torch.cuda.empty_cache()
+            pytest.skip(f"{impl_name} cannot run {case}: {str(exc).splitlines()[0][:200]}")
+        record(benchmark, fn, attention_flops(batch, heads, n, n, D, backward=backward),
+               case=case, impl=impl_name, pass_="fwd+bwd" if backward else "fwd", batch=batch, heads=heads,
+               n_tokens=n, head_dim=D, dtype="bfloat16", rope=mode, frames=frames, qk_norm=qk_norm)
 
 
 @pytest.mark.gpu

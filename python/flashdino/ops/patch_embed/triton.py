@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ... import dispatch
+from ...triton_support import require_triton
+
+require_triton()
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535  # CUDA limit of the second grid axis (the patch rows)
@@ -226,14 +228,12 @@ def patch_embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_to
                                  None if std is None else list(std), conv_dtype, tok_dtype, out_dtype)
 
 
-def _supports(dtype=None, weight_dtype=None, needs_grad=False, **_):
-    if needs_grad:
+def supports(call) -> Optional[str]:
+    """None when the kernel runs ``call`` (a ``PatchEmbedCall``), else the reason not."""
+    if call.needs_grad:
         return "the Triton patch embedding is inference-only (a gradient is needed)"
-    if dtype is not None and dtype not in _FLOAT + (torch.uint8,):
-        return f"pixel dtype {dtype}"
-    if weight_dtype is not None and weight_dtype not in _FLOAT:
-        return f"weight dtype {weight_dtype}"
+    if call.dtype not in _FLOAT + (torch.uint8,):
+        return f"pixel dtype {call.dtype}"
+    if call.weight_dtype not in _FLOAT:
+        return f"weight dtype {call.weight_dtype}"
     return None
-
-
-dispatch.register("patch_embed_tokens", "triton", patch_embed_tokens, supports=_supports)

@@ -1,4 +1,4 @@
-"""CUDA kernel flashdino::rope_qkv_split (flashdino._C) against the PyTorch reference.
+"""CUDA kernel flashdino::rope_attention_qkv_split (flashdino._C) against the PyTorch reference.
 
 Everything marked ``gpu`` needs a CUDA device and a flashdino._C built with CUDA; the rest checks
 the host-side contract (supports(), argument errors) wherever the CUDA backend imports.
@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from flashdino import _native, dispatch
-from flashdino.backends.default.rope import RopeGrid, apply_rope
-from flashdino.backends.default.rope_attention import rope_attention as reference_attention
-from flashdino.backends.default.rope_attention import split_qkv
+from flashdino.ops.rope_attention import RopeAttentionCall
+from flashdino.ops.rope_attention.grid import RopeGrid
+from flashdino.ops.rope_attention.reference import apply_rope
+from flashdino.ops.rope_attention.reference import rope_attention as reference_attention
+from flashdino.ops.rope_attention.reference import split_qkv
 from flashdino.layers.rope import dinov3_periods
 
 _module, _why = _native.native_status()
@@ -23,7 +25,7 @@ HAS_CUDA_KERNELS = _module is not None and _module.has_cuda()
 pytestmark = pytest.mark.skipif(not HAS_CUDA_KERNELS, reason=f"no CUDA kernels in flashdino._C: {_why}")
 
 if HAS_CUDA_KERNELS:
-    from flashdino.backends.cuda import rope_qkv as cuda_rope
+    from flashdino.ops.rope_attention import cuda as cuda_rope
 else:  # pragma: no cover
     cuda_rope = None
 
@@ -104,7 +106,7 @@ def _setup(case, dtype, layout, B=2, bias=True):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_matches_reference(case, dtype):
     qkv, h, rope, q_norm, k_norm = _setup(case, dtype, "contiguous")
-    got = cuda_rope.rope_qkv(qkv, h, rope, q_norm, k_norm, 1e-5)
+    got = cuda_rope.rope_attention_qkv(qkv, h, rope, q_norm, k_norm, 1e-5)
     want = reference_qkv(qkv, h, rope, q_norm, k_norm, 1e-5)
     for name, g, w in zip("qkv", got, want):
         assert g.dtype == dtype and g.is_contiguous() and g.shape == w.shape, name
@@ -120,7 +122,7 @@ def test_forward_matches_reference(case, dtype):
 def test_forward_strided_input(case, dtype, layout):
     qkv, h, rope, q_norm, k_norm = _setup(case, dtype, layout)
     assert not qkv.is_contiguous()
-    got = cuda_rope.rope_qkv(qkv, h, rope, q_norm, k_norm)
+    got = cuda_rope.rope_attention_qkv(qkv, h, rope, q_norm, k_norm)
     want = reference_qkv(qkv, h, rope, q_norm, k_norm)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL[dtype])
@@ -132,7 +134,7 @@ def test_dinov3_coordinate_normalisations(normalize):
     d, h = 64, 2
     rope = make_grid("dinov3", 3, 8, 5, d, normalize=normalize)
     qkv = torch.randn(2, 5 + 24, 3 * h * d, device=DEV)
-    for g, w in zip(cuda_rope.rope_qkv(qkv, h, rope), reference_qkv(qkv, h, rope)):
+    for g, w in zip(cuda_rope.rope_attention_qkv(qkv, h, rope), reference_qkv(qkv, h, rope)):
         torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
@@ -142,7 +144,7 @@ def test_prefix_tokens_are_not_rotated():
     rope = make_grid("dinov3", 4, 4, 5, d)
     qkv = torch.randn(1, 2 * 21, 3 * h * d, device=DEV)  # two frames
     rope = RopeGrid("dinov3", 4, 4, 5, periods=rope.periods)
-    q, k, _ = cuda_rope.rope_qkv(qkv, h, rope)
+    q, k, _ = cuda_rope.rope_attention_qkv(qkv, h, rope)
     q0, k0, _ = split_qkv(qkv, h)
     for frame in range(2):
         sl = slice(frame * 21, frame * 21 + 5)
@@ -156,7 +158,7 @@ def test_bf16_close_to_fp32_reference():
     case = CASES[4]
     qkv, h, rope, q_norm, k_norm = _setup(case, torch.float32, "contiguous")
     want = reference_qkv(qkv, h, rope, q_norm, k_norm)
-    got = cuda_rope.rope_qkv(qkv.bfloat16(), h, rope, tuple(t.bfloat16() for t in q_norm),
+    got = cuda_rope.rope_attention_qkv(qkv.bfloat16(), h, rope, tuple(t.bfloat16() for t in q_norm),
                              tuple(t.bfloat16() for t in k_norm))
     for g, w in zip(got, want):
         cos = F.cosine_similarity(g.float().flatten(), w.flatten(), dim=0)
@@ -175,7 +177,7 @@ def test_backward_matches_autograd_of_reference(case, dtype):
         qkv = qkv0.detach().clone().requires_grad_(True)
         q_norm = tuple(t.detach().clone().requires_grad_(True) for t in q_norm0) if norm else None
         k_norm = tuple(t.detach().clone().requires_grad_(True) for t in k_norm0) if norm else None
-        fn = cuda_rope.rope_qkv if impl == "cuda" else reference_qkv
+        fn = cuda_rope.rope_attention_qkv if impl == "cuda" else reference_qkv
         outs = fn(qkv, h, rope, q_norm, k_norm, 1e-5)
         if grads is None:
             grads = [torch.randn_like(o) for o in outs]
@@ -196,9 +198,8 @@ def test_rope_attention_backend(case):
     got = ops.rope_attention(qkv, h, rope, q_norm=q_norm, k_norm=k_norm, backend="cuda")
     want = reference_attention(qkv, h, rope, q_norm, k_norm, 1e-5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    _, name, _ = dispatch.select("rope_attention", qkv.device, "cuda", dtype=qkv.dtype, head_dim=case[6],
-                                 n_tokens=qkv.shape[1], rope=rope, qk_norm=q_norm is not None)
-    assert name == "cuda"
+    ops.rope_attention(qkv, h, rope, q_norm=q_norm, k_norm=k_norm, backend="cuda")
+    assert dispatch.last_backend("rope_attention") == "cuda"
 
 
 @pytest.mark.gpu
@@ -207,7 +208,7 @@ def test_autocast_with_qk_norm_keeps_fp32_intermediates():
     qkv, h, rope, q_norm, k_norm = _setup(case, torch.float32, "contiguous")
     want = reference_qkv(qkv, h, rope, q_norm, k_norm)  # fp32 throughout
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = cuda_rope.rope_qkv(qkv.bfloat16(), h, rope, q_norm, k_norm)
+        got = cuda_rope.rope_attention_qkv(qkv.bfloat16(), h, rope, q_norm, k_norm)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w, atol=3e-2, rtol=3e-2)
 
@@ -237,34 +238,36 @@ def test_opcheck(case):
         if t is not None:
             t.requires_grad_(True)
     args = (qkv, h, mode, H, W, n_prefix, freqs, dh, dw, qw, qb, kw, kb, 1e-5, True)
-    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split.default, args)
+    torch.library.opcheck(torch.ops.flashdino.rope_attention_qkv_split.default, args)
     B, N, _ = qkv.shape
     grads = tuple(torch.randn(B, h, N, d, device=DEV) for _ in range(3))
-    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split_backward.default,
+    torch.library.opcheck(torch.ops.flashdino.rope_attention_qkv_split_backward.default,
                           grads + (mode, H, W, n_prefix, freqs, dh, dw, True))
 
 
 # ---- host-side contract (no GPU needed) ---------------------------------------------------------
 
+def _call(dtype, head_dim, rope=None):
+    return RopeAttentionCall(dtype=dtype, head_dim=head_dim, n_tokens=10, token_stride=3 * head_dim, rope=rope,
+                             qk_norm=False)
+
+
 def test_supports_reasons():
-    assert cuda_rope.supports() is None
-    assert cuda_rope.supports(dtype=torch.bfloat16, head_dim=64) is None
-    assert "head_dim" in cuda_rope.supports(dtype=torch.float16, head_dim=12)
-    assert "head_dim" in cuda_rope.supports(dtype=torch.float16, head_dim=264)
-    assert "dtype" in cuda_rope.supports(dtype=torch.float64, head_dim=64)
+    assert cuda_rope.supports(_call(torch.bfloat16, 64)) is None
+    assert "head_dim" in cuda_rope.supports(_call(torch.float16, 12))
+    assert "head_dim" in cuda_rope.supports(_call(torch.float16, 264))
+    assert "dtype" in cuda_rope.supports(_call(torch.float64, 64))
     grid = RopeGrid("dinov3", 2, 2, 0, periods=torch.ones(16), normalize="diagonal")
-    assert "normalisation" in cuda_rope.supports(dtype=torch.float32, head_dim=64, rope=grid)
+    assert "normalisation" in cuda_rope.supports(_call(torch.float32, 64, grid))
 
 
 def test_registered_with_dispatcher():
-    dispatch._load_backends()
-    assert "cuda" in dispatch._REGISTRY["rope_attention"]
-    assert "cuda" in dispatch._PREFERENCE["rope_attention"]
+    assert "cuda" in dispatch.backends("rope_attention")
 
 
 def test_cpu_tensor_is_rejected():
     with pytest.raises(ValueError, match="CUDA"):
-        cuda_rope.rope_qkv(torch.randn(1, 4, 3 * 2 * 8), 2)
+        cuda_rope.rope_attention_qkv(torch.randn(1, 4, 3 * 2 * 8), 2)
 
 
 def test_rope_args():
@@ -343,8 +346,8 @@ def _standin_backward(dq, dk, dv, mode, height, width, n_prefix, freqs, denom_h,
 
 @pytest.fixture(scope="module")
 def cpu_standin():
-    cuda_rope.rope_qkv_split.register_kernel("cpu")(_standin_forward)
-    cuda_rope.rope_qkv_split_backward.register_kernel("cpu")(_standin_backward)
+    cuda_rope.rope_attention_qkv_split.register_kernel("cpu")(_standin_forward)
+    cuda_rope.rope_attention_qkv_split_backward.register_kernel("cpu")(_standin_backward)
     yield
 
 
@@ -377,7 +380,7 @@ def test_glue_forward_backward_vs_reference(cpu_standin, case):
     qkv0, h, rope, q_norm0, k_norm0 = _cpu_case(case)
     norm = q_norm0 is not None
     results, grads = [], None
-    for fn in (cuda_rope.rope_qkv, reference_qkv):
+    for fn in (cuda_rope.rope_attention_qkv, reference_qkv):
         qkv = qkv0.clone().requires_grad_(True)
         q_norm = tuple(t.clone().requires_grad_(True) for t in q_norm0) if norm else None
         k_norm = tuple(t.clone().requires_grad_(True) for t in k_norm0) if norm else None
@@ -400,10 +403,10 @@ def test_glue_opcheck(cpu_standin, case):
     for t in (qkv, qw, qb, kw, kb):
         if t is not None:
             t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split.default,
+    torch.library.opcheck(torch.ops.flashdino.rope_attention_qkv_split.default,
                           (qkv, h, mode, H, W, n_prefix, freqs, dh, dw, qw, qb, kw, kb, 1e-5, True))
     grads = tuple(torch.randn(1, h, qkv.shape[1], d) for _ in range(3))
-    torch.library.opcheck(torch.ops.flashdino.rope_qkv_split_backward.default,
+    torch.library.opcheck(torch.ops.flashdino.rope_attention_qkv_split_backward.default,
                           grads + (mode, H, W, n_prefix, freqs, dh, dw, True))
 
 
