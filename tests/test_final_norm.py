@@ -15,6 +15,8 @@ from flashdino import dispatch, ops
 from flashdino.ops.final_norm import FinalNormCall
 from flashdino.ops.final_norm.reference import final_norm as reference
 
+from _backends import backend_params
+
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 OUR_OPS = ("residual_layernorm", "final_norm", "patch_embed")
@@ -249,3 +251,46 @@ def test_untied_norms_with_mixed_affine_fall_back():
     ref_prefix, ref_patches = reference(x, 1, w, b, 1e-6, prefix_norm=(pw, None))
     torch.testing.assert_close(prefix, ref_prefix)
     torch.testing.assert_close(patches, ref_patches)
+
+
+# -- every backend against an independent fp64 oracle ----------------------------------------------
+
+
+def _oracle(x, n_prefix, weight, bias, eps, prefix_norm, patch_grid):
+    def ln(t, w, b):
+        mean = t.mean(-1, keepdim=True)
+        t = (t - mean) / torch.sqrt(((t - mean) ** 2).mean(-1, keepdim=True) + eps)
+        return t * w.double() + b.double()
+
+    x = x.double()
+    pw, pb = prefix_norm if prefix_norm is not None else (weight, bias)
+    prefix, patches = ln(x[:, :n_prefix], pw, pb), ln(x[:, n_prefix:], weight, bias)
+    if patch_grid is not None:
+        H, W = patch_grid
+        fmap = patches.new_empty(x.shape[0], x.shape[2], H, W)
+        for t in range(H * W):  # token t of the row-major grid sits at (t // W, t % W)
+            fmap[:, :, t // W, t % W] = patches[:, t]
+        patches = fmap
+    return prefix, patches
+
+
+@pytest.mark.parametrize("backend", backend_params("final_norm"))
+@pytest.mark.parametrize("B,p,H,W,D", [(2, 5, 3, 4, 40), (3, 0, 2, 3, 33), (1, 1, 1, 1, 8)])
+@pytest.mark.parametrize("untied,nchw", [(False, False), (True, False), (False, True), (True, True)])
+def test_every_backend_matches_the_oracle(backend, B, p, H, W, D, untied, nchw):
+    x = (torch.randn(B, p + H * W, D, device=DEV) * 3 + 1).requires_grad_()
+    w, b, pw, pb = _params(D, grad=True)
+    pn = (pw, pb) if untied else None
+    grid = (H, W) if nchw else None
+    got = ops.final_norm(x, p, w, b, 1e-6, prefix_norm=pn, patch_grid=grid, backend=backend)
+    assert dispatch.last_backend("final_norm") == backend
+    want = _oracle(x, p, w, b, 1e-6, pn, grid)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+    leaves = [x, w, b] + ([pw, pb] if untied else [])
+    gs = [torch.randn_like(t) for t in got]
+    got_g = torch.autograd.grad(got, leaves, gs)
+    want_g = torch.autograd.grad(want, leaves, [g.double() for g in gs])
+    for a, e in zip(got_g, want_g):
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-4, atol=1e-4)

@@ -10,6 +10,8 @@ from flashdino import dispatch, ops
 from flashdino.ops.patch_embed import PatchEmbedCall
 from flashdino.ops.patch_embed.reference import patch_embed_tokens as reference
 
+from _backends import backend_params
+
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -289,3 +291,55 @@ def test_rows_beyond_the_grid_limit_are_launched_in_chunks(monkeypatch):
     out = _run(x, p, "triton", masks=masks)
     ref = _run(x, p, "torch", masks=masks)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- every backend against an independent fp64 oracle ----------------------------------------------
+
+
+def _oracle(x, p, masks=None, pos=None, channels_last=False, mean=None, std=None):
+    """Each patch flattened (c, i, j) times the conv kernel, then the SPEC token order."""
+    img = x.double()
+    if x.dtype == torch.uint8:
+        img = img / 255
+    if channels_last:
+        img = img.permute(0, 3, 1, 2)
+    if mean is not None:
+        img = (img - torch.tensor(mean, dtype=torch.float64, device=x.device).view(1, -1, 1, 1)) \
+            / torch.tensor(std, dtype=torch.float64, device=x.device).view(1, -1, 1, 1)
+    w = p["weight"].double()
+    D, C, P, _ = w.shape
+    B, Hp, Wp = img.shape[0], img.shape[2] // P, img.shape[3] // P
+    tokens = img.new_empty(B, Hp * Wp, D)
+    for t in range(Hp * Wp):  # row-major patches; a bottom/right remainder is dropped
+        y, xx = divmod(t, Wp)
+        patch = img[:, :, y * P:(y + 1) * P, xx * P:(xx + 1) * P].reshape(B, -1)
+        tokens[:, t] = patch @ w.reshape(D, -1).T + p["bias"].double()
+    if masks is not None:
+        tokens = torch.where(masks[..., None], p["mask_token"].double().reshape(1, 1, D), tokens)
+    cls = p["cls"].double().expand(B, 1, D)
+    if pos is not None:  # DINOv2: the table covers CLS + patches; registers follow CLS unpositioned
+        cls, tokens = cls + pos[:, :1].double(), tokens + pos[:, 1:].double()
+    extra = [] if p["extra"] is None else [p["extra"].double().expand(B, -1, -1)]
+    return torch.cat([cls] + extra + [tokens], dim=1)
+
+
+@pytest.mark.parametrize("backend", backend_params("patch_embed"))
+@pytest.mark.parametrize("B,C,h,w,P,D,R", [(2, 3, 13, 18, 4, 48, 3), (1, 1, 12, 8, 4, 16, 0)])
+@pytest.mark.parametrize("inputs", ["float", "masks+pos", "uint8-nhwc-meanstd"])
+def test_every_backend_matches_the_oracle(backend, B, C, h, w, P, D, R, inputs):
+    p = _params(D, C, P, R)
+    HW = (h // P) * (w // P)
+    kw, masks, pos = {}, None, None
+    if inputs == "uint8-nhwc-meanstd":
+        x = _image(B, C, h, w, uint8=True, channels_last=True)
+        kw = dict(channels_last=True, mean=MEAN[:C], std=STD[:C])
+    else:
+        x = _image(B, C, h, w)
+    if inputs == "masks+pos":
+        masks = torch.rand(B, HW, device=DEV) > 0.5
+        pos = torch.randn(1, 1 + HW, D, device=DEV)
+    got = _run(x, p, backend, masks, pos, **kw)
+    assert dispatch.last_backend("patch_embed") == backend
+    want = _oracle(x, p, masks, pos, **kw)
+    assert got.shape == want.shape == (B, 1 + R + HW, D) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

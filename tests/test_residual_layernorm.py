@@ -11,6 +11,8 @@ from flashdino import dispatch, ops
 from flashdino.ops.residual_layernorm import ResidualLayerNormCall
 from flashdino.ops.residual_layernorm.reference import residual_layernorm as reference
 
+from _backends import backend_params
+
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
 
@@ -295,3 +297,37 @@ def test_fp64_branch_is_left_to_the_reference():
     assert why is not None and "branch" in why
     with pytest.raises(ValueError, match="cannot run"):
         ops.residual_layernorm(x, branch, None, None, None, 1e-6, backend="triton")
+
+
+# -- every backend against an independent fp64 oracle ----------------------------------------------
+
+
+def _oracle(x, branch, gamma, weight, bias, eps):
+    x_new = x.double() + (branch.double() * gamma.double() if gamma is not None else branch.double())
+    mean = x_new.mean(-1, keepdim=True)
+    var = ((x_new - mean) ** 2).mean(-1, keepdim=True)
+    normed = (x_new - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        normed = normed * weight.double()
+    if bias is not None:
+        normed = normed + bias.double()
+    return x_new, normed
+
+
+@pytest.mark.parametrize("backend", backend_params("residual_layernorm"))
+@pytest.mark.parametrize("shape", [(2, 5, 24), (17, 48), (1, 3, 1000)])
+@pytest.mark.parametrize("gamma,affine", [(True, True), (False, True), (True, False)])
+def test_every_backend_matches_the_oracle(backend, shape, gamma, affine):
+    leaves = _inputs(shape, gamma=gamma, affine=affine, grad=True)
+    x_new, normed = ops.residual_layernorm(*leaves, 1e-6, backend=backend)
+    assert dispatch.last_backend("residual_layernorm") == backend
+    want = _oracle(*leaves, 1e-6)
+    for a, e in zip((x_new, normed), want):
+        assert a.dtype == torch.float32 and a.shape == e.shape
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5)
+    used = [t for t in leaves if t is not None]
+    g1, g2 = torch.randn_like(x_new), torch.randn_like(normed)
+    got = torch.autograd.grad((x_new, normed), used, (g1, g2))
+    expected = torch.autograd.grad(want, used, (g1.double(), g2.double()))
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-4, atol=1e-4)

@@ -20,6 +20,8 @@ from flashdino.ops.rope_attention import grid as rope_grid
 from flashdino.ops.rope_attention.grid import RopeGrid
 from flashdino.ops.rope_attention.reference import rope_attention as reference
 
+from _backends import backend_params
+
 triton = pytest.importorskip("triton")
 tra = pytest.importorskip("flashdino.ops.rope_attention.triton")
 
@@ -561,3 +563,94 @@ def test_fp32_qkv_under_autocast_is_left_to_the_reference():
         with pytest.raises(ValueError, match="autocast"):
             ops.rope_attention(qkv, 1, rope, backend="triton")
     assert ops.rope_attention(qkv, 1, rope, backend="triton").dtype == torch.float32  # no autocast: fine
+
+
+# ------------------------------------------------------------------------------------------------
+# every backend against an independent fp64 oracle (written from shared/SPEC.md, not the reference)
+# ------------------------------------------------------------------------------------------------
+
+def _oracle_angles(rope, n_tokens, d):
+    """Per-token angles [N, d] (0 for prefix tokens) and the rotate-half partner of each channel."""
+    tpf = rope.tokens_per_frame
+    t = torch.arange(n_tokens) % tpf
+    p = (t - rope.n_prefix).clamp(min=0)
+    y, x = (p // rope.width).double(), (p % rope.width).double()
+    j = torch.arange(d)
+    if rope.mode == "dinov3":
+        denom = {"separate": (rope.height, rope.width), "max": (max(rope.height, rope.width),) * 2,
+                 "min": (min(rope.height, rope.width),) * 2}[rope.normalize]
+        cy, cx = 2 * (y + 0.5) / denom[0] - 1, 2 * (x + 0.5) / denom[1] - 1
+        period = rope.periods.double().cpu()[j % (d // 4)]
+        coord = torch.where(((j // (d // 4)) % 2 == 0)[None, :], cy[:, None], cx[:, None])
+        angles = 2 * math.pi * coord / period[None, :]
+        partner = (j + d // 2) % d
+        sign = torch.where(j < d // 2, -1.0, 1.0).double()
+    else:  # vggt: first half by y + 1, second half by x + 1, rotate-half inside each half
+        inv_freq = 1.0 / rope.base ** (2 * torch.arange(d // 4, dtype=torch.float64) / (d // 2))
+        pos = torch.where((j < d // 2)[None, :], (y + 1)[:, None], (x + 1)[:, None])
+        angles = pos * inv_freq[j % (d // 4)][None, :]
+        partner = (j // (d // 2)) * (d // 2) + (j % (d // 2) + d // 4) % (d // 2)
+        sign = torch.where(j % (d // 2) < d // 4, -1.0, 1.0).double()
+    angles = torch.where((t < rope.n_prefix)[:, None], 0.0, angles)
+    return angles, partner, sign
+
+
+def _oracle(qkv, heads, rope, q_norm, k_norm, scale=None, eps=1e-5):
+    B, N, C3 = qkv.shape
+    d = C3 // (3 * heads)
+    q, k, v = qkv.double().reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)  # [B, h, N, d] each
+
+    def norm(t, wb):
+        mean = t.mean(-1, keepdim=True)
+        var = ((t - mean) ** 2).mean(-1, keepdim=True)
+        t = (t - mean) / torch.sqrt(var + eps) * wb[0].double()
+        return t + wb[1].double() if wb[1] is not None else t
+
+    if q_norm is not None:
+        q = norm(q, q_norm)
+    if k_norm is not None:
+        k = norm(k, k_norm)
+    if rope is not None:
+        angles, partner, sign = _oracle_angles(rope, N, d)
+        cos, sin = torch.cos(angles).to(q.device), torch.sin(angles).to(q.device)
+        partner, sign = partner.to(q.device), sign.to(q.device)
+        q = q * cos + sign * q[..., partner] * sin
+        k = k * cos + sign * k[..., partner] * sin
+    scores = (q @ k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(1, 2).reshape(B, N, heads * d)
+
+
+ORACLE_CASES = [  # (mode, H, W, n_prefix, frames, qk_norm, normalize, layout)
+    ("none", 2, 3, 1, 1, False, "separate", "contiguous"),
+    ("none", 2, 3, 1, 1, True, "separate", "slice"),
+    ("dinov3", 3, 4, 5, 1, False, "separate", "contiguous"),
+    ("dinov3", 2, 5, 1, 1, True, "max", "nbatch"),
+    ("dinov3", 4, 2, 0, 2, False, "min", "contiguous"),
+    ("vggt", 3, 3, 5, 1, True, "separate", "contiguous"),
+    ("vggt", 2, 4, 1, 3, True, "separate", "slice"),
+    ("vggt", 3, 2, 0, 1, False, "separate", "contiguous"),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params("rope_attention"))
+@pytest.mark.parametrize("case", ORACLE_CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-p{c[3]}-f{c[4]}-"
+                         f"{'qkn' if c[5] else 'plain'}-{c[6]}-{c[7]}")
+def test_every_backend_matches_the_oracle(backend, case):
+    mode, H, W, n_prefix, frames, qk_norm, normalize, layout = case
+    d, heads = 16, 2
+    qkv = _qkv(2, frames * (n_prefix + H * W), heads, d, layout=layout).requires_grad_()
+    rope = _grid(mode, H, W, n_prefix, d, normalize)
+    q_norm, k_norm = _norms(d, bias=mode != "dinov3", requires_grad=True) if qk_norm else (None, None)
+    scale = 0.3 if mode == "dinov3" else None
+    out = ops.rope_attention(qkv, heads, rope, q_norm=q_norm, k_norm=k_norm, scale=scale, backend=backend)
+    assert dispatch.last_backend("rope_attention") == backend
+    want = _oracle(qkv, heads, rope, q_norm, k_norm, scale)
+    assert out.dtype == qkv.dtype and out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=2e-5)
+    leaves = [qkv] + [t for nrm in (q_norm, k_norm) if nrm is not None for t in nrm if t is not None]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    expected = torch.autograd.grad(want, leaves, g.double())
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-3, atol=5e-5)

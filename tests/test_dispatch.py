@@ -1,0 +1,180 @@
+"""The dispatch registry: typed calls, dispatch.use(), last_backend(), the environment switches."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+from flashdino import dispatch, ops
+from flashdino.ops.final_norm import FinalNormCall
+from flashdino.ops.residual_layernorm import ResidualLayerNormCall
+
+from _backends import runnable
+
+CPU = torch.device("cpu")
+CALL = ResidualLayerNormCall(dtype=torch.float32, branch_dtype=torch.float32, dim=8)
+needs_triton = pytest.mark.skipif("triton" not in runnable("residual_layernorm"), reason="no runnable Triton backend")
+
+
+def _norm_inputs():
+    x, branch = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    return x, branch, None, torch.ones(8), torch.zeros(8), 1e-6
+
+
+def test_every_op_is_declared_with_a_torch_reference():
+    assert set(dispatch.ops()) == {"rope_attention", "residual_layernorm", "final_norm", "patch_embed"}
+    for op in dispatch.ops():
+        assert "torch" in dispatch.backends(op), op
+
+
+def test_misspelt_fact_is_an_error():
+    with pytest.raises(TypeError, match="dimension"):
+        ResidualLayerNormCall(dtype=torch.float32, branch_dtype=torch.float32, dimension=8)
+
+
+def test_call_of_another_op_is_an_error():
+    with pytest.raises(TypeError, match="ResidualLayerNormCall"):
+        dispatch.select("residual_layernorm", FinalNormCall(torch.float32, 8, False), CPU)
+    with pytest.raises(ValueError, match="unknown op"):
+        dispatch.select("layer_norm", CALL, CPU)
+
+
+def test_cpu_runs_the_reference_and_records_it():
+    fn, name, reason = dispatch.select("residual_layernorm", CALL, CPU)
+    assert name == "torch" and "cpu" in reason
+    ops.residual_layernorm(*_norm_inputs())
+    assert dispatch.last_backend("residual_layernorm") == "torch"
+    with pytest.raises(ValueError, match="unknown op"):
+        dispatch.last_backend("fused_norms")
+
+
+@needs_triton
+def test_use_forces_a_backend_for_the_block_only():
+    with dispatch.use("triton"):
+        ops.residual_layernorm(*_norm_inputs())
+        assert dispatch.last_backend("residual_layernorm") == "triton"
+        with dispatch.use("torch", "residual_layernorm"):  # the innermost block wins
+            ops.residual_layernorm(*_norm_inputs())
+            assert dispatch.last_backend("residual_layernorm") == "torch"
+        ops.residual_layernorm(*_norm_inputs())
+        assert dispatch.last_backend("residual_layernorm") == "triton"
+    ops.residual_layernorm(*_norm_inputs())
+    assert dispatch.last_backend("residual_layernorm") == ("triton" if torch.cuda.is_available() else "torch")
+
+
+@needs_triton
+def test_use_for_one_op_leaves_the_others():
+    x = torch.randn(2, 5, 8)
+    with dispatch.use("triton", "final_norm"):
+        ops.final_norm(x, 1, None, None, 1e-6)
+        ops.residual_layernorm(*_norm_inputs())
+    assert dispatch.last_backend("final_norm") == "triton"
+    assert dispatch.last_backend("residual_layernorm") == ("triton" if torch.cuda.is_available() else "torch")
+
+
+@needs_triton
+def test_use_raises_when_the_forced_backend_cannot_run_the_call():
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    with dispatch.use("triton"), pytest.raises(ValueError, match="forced by dispatch.use.*dtype"):
+        ops.residual_layernorm(x, x, None, None, None, 1e-6)
+
+
+def test_use_for_every_op_skips_ops_without_that_backend():
+    # only rope_attention has a "cuda" backend; the other ops keep their default order
+    if "cuda" in dispatch.backends("rope_attention"):
+        pytest.skip("the CUDA backend is built here")
+    with dispatch.use("cuda"):
+        ops.residual_layernorm(*_norm_inputs())
+        assert dispatch.last_backend("residual_layernorm") == "torch"
+    with dispatch.use("cuda", "rope_attention"), pytest.raises(ValueError, match="flashdino._C"):
+        ops.rope_attention(torch.randn(1, 4, 3 * 16), 1)
+
+
+def test_use_rejects_unknown_names():
+    with pytest.raises(ValueError, match="is not one of"):
+        with dispatch.use("cudnn"):
+            pass
+    with pytest.raises(ValueError, match="unknown op"):
+        with dispatch.use("torch", "fused_norms"):
+            pass
+
+
+@needs_triton
+def test_use_is_per_thread():
+    seen = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        seen["forced"] = dispatch._forced("residual_layernorm")
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with dispatch.use("triton"):
+        inside.set()
+        done.wait()
+    t.join()
+    assert seen["forced"] is None
+
+
+@needs_triton
+def test_env_switch_forces_and_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setenv("FLASHDINO_BACKEND_RESIDUAL_LAYERNORM", "triton")
+    ops.residual_layernorm(*_norm_inputs())
+    assert dispatch.last_backend("residual_layernorm") == "triton"
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot run this call"):
+        ops.residual_layernorm(x, x, None, None, None, 1e-6)
+    assert dispatch.last_backend("residual_layernorm") == "torch"
+    monkeypatch.setenv("FLASHDINO_BACKEND_RESIDUAL_LAYERNORM", "auto")
+    monkeypatch.setenv("FLASHDINO_BACKEND", "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.residual_layernorm(*_norm_inputs())
+    assert dispatch.last_backend("residual_layernorm") == "torch"
+
+
+def test_env_switch_with_a_bad_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FLASHDINO_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FLASHDINO_BACKEND='fast'"):
+        ops.residual_layernorm(*_norm_inputs())
+
+
+def test_explicit_backend_beats_use():
+    with dispatch.use("triton"):
+        ops.residual_layernorm(*_norm_inputs(), backend="torch")
+    assert dispatch.last_backend("residual_layernorm") == "torch"
+
+
+@needs_triton
+def test_fullgraph_compile_under_use_records_nothing_while_tracing():
+    x, branch, gamma, w, b, eps = _norm_inputs()
+    dispatch._LAST.pop("residual_layernorm", None)
+    f = torch.compile(lambda x, br: ops.residual_layernorm(x, br, gamma, w, b, eps)[1], fullgraph=True,
+                      backend="eager")
+    with dispatch.use("triton"):
+        out = f(x, branch)
+    assert dispatch.last_backend("residual_layernorm") is None  # traced, not run eagerly
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x + branch, (8,), w, b, eps))
+
+
+def test_define_and_register_check_their_arguments():
+    with pytest.raises(TypeError, match="dataclass"):
+        dispatch.define("x", dict, ("torch",), lambda device: {})
+    with pytest.raises(ValueError, match="unknown backends"):
+        dispatch.define("x", ResidualLayerNormCall, ("rocm", "torch"), lambda device: None)
+    with pytest.raises(ValueError, match="not defined"):
+        dispatch.register("not_an_op", "torch", lambda: None)
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.register("residual_layernorm", "mps", lambda: None)
+
+
+def test_explain_names_a_backend_and_reason_per_op():
+    table = dispatch.explain(CPU)
+    assert set(table) == set(dispatch.ops())
+    for op, (name, reason) in table.items():
+        assert name == "torch" and reason, op
