@@ -88,3 +88,13 @@ def test_collect_matches_cli(facts):
 ])
 def test_arch_compatibility(arch, cap, ok):
     assert info.arch_runs_on(arch, cap) is ok
+
+
+def test_environment_switches_are_reported(monkeypatch):
+    monkeypatch.setenv("FLASHDINO_BACKEND_FINAL_NORM", "torch")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "1")
+    facts = info.collect()
+    assert facts["environment"]["FLASHDINO_BACKEND_FINAL_NORM"] == "torch"
+    assert "UNRELATED_VARIABLE" not in facts["environment"]
+    assert "env       FLASHDINO_BACKEND_FINAL_NORM=torch" in info.format_report(facts)
+    assert facts["ops"]["final_norm"]["backend"] == "torch"

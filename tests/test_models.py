@@ -224,8 +224,32 @@ def test_get_intermediate_layers_all_arguments(family, v3, v2):
             torch.testing.assert_close(extra[0][1], ff["x_storage_tokens"])
             both = model.get_intermediate_layers(x, n=1, return_class_token=True, return_extra_tokens=True)
             assert len(both[0]) == 3
-        with pytest.raises(ValueError, match="block indices"):
+        with pytest.raises(ValueError, match="block indices must lie in"):
             model.get_intermediate_layers(x, n=[5])
+        # negative indices count from the end, as in Python
+        torch.testing.assert_close(model.get_intermediate_layers(x, n=[-1])[0], last[0])
+
+
+@pytest.mark.parametrize("n, error, match", [
+    ([], ValueError, "selects no block"),
+    ((), ValueError, "selects no block"),
+    ([0.7], ValueError, "must be integers, got 0.7"),
+    ([1, 2.0], ValueError, "must be integers"),
+    ([True], ValueError, "must be integers"),
+    ([-4], ValueError, r"must lie in \[-3, 2\]"),
+    ([3], ValueError, r"must lie in \[-3, 2\]"),
+    (0, ValueError, "between 1 and the number of blocks \\(3\\)"),
+    (4, ValueError, "between 1 and the number of blocks"),
+    (-1, ValueError, "between 1 and the number of blocks"),
+    (True, TypeError, "block count"),
+    (0.7, TypeError, "block count"),
+    ("2", TypeError, "block count"),
+    (None, TypeError, "block count"),
+])
+def test_get_intermediate_layers_rejects_bad_n(v3, n, error, match):
+    x = torch.randn(1, 3, 2 * v3.patch_size, 2 * v3.patch_size)
+    with pytest.raises(error, match=match):
+        v3.get_intermediate_layers(x, n=n)
 
 
 @pytest.mark.parametrize("family", ["v3", "v2"])

@@ -58,8 +58,16 @@ def _native_facts(gpu: dict) -> dict:
     return facts
 
 
+def _environment() -> dict:
+    """The flashdino switches set in the environment (the list is in ARCHITECTURE.md)."""
+    import os
+
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("FLASHDINO_") or k == "TRITON_INTERPRET"}
+
+
 def collect() -> dict:
-    """Versions, native / Triton availability, GPU, and the backend + reason per op."""
+    """Versions, native / Triton availability, GPU, the environment switches set, and the backend +
+    reason per op."""
     import torch
 
     from . import __version__, dispatch
@@ -85,6 +93,7 @@ def collect() -> dict:
         "native": _native_facts(gpu),
         "triton_backend": {"available": triton_ok, "status": triton_why},
         "unavailable_backends": dispatch.unavailable(),
+        "environment": _environment(),
         "ops": ops,
     }
 
@@ -113,6 +122,8 @@ def format_report(info: dict) -> str:
                  f"{'' if info['triton_backend']['available'] else ' (unavailable)'}")
     for backend, why in sorted(info["unavailable_backends"].items()):
         lines.append(f"backend   {backend} unavailable: {why}")
+    for name, value in info["environment"].items():
+        lines.append(f"env       {name}={value}")
     lines.append("ops (backend that runs a typical call on this machine, and why):")
     for op, row in sorted(info["ops"].items()):
         lines.append(f"  {op:<22} {row['backend']:<7} {row['reason']}")

@@ -5,8 +5,9 @@ from .block import Block
 from .drop_path import DropPath
 from .layer_scale import LayerScale
 from .mlp import Mlp, SwiGLU, SwiGLUFused, build_ffn
+from .norm import LayerNorm
 from .patch_embed import PatchEmbed
 from .rope import RopePositionEmbedding, dinov3_periods
 
-__all__ = ["Attention", "Block", "DropPath", "LayerScale", "Mlp", "SwiGLU", "SwiGLUFused", "build_ffn",
+__all__ = ["Attention", "Block", "DropPath", "LayerNorm", "LayerScale", "Mlp", "SwiGLU", "SwiGLUFused", "build_ffn",
            "PatchEmbed", "RopePositionEmbedding", "dinov3_periods"]

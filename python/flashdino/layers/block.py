@@ -4,12 +4,12 @@ from typing import Optional
 
 from torch import nn
 
-from .. import ops
 from ..ops import RopeGrid
 from .attention import Attention
 from .drop_path import DropPath
 from .layer_scale import LayerScale
 from .mlp import build_ffn
+from .norm import LayerNorm
 
 
 class Block(nn.Module):
@@ -22,7 +22,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, qk_norm=qk_norm, norm_eps=eps)
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = LayerNorm(dim, eps=eps)
         self.mlp = build_ffn(ffn, dim, ffn_hidden or 4 * dim, ffn_bias)
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -30,5 +30,5 @@ class Block(nn.Module):
     def forward(self, x, rope: Optional[RopeGrid] = None):
         branch = self.drop_path(self.attn(self.norm1(x), rope))
         gamma1 = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
-        x, h = ops.residual_layernorm(x, branch, gamma1, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        x, h = self.norm2.add_and_norm(x, branch, gamma1)  # x += ls1 * branch, then norm2, fused
         return x + self.drop_path(self.ls2(self.mlp(h)))

@@ -9,6 +9,7 @@ load without renaming (the DINOv3 ``bias_mask`` is folded into the qkv bias by t
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -16,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from ..layers import Block, PatchEmbed, RopePositionEmbedding
+from ..layers import Block, LayerNorm, PatchEmbed, RopePositionEmbedding
 from ..variants import VitConfig
 
 
@@ -45,8 +45,8 @@ class DinoVisionTransformer(nn.Module):
                   cfg.layer_norm_eps, cfg.layerscale_init, drop[i])
             for i in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.cls_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.untie_cls_and_patch_norms else None
+        self.norm = LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.cls_norm = LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.untie_cls_and_patch_norms else None
         self.local_cls_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if cfg.local_cls_norm else None
         self.head = nn.Identity()
 
@@ -118,36 +118,30 @@ class DinoVisionTransformer(nn.Module):
 
     def _embed_patches(self, x: Tensor, masks: Optional[Tensor], *, extra_tokens: Optional[Tensor] = None,
                        pos_embed: Optional[Tensor] = None, strict: bool = False):
-        """Token buffer [B, N, D] = [CLS, extra tokens, patches] and the patch grid (H, W).
-
-        One ``ops.patch_embed_tokens`` call: conv, mask token, CLS / extra tokens and (DINOv2) the
-        position table on CLS + patches. On CUDA this is one Triton GEMM writing the buffer; on
-        CPU the reference (conv -> flatten -> where -> cat -> add) runs unchanged.
-        """
+        """Token buffer [B, N, D] = [CLS, extra tokens, patches] and the patch grid (H, W)."""
         H, W = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         self._check_masks(masks, x, H * W)
-        proj = self.patch_embed.proj
-        tokens = ops.patch_embed_tokens(x, proj.weight, proj.bias, self.cls_token, extra_tokens=extra_tokens,
-                                        masks=masks, mask_token=self.mask_token, pos_embed=pos_embed, strict=strict)
+        tokens = self.patch_embed.tokens(x, self.cls_token, extra_tokens=extra_tokens, masks=masks,
+                                         mask_token=self.mask_token, pos_embed=pos_embed, strict=strict)
         return tokens, H, W
 
-    def _run_blocks(self, x: Tensor, rope, keep: Optional[set] = None):
-        kept = []
-        for i, block in enumerate(self.blocks):
+    def _run_blocks(self, x: Tensor, rope, keep: Sequence[int] = (), until: Optional[int] = None):
+        """Runs blocks 0..``until`` (every block by default) on tokens ``x``.
+
+        Returns the last output and the outputs of the blocks listed in ``keep``, in that order.
+        """
+        last = len(self.blocks) - 1 if until is None else until
+        kept = {}
+        for i, block in enumerate(self.blocks[: last + 1]):
             x = block(x, rope)
-            if keep is not None and i in keep:
-                kept.append(x)
-        return x, kept
+            if i in keep:
+                kept[i] = x
+        return x, [kept[i] for i in keep]
 
     def _final_norm(self, x: Tensor, patch_grid: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
-        """Normalised (prefix tokens [B, p, D], patch tokens [B, HW, D]; [B, D, H, W] with ``patch_grid``).
-
-        One ``ops.final_norm`` call (one Triton launch on CUDA); the untied ``cls_norm`` normalises
-        the prefix tokens when the model has one.
-        """
-        prefix_norm = (self.cls_norm.weight, self.cls_norm.bias) if self.cls_norm is not None else None
-        return ops.final_norm(x, self.n_prefix_tokens, self.norm.weight, self.norm.bias, self.norm.eps,
-                              prefix_norm=prefix_norm, patch_grid=patch_grid)
+        """Normalised (prefix tokens [B, p, D], patch tokens [B, HW, D]; [B, D, H, W] with ``patch_grid``);
+        the untied ``cls_norm`` normalises the prefix tokens when the model has one."""
+        return self.norm.split_norm(x, self.n_prefix_tokens, self.cls_norm, patch_grid)
 
     def _forward_features_single(self, x: Tensor, masks: Optional[Tensor]) -> dict:
         self._check_input(x)
@@ -179,31 +173,45 @@ class DinoVisionTransformer(nn.Module):
             return [self.head(o["x_norm_clstoken"]) for o in out]
         return self.head(out["x_norm_clstoken"])
 
-    def _intermediate_raw(self, x: Tensor, n) -> list[Tensor]:
-        self._check_input(x)
+    def _block_indices(self, n) -> list[int]:
+        """The blocks ``get_intermediate_layers`` returns: the last ``n`` for an int, else the
+        indices listed (negative ones count from the end, as in Python)."""
         total = len(self.blocks)
+        name = self.cfg.name
+        if isinstance(n, bool) or not isinstance(n, (int, Sequence)) or isinstance(n, str):
+            raise TypeError(f"{name}: n must be a block count (int) or a list of block indices, got {n!r}")
         if isinstance(n, int):
             if not 1 <= n <= total:
-                raise ValueError(f"{self.cfg.name}: n={n} but the model has {total} blocks")
-            wanted = list(range(total - n, total))
-        else:
-            wanted = [int(i) for i in n]
-            bad = [i for i in wanted if not 0 <= i < total]
-            if bad:
-                raise ValueError(f"{self.cfg.name}: block indices {bad} outside [0, {total - 1}]")
-        tokens, rope, _ = self.prepare_tokens_with_masks(x)
-        last = max(wanted)
-        kept = {}
-        for i, block in enumerate(self.blocks[: last + 1]):
-            tokens = block(tokens, rope)
-            if i in wanted:
-                kept[i] = tokens
-        return [kept[i] for i in wanted]
+                raise ValueError(f"{name}: n={n} must be between 1 and the number of blocks ({total})")
+            return list(range(total - n, total))
+        if len(n) == 0:
+            raise ValueError(f"{name}: n=[] selects no block; pass a count (n=1 for the last block) or block indices")
+        indices = []
+        for i in n:
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                i = operator.index(i)
+            except TypeError:
+                raise ValueError(f"{name}: block indices must be integers, got {i!r} in n={list(n)!r}") from None
+            if not -total <= i < total:
+                raise ValueError(f"{name}: block indices must lie in [-{total}, {total - 1}] for {total} blocks, "
+                                 f"got {i}")
+            indices.append(i % total)
+        return indices
 
     def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, reshape: bool = False,
                                 return_class_token: bool = False, return_extra_tokens: bool = False,
                                 norm: bool = True):
-        outputs = self._intermediate_raw(x, n)
+        """Outputs of the last ``n`` blocks (an int) or of the listed blocks (a list of indices).
+
+        Each output is the patch tokens [B, H*W, D] (``reshape=True``: a [B, D, H, W] map), after
+        the final norm unless ``norm=False``, paired with the class token / extra tokens on request.
+        """
+        wanted = self._block_indices(n)
+        self._check_input(x)
+        tokens, rope, _ = self.prepare_tokens_with_masks(x)
+        _, outputs = self._run_blocks(tokens, rope, keep=wanted, until=max(wanted))
         p = self.n_prefix_tokens
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         if norm:
