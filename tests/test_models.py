@@ -351,3 +351,24 @@ def test_torch_compile_fullgraph_matches_eager():
     x = torch.randn(2, 3, 48, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_layer_norm_module_keeps_the_plain_forward_and_fuses_on_request():
+    from flashdino.layers import LayerNorm
+
+    norm = LayerNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    assert isinstance(norm, torch.nn.LayerNorm) and set(norm.state_dict()) == {"weight", "bias"}
+    x, branch, gamma = torch.randn(2, 7, 8), torch.randn(2, 7, 8), torch.rand(8)
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias, 1e-6))
+    x_new, normed = norm.add_and_norm(x, branch, gamma)
+    torch.testing.assert_close(x_new, x + gamma * branch)
+    torch.testing.assert_close(normed, F.layer_norm(x + gamma * branch, (8,), norm.weight, norm.bias, 1e-6))
+    cls_norm = LayerNorm(8, eps=1e-6)
+    prefix, fmap = norm.split_norm(x[:, :7], 1, cls_norm, patch_grid=(2, 3))
+    torch.testing.assert_close(prefix, cls_norm(x[:, :1]))
+    torch.testing.assert_close(fmap, norm(x[:, 1:7]).reshape(2, 2, 3, 8).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="eps"):
+        norm.split_norm(x, 1, LayerNorm(8, eps=1e-5))

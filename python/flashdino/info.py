@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from typing import Optional
 
+import torch
+
+from . import __version__, _native, dispatch
+from .triton_support import triton_status
+
 
 def _gpu_facts() -> dict:
-    import torch
-
     facts: dict = {"available": False}
     try:
         if not torch.cuda.is_available():
@@ -41,8 +45,6 @@ def arch_runs_on(arch: str, capability: str) -> bool:
 
 
 def _native_facts(gpu: dict) -> dict:
-    from . import _native
-
     module, why = _native.native_status()
     facts = {"built": module is not None, "status": why, "has_cuda": False, "cuda_architectures": [],
              "cuda_version": None}
@@ -60,19 +62,12 @@ def _native_facts(gpu: dict) -> dict:
 
 def _environment() -> dict:
     """The flashdino switches set in the environment (the list is in ARCHITECTURE.md)."""
-    import os
-
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("FLASHDINO_") or k == "TRITON_INTERPRET"}
 
 
 def collect() -> dict:
     """Versions, native / Triton availability, GPU, the environment switches set, and the backend +
     reason per op."""
-    import torch
-
-    from . import __version__, dispatch
-    from .triton_support import triton_status
-
     try:
         import triton
 
