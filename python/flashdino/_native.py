@@ -8,13 +8,12 @@ or a CPU-only install) flashdino runs on Triton or the PyTorch path.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 
 
 @functools.lru_cache(maxsize=None)
 def native_status() -> tuple[object, str]:
-    import importlib
-    import importlib.util
-
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return None, ("flashdino._C is not built (a source checkout on PYTHONPATH, or an install with "
                       "FLASHDINO_NATIVE=OFF / no C++ compiler)")
