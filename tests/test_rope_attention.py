@@ -384,6 +384,11 @@ def test_bad_inputs():
         ops.rope_attention(qkv.to(torch.int32), heads, rope, backend="triton")
     with pytest.raises(ValueError, match="mode"):
         tra.rope_attention(qkv, heads, RopeGrid("spiral", 3, 4, 1))
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="unknown RoPE mode 'spiral'"):
+            ops.rope_attention(qkv, heads, RopeGrid("spiral", 3, 4, 1), backend=backend)
+        with pytest.raises(ValueError, match="normalisation 'diagonal'"):
+            ops.rope_attention(qkv, heads, _grid("dinov3", 3, 4, 1, d, normalize="diagonal"), backend=backend)
     with pytest.raises(ValueError, match="k_rotation"):
         tra.rope_attention(qkv, heads, rope, k_rotation="sideways")
     # direct op calls are checked too (the kernels do not bounds-check tables or weights)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.rope_attention.grid import RopeGrid
+from ..ops import RopeGrid
 
 
 def dinov3_periods(head_dim: int, base: float = 100.0, round_to_bf16: bool = True) -> torch.Tensor:

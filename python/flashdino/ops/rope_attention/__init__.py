@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ... import dispatch
 from . import reference
-from .grid import MODES, RopeGrid
+from .grid import MODES, NORMALIZATIONS, RopeGrid
 
 OP = "rope_attention"
 
@@ -80,6 +80,9 @@ def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm
             )
         if rope.mode not in MODES:
             raise ValueError(f"rope_attention: unknown RoPE mode {rope.mode!r} (expected one of {MODES})")
+        if rope.mode == "dinov3" and rope.normalize not in NORMALIZATIONS:
+            raise ValueError(f"rope_attention: unknown RoPE coordinate normalisation {rope.normalize!r} "
+                             f"(expected one of {NORMALIZATIONS})")
         if rope.mode == "dinov3":
             if rope.periods is None or rope.periods.numel() != head_dim // 4:
                 got = None if rope.periods is None else rope.periods.numel()
