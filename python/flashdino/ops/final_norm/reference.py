@@ -1,4 +1,4 @@
-"""Reference final LayerNorm of a ViT: what the models did before the fused op.
+"""Reference final LayerNorm of a ViT (pure PyTorch): the CPU path and the semantics of every backend.
 
 ``x`` is the last block's output [B, N, D] laid out as [prefix (CLS + storage/register) x p,
 patches x H*W]. A tied model normalises all tokens with ``norm``; an untied one

@@ -1,4 +1,4 @@
-"""Reference token preparation: what the DINOv2 / DINOv3 models do before the first block.
+"""Reference token preparation (pure PyTorch), the DINOv2 / DINOv3 sequence before the first block:
 
 conv (kernel = stride = P; a bottom/right remainder is dropped) -> flatten row-major -> optional
 mask-token replacement -> prepend CLS (+ the learned position table on CLS + patches, DINOv2) ->

@@ -1,4 +1,5 @@
-"""Reference residual / LayerScale / LayerNorm steps that the fused norm kernels replace."""
+"""Reference residual + LayerScale + LayerNorm (pure PyTorch): the CPU path and the semantics of
+every backend. Under autocast the normalised output is fp32, like ``F.layer_norm``."""
 
 from __future__ import annotations
 
