@@ -1,5 +1,5 @@
-"""The end-to-end benchmark harness (flashdino.bench): FLOP formula, device rates, the CPU run end to end,
-peers that are not installed, and the target evaluation."""
+"""The benchmark harness (flashdino.bench): FLOP formulas, timing statistics, device rates, backend forcing,
+the CPU run end to end, peers that are not installed, the target evaluation and the benchmarks/ scripts."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 import flashdino
 from flashdino import bench
 from flashdino.bench import compare_tokens, evaluate_targets, flop_breakdown, model_flops, tokens_per_image
+from flashdino.bench.peers import fd_to_timm, res_for
+from flashdino.bench.targets import fmt_target
 
 
 def _tiny(ffn="mlp", **kw):
@@ -184,7 +186,7 @@ def test_targets_met_missed_and_margins():
     # GPU targets are not evaluated on a CPU run; a missing case is n/a.
     assert not any(t.startswith("vitl16") for t in got)
     assert evaluate_targets([], torch.device("cpu"), None, True)[0]["status"] == "n/a"
-    lines = [bench._fmt_target(t) for t in got.values()]
+    lines = [fmt_target(t) for t in got.values()]
     assert any(line.startswith("- MET") and "+10.0%" in line for line in lines)
 
 
@@ -201,14 +203,14 @@ def test_latency_target_uses_time_ratio():
 
 def test_dinov2_resolution_rounding():
     cfg = flashdino.get_config("dinov2_vitl14")
-    assert bench._res_for(cfg, 512) == 518 and bench._res_for(cfg, 224) == 224
-    assert bench._res_for(flashdino.get_config("dinov3_vitl16"), 512) == 512
+    assert res_for(cfg, 512) == 518 and res_for(cfg, 224) == 224
+    assert res_for(flashdino.get_config("dinov3_vitl16"), 512) == 512
 
 
 def test_fd_to_timm_keys():
     cfg = flashdino.get_config("dinov3_vits16plus", depth=1)
     sd = flashdino.models.build_model(cfg).state_dict()
-    out, notes = bench._fd_to_timm(sd, cfg)
+    out, notes = fd_to_timm(sd, cfg)
     assert "reg_token" in out and "blocks.0.gamma_1" in out and "blocks.0.mlp.fc1_g.weight" in out
     assert "blocks.0.attn.q_bias" in out and "blocks.0.attn.v_bias" in out and "blocks.0.attn.qkv.bias" not in out
     assert not any(k.startswith(("mask_token", "rope_embed")) for k in out)
