@@ -23,6 +23,7 @@ an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -43,7 +44,7 @@ from .flops import model_flops, tokens_per_image
 from .peers import DTYPES, PEERS, Case, ModelGroup, Skip, compare_tokens, peer_available, res_for
 from .probes import device_rates, measure_gemm_rate
 from .report import device_tag as report_tag
-from .report import environment, fmt_rate, loadavg, render_markdown, save
+from .report import environment, fmt_rate, loadavg, render_markdown, save, table_row
 from .targets import add_speedups, build_plan, evaluate_targets, fmt_target
 from .timing import interleaved, is_oom, peak_memory_mib, short_error, summarize, sync, time_calls
 
@@ -173,8 +174,15 @@ class Runner:
         del inputs
         self._recover()
 
-    def _grad_ctx(self, case: Case):
-        return torch.enable_grad() if case.training else torch.inference_mode()
+    @contextlib.contextmanager
+    def _calling(self, group: ModelGroup, peer: str, case: Case):
+        """The peer's model in train mode for training cases (eval otherwise), with autograd only there."""
+        group.train_mode(peer, case.training)
+        try:
+            with torch.enable_grad() if case.training else torch.inference_mode():
+                yield
+        finally:
+            group.train_mode(peer, False)
 
     def _fail(self, st: dict, exc: BaseException) -> None:
         st.update(status="oom" if is_oom(exc) else "error", message=short_error(exc), fn=None)
@@ -188,9 +196,8 @@ class Runner:
         try:
             group.activate(peer)
             fn, tokens = group.call(peer, case)
-            group.train_mode(peer, case.training)
             t0 = time.perf_counter()
-            with self._grad_ctx(case):
+            with self._calling(group, peer, case):
                 out = fn(inputs[0])
                 sync(self.device)
                 st["first_call_s"] = time.perf_counter() - t0
@@ -215,8 +222,6 @@ class Runner:
             st.update(status="skipped", message=str(exc))
         except Exception as exc:
             self._fail(st, exc)
-        finally:
-            group.train_mode(peer, False)
         return st
 
     def _recover(self) -> None:
@@ -230,14 +235,11 @@ class Runner:
 
     def _time_block(self, group: ModelGroup, case: Case, peer: str, st: dict, inputs: list) -> None:
         try:
-            group.train_mode(peer, case.training)
-            with self._grad_ctx(case):
+            with self._calling(group, peer, case):
                 st["timing"] = time_calls(st["fn"], inputs, self.device, self.args.repeats, start=1,
                                           sync_each=case.mode == "latency")
         except Exception as exc:
             self._fail(st, exc)
-        finally:
-            group.train_mode(peer, False)
 
     def _time_interleaved(self, group: ModelGroup, case: Case, states: dict, inputs: list) -> None:
         """CPU: the peers of a case take turns call by call, with a GEMM probe before every round."""
@@ -256,12 +258,8 @@ class Runner:
             fn = states[peer]["fn"]
 
             def call(r: int) -> None:
-                group.train_mode(peer, case.training)
-                try:
-                    with self._grad_ctx(case):
-                        fn(inputs[(1 + r) % len(inputs)])
-                finally:
-                    group.train_mode(peer, False)
+                with self._calling(group, peer, case):
+                    fn(inputs[(1 + r) % len(inputs)])
             return call
 
         calls = {p: make(p) for p, st in states.items() if st.get("fn") is not None}
@@ -312,32 +310,16 @@ class Runner:
             row["message"] = (row["message"] + "; " if row["message"] else "") + \
                 "HF applies its RoPE coordinate augmentation in train mode"
         self.rows.append(row)
-        self.log(self._format_row(row))
+        self.log(f"{row['mode']:9s} {table_row(row)}")
         st["fn"] = None
 
     def _peak_memory(self, group: ModelGroup, case: Case, peer: str, fn, inputs) -> Optional[float]:
         try:
-            group.train_mode(peer, case.training)
-            with self._grad_ctx(case):
+            with self._calling(group, peer, case):
                 return peak_memory_mib(lambda: fn(inputs[0]), self.device)
         except Exception:
             self._recover()
             return None
-        finally:
-            group.train_mode(peer, False)
-
-    def _format_row(self, row: dict) -> str:
-        head = f"{row['model']:18s} {row['res']:4d} b{row['batch']:<4d} {row['dtype']:4s} {row['mode']:9s} {row['peer']:16s}"
-        if row.get("status") != "ok" or "time_s" not in row:
-            return f"{head} {row.get('status')}: {row.get('message', '')}"
-        chk = row.get("check") or {}
-        chk_s = f" cos {chk['cos']:.6f} rel {chk['rel_err']:.1e}" if "cos" in chk else ""
-        mfu = f" MFU {row['mfu'] * 100:5.1f}% (vs the start GEMM rate)" if row.get("mfu") is not None else ""
-        if row.get("mfu_same_load") is not None:
-            mfu += f" ({row['mfu_same_load'] * 100:.1f}% vs interleaved GEMM probes)"
-        mem = f" peak {row['peak_mem_mib']:.0f} MiB" if row.get("peak_mem_mib") is not None else ""
-        return (f"{head} {row['time_s'] * 1e3:10.2f} ms (IQR {row['iqr_s'] * 1e3:.2f})  {row['imgs_per_s']:9.1f} "
-                f"img/s{mfu}{mem}{chk_s}")
 
     # -- memory mode ----------------------------------------------------------------------------------
     def run_memory(self, group: ModelGroup, model_name: str, peers: Sequence[str]) -> None:

@@ -24,7 +24,7 @@ from ..variants import VARIANTS
 from .backends import dispatch_explain
 from .targets import fmt_target
 
-__all__ = ["environment", "cpu_info", "device_tag", "environment_lines", "rate_line", "save", "fmt_rate", "loadavg", "render_markdown"]
+__all__ = ["environment", "cpu_info", "device_tag", "environment_lines", "rate_line", "save", "fmt_rate", "loadavg", "render_markdown", "table_row"]
 
 # The CPU features that decide which matmul kernels a CPU can use (bf16 / int8 dot products, AMX tiles).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile",
@@ -184,6 +184,28 @@ def _note(row: dict) -> str:
     return "; ".join(parts)
 
 
+def table_row(r: dict) -> str:
+    """One row of the end-to-end tables (also the progress line of a run)."""
+    sp = r.get("speedup", {})
+    wall = r.get("timer") == "host wall clock" and r.get("samples", 0) > 1
+    sp_min = r.get("speedup_min", {}) if wall else {}
+    chk = r.get("check") or {}
+    if r.get("status") == "ok" and "time_s" in r:
+        cells = [f"{r['time_s'] * 1e3:.2f}" + (f" [{r['min_s'] * 1e3:.2f}]" if wall else ""),
+                 f"{r['iqr_s'] * 1e3:.2f}" if r.get("iqr_s") is not None else "", f"{r['imgs_per_s']:.1f}",
+                 *((f"{sp[p]:.2f}x" + (f" (min {sp_min[p]:.2f}x)" if p in sp_min else "")) if p in sp else ""
+                   for p in ("hf", "hf-compile", "timm")),
+                 (f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "")
+                 + (f" ({r['mfu_same_load'] * 100:.1f}%)" if r.get("mfu_same_load") is not None else ""),
+                 _mib(r.get("peak_mem_mib")),
+                 "reference" if chk.get("reference") else (f"{chk['cos']:.6f}" if "cos" in chk else ""),
+                 "" if chk.get("reference") else (f"{chk['rel_err']:.1e}" if "rel_err" in chk else ""), _note(r)]
+    else:
+        cells = [""] * 10 + [f"{r.get('status')}: {r.get('message', '')}"]
+    name = r["model"] if r["depth"] == _full_depth(r["model"]) else f"{r['model']} (depth {r['depth']})"
+    return f"| {name} | {r['res']} | {r['batch']} | {r['dtype']} | {r['peer']} | " + " | ".join(cells) + " |"
+
+
 def render_markdown(result: dict) -> str:
     env, rows = result["environment"], result["rows"]
     lines = [f"# flashdino end-to-end benchmark: {env.get('gpu') or env['cpu']}", ""]
@@ -216,28 +238,7 @@ def render_markdown(result: dict) -> str:
                   f"| model | res | batch | dtype | peer | {unit} | IQR (ms) | img/s | vs HF | vs compile | vs timm | MFU | "
                   "peak mem (MiB) | cos | rel err | note |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in mrows:
-            sp = r.get("speedup", {})
-            sp_min = r.get("speedup_min", {}) if r.get("timer") == "host wall clock" and r.get("samples", 0) > 1 else {}
-            chk = r.get("check") or {}
-            if r.get("status") == "ok" and "time_s" in r:
-                t_cell = f"{r['time_s'] * 1e3:.2f}" + (f" [{r['min_s'] * 1e3:.2f}]" if r.get("timer") == "host wall clock"
-                                                        and r.get("samples", 0) > 1 else "")
-                iqr = f"{r['iqr_s'] * 1e3:.2f}" if r.get("iqr_s") is not None else ""
-                cells = [t_cell, iqr, f"{r['imgs_per_s']:.1f}",
-                         *((f"{sp[p]:.2f}x" + (f" (min {sp_min[p]:.2f}x)" if p in sp_min else "")) if p in sp else ""
-                           for p in ("hf", "hf-compile", "timm")),
-                         (f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "")
-                         + (f" ({r['mfu_same_load'] * 100:.1f}%)" if r.get("mfu_same_load") is not None else ""),
-                         _mib(r.get("peak_mem_mib")),
-                         "reference" if chk.get("reference") else (f"{chk['cos']:.6f}" if "cos" in chk else ""),
-                         "" if chk.get("reference") else (f"{chk['rel_err']:.1e}" if "rel_err" in chk else ""),
-                         _note(r)]
-            else:
-                cells = [""] * 10 + [f"{r.get('status')}: {r.get('message', '')}"]
-            name = r["model"] if r["depth"] == _full_depth(r["model"]) else f"{r['model']} (depth {r['depth']})"
-            lines.append(f"| {name} | {r['res']} | {r['batch']} | {r['dtype']} | {r['peer']} | "
-                         + " | ".join(cells) + " |")
+        lines += [table_row(r) for r in mrows]
         lines.append("")
     if result.get("memory"):
         lines += ["## memory (largest square image at batch 1, inference)", "",
