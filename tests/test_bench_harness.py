@@ -439,3 +439,31 @@ def test_script_e2e_and_util(tmp_path, monkeypatch):
     assert util.attention_flops(1, 1, 4, 4, 4, backward=True) == 3.5 * 4 * 4 * 4 * 4
     for name in ("cuda_median_ms", "synced", "record", "gemm_tflops"):  # the names the kernel suites import
         assert callable(getattr(util, name))
+
+
+def test_memory_search_bookkeeping_on_cpu(monkeypatch):
+    """The memory mode's records, with the GPU's out-of-memory error simulated above 320 px."""
+    import argparse
+
+    from flashdino.bench import e2e
+    from flashdino.bench.peers import ModelGroup
+
+    def fake_peak(fn, device):
+        out = fn()
+        if out["x_norm_patchtokens"].shape[1] > (320 // 16) ** 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate ...")
+        return 1.0
+
+    monkeypatch.setattr(e2e, "peak_memory_mib", fake_peak)
+    group = ModelGroup(flashdino.get_config("dinov3_vits16", depth=1, embed_dim=32, num_heads=2), "fp32",
+                       torch.device("cpu"), ["flashdino"], print)
+    group.build()
+    runner = e2e.Runner(argparse.Namespace(max_size=1024, max_try_s=60.0), torch.device("cpu"), lambda s: None)
+    runner.run_memory(group, "dinov3_vits16", ["flashdino", "flashdino-graphs"])
+    (row,) = runner.memory_rows  # CUDA graphs are not searched: they hold a copy of every buffer
+    assert row["status"] == "ok" and row["max_size"] == 320 and row["first_oom"] == 336
+    assert row["tokens"] == 1 + 4 + 20 * 20
+    sizes = [t["size"] for t in row["tries"]]
+    assert sizes[:3] == [224, 448, 336] and sizes[-1] in (320, 336)
+    assert all(t["ok"] == (t["size"] <= 320) for t in row["tries"])
+    assert {t.get("error") for t in row["tries"] if not t["ok"]} == {"out of memory"}

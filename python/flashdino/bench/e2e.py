@@ -44,7 +44,7 @@ from .flops import model_flops, tokens_per_image
 from .peers import DTYPES, PEERS, Case, ModelGroup, Skip, compare_tokens, peer_available, res_for
 from .probes import device_rates, measure_gemm_rate
 from .report import device_tag as report_tag
-from .report import environment, fmt_rate, loadavg, render_markdown, save, table_row
+from .report import environment, loadavg, rate_line, render_markdown, save, table_row
 from .targets import add_speedups, build_plan, evaluate_targets, fmt_target
 from .timing import interleaved, is_oom, peak_memory_mib, short_error, summarize, sync, time_calls
 
@@ -105,13 +105,8 @@ class Runner:
     # -- device rates ---------------------------------------------------------------------------------
     def measure_rates(self, when: str) -> None:
         names = [n for n in ("bf16", "fp32") if n in self.needed_rates]
-        entry = device_rates(self.device, names, gemm_size=self.args.gemm_size)
-        self.rates[when] = entry
-        parts = [f"{k} GEMM {fmt_rate(v['flops_per_s'])} (n={v['n']})" for k, v in entry.items()
-                 if isinstance(v, dict) and "flops_per_s" in v]
-        if "bytes_per_s" in entry.get("copy", {}):
-            parts.append(f"copy {entry['copy']['bytes_per_s'] / 1e9:.1f} GB/s")
-        self.log(f"[rates {when}] " + ", ".join(parts) + f"  (load {entry['loadavg']})")
+        entry = self.rates[when] = device_rates(self.device, names, gemm_size=self.args.gemm_size)
+        self.log(f"{rate_line(when, entry)}  (load {entry['loadavg']})")
 
     def gemm_rate(self, dtype: str) -> Optional[float]:
         """The GEMM rate MFU is computed against: the highest of the measurements of this run."""
@@ -339,34 +334,23 @@ class Runner:
 
             def attempt(k: int) -> Optional[float]:
                 size = k * P
-                x = None
                 try:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(dev)
-                    base = torch.cuda.memory_allocated(dev)
-                    dtype = DTYPES[group.dtype] if group.dtype != "amp" else torch.float32
-                    x = torch.randn(1, 3, size, size, device=dev, dtype=dtype)
+                    x = torch.randn(1, 3, size, size, device=dev, dtype=DTYPES[group.dtype])
                     t0 = time.perf_counter()
                     with torch.inference_mode():
-                        out = fn(x)
-                        torch.cuda.synchronize(dev)
+                        peak = peak_memory_mib(lambda: fn(x), dev)
                     secs = time.perf_counter() - t0
-                    del out
-                    tries.append(dict(size=size, ok=True, seconds=secs,
-                                      peak_mib=(torch.cuda.max_memory_allocated(dev) - base) / 2**20))
-                    self.log(f"  memory {model_name} {peer}: {size}x{size} ok ({secs:.1f} s, "
-                             f"{tries[-1]['peak_mib']:.0f} MiB)")
+                    tries.append(dict(size=size, ok=True, seconds=secs, peak_mib=peak))
+                    self.log(f"  memory {model_name} {peer}: {size}x{size} ok ({secs:.1f} s, {peak:.0f} MiB)")
                     return secs
                 except Exception as exc:
+                    tries.append(dict(size=size, ok=False, error="out of memory" if is_oom(exc) else short_error(exc)))
                     if not is_oom(exc):
-                        tries.append(dict(size=size, ok=False, error=short_error(exc)))
                         raise
-                    tries.append(dict(size=size, ok=False, error="out of memory"))
                     self.log(f"  memory {model_name} {peer}: {size}x{size} out of memory")
                     return None
                 finally:
-                    del x
+                    x = None
                     self._recover()
 
             status, message, lo_k, hi_k = "ok", "", None, None
