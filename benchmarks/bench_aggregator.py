@@ -7,7 +7,7 @@ PyTorch reference: RoPE + ``F.scaled_dot_product_attention``, PyTorch norms), ea
 layer outputs (VGGT's first release) or only the last (``intermediate_layer_idx=[-1]``), and
 records, through flashdino's harness, the median latency with its quartiles, the peak CUDA memory
 above the weights, throughput, MFU against a bf16 GEMM measured in the same run, the last layer's
-agreement between the paths and which backend ran each op.
+agreement between the paths (cosine, relative error) and which backend ran each op.
 
     python benchmarks/bench_aggregator.py                       # CUDA: S = 1, 10, 50, 100
     python benchmarks/bench_aggregator.py --frames 1 10 --repeats 5
@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 try:
     import flashdino
@@ -37,6 +36,7 @@ except ImportError:  # a bare checkout: use the source tree
 
 from flashdino.bench.backends import backends_ran, forced_backend  # noqa: E402
 from flashdino.bench.flops import aggregator_flops  # noqa: E402
+from flashdino.bench.peers import compare_tokens  # noqa: E402
 from flashdino.bench.probes import measure_gemm_rate  # noqa: E402
 from flashdino.bench.report import device_tag, environment, environment_lines, loadavg, save  # noqa: E402
 from flashdino.bench.timing import is_oom, peak_memory_mib, short_error, summarize, sync, time_calls  # noqa: E402
@@ -105,8 +105,8 @@ def render(result: dict) -> str:
         lines.append(f"| {r['frames']} | {r['keep']} | {r['path']} | {r['time_s'] * 1e3:.1f} | {r['iqr_s'] * 1e3:.1f} | "
                      f"{fmt(r.get('peak_above_weights_gib'), '.2f')} | {r['tflops']:.3g} | {fmt(r.get('mfu'), '.1%')} | "
                      f"{r['frames_per_s']:.1f} | {fmt(speed, '.2f')} | {ran} |")
-    agree = [f"S={r['frames']}: max rel {r['fast_vs_torch_max_rel']:.2e}, cos {r['fast_vs_torch_cos']:.6f}"
-             for r in rows if r["path"] == "fast" and r["keep"] == "all" and "fast_vs_torch_cos" in r]
+    agree = [f"S={r['frames']}: cos {r['fast_vs_torch']['cos']:.6f}, relative error {r['fast_vs_torch']['rel_err']:.1e}"
+             for r in rows if r["path"] == "fast" and r["keep"] == "all" and "cos" in r.get("fast_vs_torch", {})]
     if agree:
         lines += ["", "Last layer, fast vs torch path: " + "; ".join(agree) + "."]
     return "\n".join(lines)
@@ -171,11 +171,9 @@ def main(argv=None) -> int:
                 print(f"S={S:4d} keep={keep:4s} {path:5s} " + (r.get("error") or f"{r['time_s'] * 1e3:9.1f} ms  "
                       f"{r['tflops']:.3g} TFLOP/s  ran {r.get('backends')}"), flush=True)
         if "fast" in lasts and "torch" in lasts:
-            a, b = lasts["fast"].flatten(), lasts["torch"].flatten()
-            agree = dict(fast_vs_torch_max_rel=((a - b).abs().max() / b.abs().max()).item(),
-                         fast_vs_torch_cos=F.cosine_similarity(a, b, dim=0).item())
+            agree = compare_tokens(lasts["fast"], lasts["torch"])
             for r in rows:
-                r.update(agree)
+                r["fast_vs_torch"] = agree
         result["rows"] += rows
         del images, lasts
         gc.collect()

@@ -64,53 +64,29 @@ def compare_tokens(out: Tensor, ref: Tensor) -> dict:
     return dict(cos=cos, rel_err=rel, max_abs_rel=max_rel)
 
 
-def _param_bytes(model: Optional[nn.Module]) -> int:
-    if model is None:
-        return 0
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def _hf_model(cfg) -> tuple[type, Any]:
+    """(model class, config) of the transformers model with ``cfg``'s architecture."""
+    import transformers
 
-
-def _hf_config(cfg):
     if cfg.family == "dinov3":
-        from transformers import DINOv3ViTConfig
-
         gated = cfg.ffn != "mlp"
-        return DINOv3ViTConfig(
+        return transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig(
             hidden_size=cfg.embed_dim, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.depth,
             num_attention_heads=cfg.num_heads, hidden_act="silu" if gated else "gelu", use_gated_mlp=gated,
             layer_norm_eps=cfg.layer_norm_eps, rope_theta=cfg.rope_base, query_bias=cfg.qkv_bias, key_bias=False,
             value_bias=cfg.qkv_bias, proj_bias=cfg.proj_bias, mlp_bias=cfg.ffn_bias,
             num_register_tokens=cfg.n_storage_tokens, patch_size=cfg.patch_size, image_size=224,
-            attn_implementation="sdpa",
-        )
+            attn_implementation="sdpa")
     if cfg.ffn != "mlp":
         raise Skip(f"{cfg.name}: the HF peer covers DINOv2 models with an MLP FFN only")
     kwargs = dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
                   mlp_ratio=int(cfg.ffn_ratio) if float(cfg.ffn_ratio).is_integer() else cfg.ffn_ratio,
-                  image_size=cfg.img_size, patch_size=cfg.patch_size,
-                  layer_norm_eps=cfg.layer_norm_eps, layerscale_value=1.0, qkv_bias=cfg.qkv_bias,
-                  attn_implementation="sdpa")
+                  image_size=cfg.img_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps,
+                  layerscale_value=1.0, qkv_bias=cfg.qkv_bias, attn_implementation="sdpa")
+    name = "Dinov2WithRegisters" if cfg.n_storage_tokens else "Dinov2"
     if cfg.n_storage_tokens:
-        from transformers import Dinov2WithRegistersConfig
-
-        return Dinov2WithRegistersConfig(num_register_tokens=cfg.n_storage_tokens, **kwargs)
-    from transformers import Dinov2Config
-
-    return Dinov2Config(**kwargs)
-
-
-def _hf_model_class(cfg):
-    if cfg.family == "dinov3":
-        from transformers import DINOv3ViTModel
-
-        return DINOv3ViTModel
-    if cfg.n_storage_tokens:
-        from transformers import Dinov2WithRegistersModel
-
-        return Dinov2WithRegistersModel
-    from transformers import Dinov2Model
-
-    return Dinov2Model
+        kwargs["num_register_tokens"] = cfg.n_storage_tokens
+    return getattr(transformers, f"{name}Model"), getattr(transformers, f"{name}Config")(**kwargs)
 
 
 def fd_to_timm(sd: dict, cfg) -> tuple[dict, list]:
@@ -214,14 +190,13 @@ class ModelGroup:
                                   "peer being measured is kept on the GPU (the others wait in host memory)")
         if wants_hf:
             try:
-                hf_cfg = _hf_config(cfg)
-                cls = _hf_model_class(cfg)
+                cls, hf_cfg = _hf_model(cfg)
                 with torch.device(dev):
                     hf = cls(hf_cfg)
                 self.hf = hf.to(dtype=self.weight_dtype).eval()
                 impl = getattr(hf.config, "_attn_implementation", None)
                 self.notes.append(f"HF {cls.__name__} attention implementation: {impl}")
-            except (ImportError, Skip) as exc:  # an older transformers without this model class
+            except (AttributeError, Skip) as exc:  # an older transformers without this model class
                 self.unavailable["hf"] = self.unavailable["hf-compile"] = str(exc)
         with torch.device(dev):
             fd = build_model(cfg)

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,8 @@ from ..variants import VARIANTS
 from .backends import dispatch_explain
 from .targets import fmt_target
 
-__all__ = ["environment", "cpu_info", "device_tag", "environment_lines", "rate_line", "save", "fmt_rate", "loadavg", "render_markdown", "table_row"]
+__all__ = ["environment", "cpu_info", "device_tag", "environment_lines", "rate_line", "save", "fmt_rate", "loadavg",
+           "render_markdown", "table_row"]
 
 # The CPU features that decide which matmul kernels a CPU can use (bf16 / int8 dot products, AMX tiles).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile",
@@ -47,26 +47,22 @@ def loadavg() -> Optional[list]:
 
 def cpu_info() -> dict:
     """CPU model name and ISA flags, from ``lscpu`` (else /proc/cpuinfo, else ``platform``)."""
-    fields: dict[str, str] = {}
-    if shutil.which("lscpu"):
+    text = ""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                              env={**os.environ, "LC_ALL": "C"}).stdout
+    except Exception:
+        pass
+    if "Model name" not in text:
         try:
-            out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
-                                 env={**os.environ, "LC_ALL": "C"}).stdout
-            for line in out.splitlines():
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip().lower(), value.strip())
-        except Exception:
-            pass
-    if "model name" not in fields:
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "flags", "features"):
-                    fields.setdefault("flags" if key == "features" else key, value.strip())
+            text = Path("/proc/cpuinfo").read_text()
         except OSError:
             pass
-    flags = set(fields.get("flags", "").split())
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    flags = set((fields.get("flags") or fields.get("features") or "").split())  # features: Arm
     return dict(cpu=fields.get("model name") or platform.processor() or platform.machine(),
                 cpu_isa=[f for f in ISA_FLAGS if f in flags])
 
