@@ -70,7 +70,8 @@ def run_case(model, images, path: str, keep: str, precision: str, repeats: int, 
         sync(device)
         t = time_calls(once, [None], device, repeats)
         row.update(summarize(t.get("event_s") or t["wall_s"]))
-        row["peak_above_weights_gib"] = (peak_memory_mib(once, device) or float("nan")) / 1024
+        peak = peak_memory_mib(once, device)  # None on a CPU
+        row["peak_above_weights_gib"] = peak / 1024 if peak is not None else None
     except Exception as exc:
         if not is_oom(exc):
             raise
