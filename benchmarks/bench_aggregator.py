@@ -38,7 +38,7 @@ from flashdino.bench.backends import backends_ran, forced_backend  # noqa: E402
 from flashdino.bench.flops import aggregator_flops  # noqa: E402
 from flashdino.bench.peers import compare_tokens  # noqa: E402
 from flashdino.bench.probes import measure_gemm_rate  # noqa: E402
-from flashdino.bench.report import device_tag, environment, environment_lines, loadavg, save  # noqa: E402
+from flashdino.bench.report import device_tag, environment, environment_lines, loadavg, ran_summary, save  # noqa: E402
 from flashdino.bench.timing import is_oom, peak_memory_mib, short_error, summarize, sync, time_calls  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,11 +102,11 @@ def render(result: dict) -> str:
             continue
         ref = by_key.get((r["frames"], r["keep"], "torch"))
         speed = ref["time_s"] / r["time_s"] if ref and "time_s" in ref else None
-        ran = ", ".join(sorted(set((r.get("backends") or {}).values()))) or "not recorded"
-        lines.append(f"| {r['frames']} | {r['keep']} | {r['path']} | {r['time_s'] * 1e3:.1f} | {r['iqr_s'] * 1e3:.1f} | "
-                     f"{fmt(r.get('peak_above_weights_gib'), '.2f')} | {r['tflops']:.3g} | {fmt(r.get('mfu'), '.1%')} | "
-                     f"{r['frames_per_s']:.1f} | {fmt(speed, '.2f')} | {ran} |")
-    agree = [f"S={r['frames']}: cos {r['fast_vs_torch']['cos']:.6f}, relative error {r['fast_vs_torch']['rel_err']:.1e}"
+        lines.append(f"| {r['frames']} | {r['keep']} | {r['path']} | {r['time_s'] * 1e3:.1f} | "
+                     f"{r['iqr_s'] * 1e3:.1f} | {fmt(r.get('peak_above_weights_gib'), '.2f')} | {r['tflops']:.3g} | "
+                     f"{fmt(r.get('mfu'), '.1%')} | {r['frames_per_s']:.1f} | {fmt(speed, '.2f')} | "
+                     f"{ran_summary(r.get('backends'))} |")
+    agree = [f"S={r['frames']}: cos {r['fast_vs_torch']['cos']:.6f}, rel. error {r['fast_vs_torch']['rel_err']:.1e}"
              for r in rows if r["path"] == "fast" and r["keep"] == "all" and "cos" in r.get("fast_vs_torch", {})]
     if agree:
         lines += ["", "Last layer, fast vs torch path: " + "; ".join(agree) + "."]

@@ -467,3 +467,10 @@ def test_memory_search_bookkeeping_on_cpu(monkeypatch):
     assert sizes[:3] == [224, 448, 336] and sizes[-1] in (320, 336)
     assert all(t["ok"] == (t["size"] <= 320) for t in row["tries"])
     assert {t.get("error") for t in row["tries"] if not t["ok"]} == {"out of memory"}
+
+
+def test_ran_summary_and_note():
+    assert report.ran_summary(None) == "not recorded"
+    assert report.ran_summary({"a": "torch", "b": "torch"}) == "torch"
+    assert report.ran_summary({"b": "torch", "a": "triton"}) == "a=triton, b=torch"
+    assert report._note(dict(message="HF train mode", backends={"a": "cuda"})) == "HF train mode; ran: cuda"

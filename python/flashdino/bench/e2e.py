@@ -367,7 +367,8 @@ class Runner:
                 max_size=best, first_oom=hi_k * P if hi_k else None,
                 tokens=tokens_per_image(cfg, best) if best else None, tries=tries))
             self.log(f"memory {model_name} {group.dtype} {peer}: largest {best}x{best}"
-                     + (f", {hi_k * P}x{hi_k * P} runs out of memory" if hi_k else "") + (f" ({message})" if message else ""))
+                     + (f", {hi_k * P}x{hi_k * P} runs out of memory" if hi_k else "")
+                     + (f" ({message})" if message else ""))
 
 
 def search_largest(attempt: Callable[[int], Optional[float]], start: int, limit: int,

@@ -30,7 +30,8 @@ def measure_gemm_rate(device: torch.device, dtype: torch.dtype = torch.bfloat16,
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     secs = median_time(lambda: F.linear(a, b), device, warmup=3 if cuda else 1, repeats=repeats or (20 if cuda else 3))
-    return dict(n=n, dtype=str(dtype).replace("torch.", ""), op="F.linear", median_s=secs, flops_per_s=2.0 * n**3 / secs)
+    return dict(n=n, dtype=str(dtype).replace("torch.", ""), op="F.linear", median_s=secs,
+                flops_per_s=2.0 * n**3 / secs)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats: Optional[int] = None) -> dict:

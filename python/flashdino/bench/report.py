@@ -24,7 +24,7 @@ from .backends import dispatch_explain
 from .targets import fmt_target
 
 __all__ = ["environment", "cpu_info", "device_tag", "environment_lines", "rate_line", "save", "fmt_rate", "loadavg",
-           "render_markdown", "table_row"]
+           "render_markdown", "table_row", "ran_summary"]
 
 # The CPU features that decide which matmul kernels a CPU can use (bf16 / int8 dot products, AMX tiles).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile",
@@ -172,12 +172,17 @@ def _mib(v) -> str:
 def _note(row: dict) -> str:
     """The row's message, and which backend ran each op when flashdino's dispatch recorded it."""
     parts = [row["message"]] if row.get("message") else []
-    ran = row.get("backends")
-    if ran:
-        names = set(ran.values())
-        parts.append(f"ran: {names.pop()}" if len(names) == 1 else
-                     "ran: " + ", ".join(f"{op}={b}" for op, b in sorted(ran.items())))
+    if row.get("backends"):
+        parts.append(f"ran: {ran_summary(row['backends'])}")
     return "; ".join(parts)
+
+
+def ran_summary(ran: Optional[dict]) -> str:
+    """``torch`` when every op ran on one backend, else ``op=backend`` per op."""
+    if not ran:
+        return "not recorded"
+    names = set(ran.values())
+    return names.pop() if len(names) == 1 else ", ".join(f"{op}={b}" for op, b in sorted(ran.items()))
 
 
 def table_row(r: dict) -> str:

@@ -88,7 +88,7 @@ def median_time(fn: Callable[[], Any], device: torch.device, warmup: int = 3, re
 
 
 def interleaved(calls: dict[str, Callable[[int], Any]], rounds: int,
-                before_round: Optional[Callable[[int], None]] = None) -> tuple[dict[str, list], dict[str, BaseException]]:
+                before_round: Optional[Callable[[int], None]] = None) -> tuple[dict, dict]:
     """Host wall time of ``calls[name](round)``, taking turns call by call, the order rotated every round.
 
     A candidate that raises is dropped from the later rounds; returns (seconds per name, the
