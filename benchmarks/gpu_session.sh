@@ -22,11 +22,13 @@
 # on. Results go to $OUT (default benchmarks/results/gpu_<date>): a log per stage and a few
 # JSON / markdown files, ready to be committed under benchmarks/results/.
 #
-# Offline build: `pip install --no-build-isolation --no-deps -e .` needs scikit-build-core (>= 0.10,
-# with its dependencies packaging and pathspec), pybind11 (>= 2.12), cmake (>= 3.24) and ninja on
-# the machine. When they are missing, carry their wheels and point WHEELS at the folder
-# (pip installs them with --no-index); without them the session runs the Triton and PyTorch paths
-# from the source tree (no _C) and says so in the log.
+# No network: wheels that are not on the machine must be carried, and WHEELS pointed at their
+# folder (pip installs every *.whl there with --no-index before the build):
+# - the build (`pip install --no-build-isolation --no-deps -e .`): scikit-build-core >= 0.10 (with
+#   packaging, pathspec), pybind11 >= 2.12, cmake >= 3.24, ninja; without them the session runs
+#   the Triton and PyTorch paths from the source tree (no _C) and says so in the log;
+# - the tests: pytest; the kernels stage: pytest-benchmark (with py-cpuinfo). Without
+#   pytest-benchmark the tests still run (its options are dropped) and the kernels stage is skipped.
 set -uo pipefail
 
 STAGE=${1:-}
@@ -67,28 +69,26 @@ step() {
     return 0
 }
 
-built() { "$PY" -c "import flashdino._C" > /dev/null 2>&1; }
-
 build() {
-    if built; then
+    if has flashdino._C; then
         log "flashdino._C already builds and imports: reusing it"
         return
     fi
     if [[ -n "${WHEELS:-}" ]]; then
-        step "build tools from $WHEELS" 60 "$PY" -m pip install --no-index --find-links "$WHEELS" \
-            "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+        step "carried wheels from $WHEELS" 60 "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl
     fi
-    if ! "$PY" -c "import scikit_build_core, pybind11" > /dev/null 2>&1; then
+    if ! has scikit_build_core || ! has pybind11; then
         log "BUILD SKIPPED: scikit-build-core / pybind11 are not installed (carry their wheels, set WHEELS)"
     else
         export FLASHDINO_CUDA=ON FLASHDINO_CUDA_ARCHITECTURES=$ARCH
         step "build _C for sm_$ARCH" 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
     fi
-    if ! "$PY" -c "import flashdino" > /dev/null 2>&1; then
+    if ! has flashdino; then
         log "flashdino is not installed: using the source tree (Triton and PyTorch paths, no _C)"
         export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
     fi
     timeout 60 "$PY" -m flashdino info >> "$LOG" 2>&1
+    set_pytest
 }
 
 begin() {  # begin STAGE BUDGET_SECONDS
@@ -98,6 +98,13 @@ begin() {  # begin STAGE BUDGET_SECONDS
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$LOG" 2>&1
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
         >> "$LOG" 2>&1
+}
+
+has() { "$PY" -c "import $1" > /dev/null 2>&1; }
+
+set_pytest() {  # PYTEST: the project's pytest settings, less pytest-benchmark's options when it is absent
+    PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+    has pytest_benchmark || PYTEST+=(-o "addopts=-ra")
 }
 
 bench() {  # bench NAME MAX_SECONDS HARNESS_ARGS...: one end-to-end table as $OUT/NAME.{json,md}
@@ -117,7 +124,7 @@ stage_smoke() {
     else
         log "SKIPPED flashdino check: this checkout has no 'check' command yet"
     fi
-    step "GPU tests, default paths" 60 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
+    step "GPU tests, default paths" 60 "${PYTEST[@]}" -m "gpu and not slow" \
         -k "$DEFAULT_PATHS" --junitxml="$OUT/smoke_tests.xml" tests
     bench smoke_e2e 120 --models vitl16 --res 512 --batch 64 --dtypes bf16 --modes inference \
         --peers flashdino,flashdino-torch,hf --warmup 2 --repeats 10
@@ -126,8 +133,8 @@ stage_smoke() {
 stage_tests() {
     begin tests 480
     build
-    step "every GPU test" 330 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml="$OUT/tests_gpu.xml" tests
-    step "model tests" 120 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" --junitxml="$OUT/tests_models.xml" \
+    step "every GPU test" 330 "${PYTEST[@]}" -m gpu --junitxml="$OUT/tests_gpu.xml" tests
+    step "model tests" 120 "${PYTEST[@]}" -m "not gpu" --junitxml="$OUT/tests_models.xml" \
         tests/test_models.py tests/test_aggregator.py
 }
 
@@ -135,9 +142,13 @@ stage_kernels() {
     begin kernels 480
     build
     local suite
+    if ! has pytest_benchmark; then
+        log "SKIPPED kernel benchmarks: pytest-benchmark is not installed (carry its wheel, set WHEELS)"
+        return
+    fi
     # The kernel suites are the files under benchmarks/ that define pytest tests.
     for suite in $(grep -l "^def test_" benchmarks/*.py); do
-        step "kernels $(basename "$suite" .py)" 200 "$PY" -m pytest -q -p no:cacheprovider "$suite" \
+        step "kernels $(basename "$suite" .py)" 200 "${PYTEST[@]}" "$suite" \
             --benchmark-enable --benchmark-json="$OUT/kernels_$(basename "$suite" .py).json"
     done
 }
