@@ -44,7 +44,7 @@ from .flops import model_flops, tokens_per_image
 from .peers import DTYPES, PEERS, Case, ModelGroup, Skip, compare_tokens, peer_available, res_for
 from .probes import device_rates, measure_gemm_rate
 from .report import device_tag as report_tag
-from .report import environment, loadavg, rate_line, render_markdown, save, table_row
+from .report import environment, loadavg, rate_line, render_markdown, results_dir, save, table_row
 from .targets import add_speedups, build_plan, evaluate_targets, fmt_target
 from .timing import interleaved, is_oom, peak_memory_mib, short_error, summarize, sync, time_calls
 
@@ -458,13 +458,6 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def _default_out_dir() -> Path:
-    repo = Path(__file__).resolve().parents[3]
-    if (repo / "benchmarks").is_dir() and (repo / "python" / "flashdino").is_dir():
-        return repo / "benchmarks" / "results"
-    return Path.cwd() / "flashdino_bench_results"
-
-
 def _resolve_models(names: Sequence[str]) -> list[str]:
     return [resolve_name(MODEL_ALIASES.get(n.lower(), n)) for n in names]
 
@@ -554,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> di
                   settings=dict(models=models, res=args.res, dtypes=args.dtypes, modes=modes, peers=peers,
                                 warmup=args.warmup, repeats=args.repeats, rotate=args.rotate, depth=args.depth,
                                 interleaved=not gpu and not args.no_interleave))
-    out_dir = Path(args.out_dir) if args.out_dir else _default_out_dir()
+    out_dir = Path(args.out_dir) if args.out_dir else results_dir()
     stem = args.name or f"e2e_{report_tag(device)}"
 
     t_start = time.perf_counter()

@@ -24,7 +24,7 @@ from .backends import dispatch_explain
 from .targets import fmt_target
 
 __all__ = ["environment", "cpu_info", "device_tag", "environment_lines", "rate_line", "save", "fmt_rate", "loadavg",
-           "render_markdown", "table_row", "ran_summary"]
+           "render_markdown", "table_row", "ran_summary", "results_dir"]
 
 # The CPU features that decide which matmul kernels a CPU can use (bf16 / int8 dot products, AMX tiles).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_tile",
@@ -148,6 +148,14 @@ def rate_line(when: str, rates: dict) -> str:
     if isinstance(rates.get("copy"), dict) and "bytes_per_s" in rates["copy"]:
         parts.append(f"copy {rates['copy']['bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
     return f"device rates ({when}): " + ", ".join(parts)
+
+
+def results_dir() -> Path:
+    """``benchmarks/results`` of the checkout flashdino runs from, else ``./flashdino_bench_results``."""
+    repo = Path(__file__).resolve().parents[3]
+    if (repo / "benchmarks").is_dir() and (repo / "python" / "flashdino").is_dir():
+        return repo / "benchmarks" / "results"
+    return Path.cwd() / "flashdino_bench_results"
 
 
 def save(result: dict, markdown: str, out_dir: Path, stem: str) -> list[str]:
