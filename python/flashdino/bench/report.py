@@ -228,12 +228,12 @@ def render_markdown(result: dict) -> str:
                  "On a CPU the value in brackets is against GEMM probes run between the timed calls, i.e. under "
                  "the same load from other processes.")
     lines.append("- check: cosine similarity / relative L2 error of the output tokens against flashdino's "
-                 "PyTorch path (every op forced to the `torch` backend) on the same input and weights. HF and timm use fp32 "
-                 "RoPE periods, flashdino the official bf16-rounded ones: a small DINOv3 difference is expected. "
+                 "PyTorch path (every op forced to the `torch` backend) on the same input and weights. HF and timm "
+                 "use fp32 RoPE periods, flashdino the official bf16-rounded ones: a small DINOv3 difference is expected. "
                  "HF DINOv2 interpolates its position table without the official 0.1 offset (differs below 518 px).")
-    lines.append("- time: median over the timed calls, IQR = their inter-quartile range; " + ("CUDA events per call (latency: host wall clock, "
-                 "synchronised per call); peak mem = the most one call allocates above the resident weights and "
-                 "inputs." if env.get("gpu") else "time.perf_counter per call, peers interleaved call by call; "
+    lines.append("- time: median over the timed calls, IQR = their inter-quartile range; "
+                 + ("CUDA events per call (latency: host wall clock, synchronised per call); peak mem = the "
+                    "most one call allocates above the resident weights and inputs." if env.get("gpu") else "time.perf_counter per call, peers interleaved call by call; "
                  "peak memory is not measured on a CPU."))
     lines.append("")
     for mode in ("inference", "latency", "training"):
