@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import shlex
 import sys
 from pathlib import Path
 
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     rate = measure_gemm_rate(device, torch.bfloat16)["flops_per_s"] if cuda else None
     tag = "cpu-smoke" if args.cpu_smoke else device_tag(device)
     stem = args.name or f"aggregator_{tag}_{args.precision}"
-    result = dict(command=" ".join(["python benchmarks/bench_aggregator.py", *(argv or sys.argv[1:])]),
+    argv = sys.argv[1:] if argv is None else list(argv)
+    result = dict(command=shlex.join(["python", "benchmarks/bench_aggregator.py", *argv]),
                   environment=environment(device), rows=[],
                   meta=dict(device=torch.cuda.get_device_name() if cuda else "cpu", precision=args.precision,
                             config={k: v for k, v in cfg.items()}, image_size=[H, W], batch=args.batch,
