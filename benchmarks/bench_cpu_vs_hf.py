@@ -1,160 +1,62 @@
-"""flashdino's PyTorch path vs Hugging Face ``DINOv3ViTModel`` on the CPU, side by side in one process.
+"""flashdino's PyTorch path vs Hugging Face ``DINOv3ViTModel`` on the CPU, interleaved in one process.
 
-Both models hold the same random weights (HF's are converted through flashdino's HF loader).
-Cases: ViT-S/16 at 224 (batch 8) and ViT-B/16 at 512 (batch 2), in fp32, under bf16 autocast,
-and with bf16 weights. Prints a markdown table and writes JSON + markdown to benchmarks/results/.
+The cases of the README's CPU table, run by flashdino's harness (``flashdino bench``) with the
+same weights in both models: ViT-S/16 at 224 (batch 8) and ViT-B/16 at 512 (batch 2), each in fp32,
+under bf16 autocast (``amp``) and with bf16 weights. Writes ``benchmarks/results/cpu_vs_hf.{json,md}``.
 
-    python benchmarks/bench_cpu_vs_hf.py            # full table (a few minutes on 2 cores)
-    python benchmarks/bench_cpu_vs_hf.py --quick    # CI-sized: ViT-S only, fewer repeats
+    python benchmarks/bench_cpu_vs_hf.py                      # full table (minutes on 2 cores)
+    python benchmarks/bench_cpu_vs_hf.py --quick              # ViT-S/16 only, 3 repeats
+    python benchmarks/bench_cpu_vs_hf.py --quick --depth 1 --res 32 --batch 2 --no-save   # plumbing check
+
+Any other option is passed to the harness (see ``flashdino bench --help``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
-import platform
-import statistics
+import shlex
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
+try:
+    import flashdino  # noqa: F401
+except ImportError:  # a bare checkout: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from flashdino.bench import main as bench_main  # noqa: E402
+from flashdino.bench.report import render_markdown, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-CASES = {
-    "vits16@224xb8": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
-                          size=224, batch=8),
-    "vitb16@512xb2": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                          size=512, batch=2),
-}
+# (model, resolution, batch) of each case.
+CASES = (("vits16", 224, 8), ("vitb16", 512, 2))
 
 
-def build_pair(case: dict):
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-
-    import flashdino
-
-    cfg = DINOv3ViTConfig(
-        hidden_size=case["hidden_size"], intermediate_size=case["intermediate_size"],
-        num_hidden_layers=case["num_hidden_layers"], num_attention_heads=case["num_attention_heads"],
-        num_register_tokens=4, patch_size=16, image_size=224, attn_implementation="sdpa",
-    )
-    hf = DINOv3ViTModel(cfg).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        fd = flashdino.from_pretrained(tmp).eval()
-    return hf, fd
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure_pair(fn_a, fn_b, repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """Median times of two callables, interleaved call by call so load and clock drift hit both alike."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn_a()
-            fn_b()
-        times_a, times_b = [], []
-        for i in range(repeats):
-            order = ((fn_a, times_a), (fn_b, times_b)) if i % 2 == 0 else ((fn_b, times_b), (fn_a, times_a))
-            for fn, times in order:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times_a), statistics.median(times_b)
-
-
-def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def run(cases: list[str], repeats: int, modes_wanted: dict) -> list[dict]:
-    rows = []
-    for name in cases:
-        case = CASES[name]
-        hf, fd = build_pair(case)
-        x = torch.randn(case["batch"], 3, case["size"], case["size"])
-        modes = {
-            "fp32": (hf, fd, x, contextlib.nullcontext),
-            "bf16 autocast": (hf, fd, x, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
-        }
-        hf16 = type(hf)(hf.config).eval()
-        hf16.load_state_dict(hf.state_dict())
-        fd16 = type(fd)(fd.cfg).eval()
-        fd16.load_state_dict(fd.state_dict())
-        modes["bf16 weights"] = (hf16.to(torch.bfloat16), fd16.to(torch.bfloat16), x.bfloat16(),
-                                 contextlib.nullcontext)
-        for mode, (hf_m, fd_m, inp, ctx) in modes.items():
-            if mode not in modes_wanted.get(name, modes):
-                continue
-            def run_hf():
-                with ctx():
-                    return hf_m(pixel_values=inp).last_hidden_state
-
-            def run_fd():
-                with ctx():
-                    return fd_m.forward_features(inp)
-
-            with torch.inference_mode():
-                ref = run_hf()
-                out = run_fd()
-            # Same weights, same semantics up to RoPE periods (HF recomputes fp32 periods).
-            fd_tokens = torch.cat([out["x_norm_clstoken"][:, None], out["x_storage_tokens"],
-                                   out["x_norm_patchtokens"]], dim=1)
-            deviation = max_rel_diff(fd_tokens, ref)
-            t_hf, t_fd = measure_pair(run_hf, run_fd, repeats)
-            row = dict(case=name, mode=mode, hf_s=t_hf, flashdino_s=t_fd, speedup=t_hf / t_fd,
-                       max_rel_deviation=deviation)
-            rows.append(row)
-            print(f"{name:16s} {mode:14s} HF {t_hf * 1e3:8.1f} ms  flashdino {t_fd * 1e3:8.1f} ms  "
-                  f"x{t_hf / t_fd:.2f}  (max rel dev {deviation:.1e})", flush=True)
-    return rows
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="ViT-S/16 only, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--fp32-only-large", action="store_true",
-                        help="ViT-B/16 at 512 in fp32 only (bf16 GEMMs are very slow on CPUs without AMX/AVX512-BF16)")
-    args = parser.parse_args(argv)
-    cases = ["vits16@224xb8"] if args.quick else list(CASES)
-    repeats = args.repeats or (3 if args.quick else 7)
-    torch.manual_seed(0)
-    modes_wanted = {"vitb16@512xb2": ("fp32",)} if args.fp32_only_large else {}
-    rows = run(cases, repeats, modes_wanted)
-    import transformers
-
-    import os
-
-    meta = dict(date=datetime.date.today().isoformat(), machine=_cpu_name(), load_average=os.getloadavg(),
-                cpu_threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
-                python=sys.version.split()[0])
-    lines = [f"{meta['machine']}, {meta['cpu_threads']} threads, torch {meta['torch']}, "
-             f"transformers {meta['transformers']}, {meta['date']}, load average {meta['load_average'][0]:.1f}", "", "| case | mode | HF eager (ms) | flashdino (ms) | speed-up |", "|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['mode']} | {r['hf_s'] * 1e3:.1f} | {r['flashdino_s'] * 1e3:.1f} | "
-              f"{r['speedup']:.2f}x |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="ViT-S/16 only, 3 repeats")
+    ap.add_argument("--fp32-only-large", action="store_true",
+                    help="ViT-B/16 at 512 in fp32 only (bf16 GEMMs are very slow on CPUs without AMX/AVX512-BF16)")
+    ap.add_argument("--no-save", action="store_true")
+    args, rest = ap.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    merged = None
+    for model, res, batch in CASES[:1] if args.quick else CASES:
+        dtypes = "fp32" if args.fp32_only_large and model == "vitb16" else "fp32,amp,bf16"
+        harness = ["--device", "cpu", "--models", model, "--res", str(res), "--batch", str(batch), "--dtypes", dtypes,
+                   "--modes", "inference", "--peers", "flashdino,hf", "--repeats", "3" if args.quick else "7",
+                   "--no-save"] + rest  # later options win: the caller's override these defaults
+        result = bench_main(harness + ["--quiet"], prog="flashdino bench")
+        if merged is None:
+            merged = result
+        else:
+            merged["rows"] += result["rows"]
+            merged["notes"] += [n for n in result["notes"] if n not in merged["notes"]]
+    merged["command"] = shlex.join(["python", "benchmarks/bench_cpu_vs_hf.py", *argv])
+    md = render_markdown(merged)
+    print(md)
     if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = "cpu_vs_hf_quick" if args.quick else "cpu_vs_hf"
-        (RESULTS / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-        (RESULTS / f"{stem}.md").write_text(table + "\n")
-    return rows
+        merged["files"] = save(merged, md, RESULTS, "cpu_vs_hf_quick" if args.quick else "cpu_vs_hf")
+    return merged
 
 
 if __name__ == "__main__":

@@ -1,7 +1,4 @@
-"""End-to-end benchmark of flashdino against HF transformers, torch.compile(HF) and timm.
-
-A thin script around :func:`flashdino.bench.main` (also ``flashdino bench``); see that module
-for the method, the options and where results go.
+"""``flashdino bench`` from a checkout: the end-to-end harness of :mod:`flashdino.bench`.
 
     python benchmarks/e2e.py --ci                       # CI-sized CPU table -> benchmarks/results/e2e_cpu.*
     python benchmarks/e2e.py                            # full GPU run -> benchmarks/results/e2e_<gpu>.*

@@ -1,17 +1,25 @@
-"""The end-to-end benchmark harness (flashdino.bench): FLOP formula, device rates, the CPU run end to end,
-peers that are not installed, and the target evaluation."""
+"""The benchmark harness (flashdino.bench): FLOP formulas, timing statistics, device rates, backend forcing,
+the CPU run end to end, peers that are not installed, the target evaluation and the benchmarks/ scripts."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import os
+import runpy
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import flashdino
 from flashdino import bench
+from flashdino.bench import backends, flops, report, timing
 from flashdino.bench import compare_tokens, evaluate_targets, flop_breakdown, model_flops, tokens_per_image
+from flashdino.bench.peers import fd_to_timm, res_for
+from flashdino.bench.targets import fmt_target
 
 
 def _tiny(ffn="mlp", **kw):
@@ -184,7 +192,7 @@ def test_targets_met_missed_and_margins():
     # GPU targets are not evaluated on a CPU run; a missing case is n/a.
     assert not any(t.startswith("vitl16") for t in got)
     assert evaluate_targets([], torch.device("cpu"), None, True)[0]["status"] == "n/a"
-    lines = [bench._fmt_target(t) for t in got.values()]
+    lines = [fmt_target(t) for t in got.values()]
     assert any(line.startswith("- MET") and "+10.0%" in line for line in lines)
 
 
@@ -201,14 +209,14 @@ def test_latency_target_uses_time_ratio():
 
 def test_dinov2_resolution_rounding():
     cfg = flashdino.get_config("dinov2_vitl14")
-    assert bench._res_for(cfg, 512) == 518 and bench._res_for(cfg, 224) == 224
-    assert bench._res_for(flashdino.get_config("dinov3_vitl16"), 512) == 512
+    assert res_for(cfg, 512) == 518 and res_for(cfg, 224) == 224
+    assert res_for(flashdino.get_config("dinov3_vitl16"), 512) == 512
 
 
 def test_fd_to_timm_keys():
     cfg = flashdino.get_config("dinov3_vits16plus", depth=1)
     sd = flashdino.models.build_model(cfg).state_dict()
-    out, notes = bench._fd_to_timm(sd, cfg)
+    out, notes = fd_to_timm(sd, cfg)
     assert "reg_token" in out and "blocks.0.gamma_1" in out and "blocks.0.mlp.fc1_g.weight" in out
     assert "blocks.0.attn.q_bias" in out and "blocks.0.attn.v_bias" in out and "blocks.0.attn.qkv.bias" not in out
     assert not any(k.startswith(("mask_token", "rope_embed")) for k in out)
@@ -265,3 +273,204 @@ def test_memory_mode_is_skipped_on_cpu(tmp_path):
                          "--gemm-size", "64", "--no-save", "--quiet"])
     assert result["memory"] == [] and result["rows"] == []
     assert any("memory mode skipped" in n for n in result["notes"])
+
+
+# -- timing, backends, report ---------------------------------------------------------------------------------
+def test_summarize_quartiles():
+    s = timing.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s["time_s"], s["q1_s"], s["q3_s"], s["iqr_s"]) == (3.0, 2.0, 4.0, 2.0)
+    assert (s["min_s"], s["max_s"], s["samples"]) == (1.0, 5.0, 5)
+    one = timing.summarize([0.5])
+    assert one["time_s"] == one["q1_s"] == one["q3_s"] == 0.5 and one["iqr_s"] == 0
+    with pytest.raises(ValueError):
+        timing.summarize([])
+
+
+def test_interleaved_rotates_and_drops_failures():
+    order, rounds = [], []
+
+    def ok(name):
+        return lambda r: order.append((r, name))
+
+    def broken(r):
+        raise RuntimeError("boom")
+
+    samples, errors = timing.interleaved({"a": ok("a"), "b": ok("b"), "c": ok("c"), "x": broken}, 3,
+                                         before_round=rounds.append)
+    assert rounds == [0, 1, 2]
+    # Every round starts one candidate later, so none always runs first (or right after another).
+    assert [n for r, n in order if r == 0] == ["a", "b", "c"]
+    assert [n for r, n in order if r == 1] == ["b", "c", "a"]
+    assert [n for r, n in order if r == 2] == ["c", "a", "b"]
+    assert {n: len(v) for n, v in samples.items()} == {"a": 3, "b": 3, "c": 3, "x": 0}
+    assert all(t >= 0 for v in samples.values() for t in v)
+    assert list(errors) == ["x"] and "boom" in str(errors["x"])
+
+
+def test_forced_backend_forces_every_op_and_restores(monkeypatch):
+    from flashdino import dispatch
+
+    cuda = torch.device("cuda")  # dispatch decides for a CUDA device without needing one
+    monkeypatch.setenv("FLASHDINO_BACKEND", "auto")
+    default = {op: name for op, (name, _) in dispatch.explain(cuda).items()}
+    with backends.forced_backend("torch"):
+        assert {name for name, _ in dispatch.explain(cuda).values()} == {"torch"}
+    assert {op: name for op, (name, _) in dispatch.explain(cuda).items()} == default
+    assert os.environ["FLASHDINO_BACKEND"] == "auto"  # the caller's setting survives
+    with backends.forced_backend(None):
+        assert {op: name for op, (name, _) in dispatch.explain(cuda).items()} == default
+
+
+def test_forced_backend_prefers_dispatch_use(monkeypatch):
+    from flashdino import dispatch
+
+    entered = []
+
+    @contextlib.contextmanager
+    def use(name):
+        entered.append(name)
+        yield
+
+    monkeypatch.setattr(dispatch, "use", use, raising=False)
+    monkeypatch.delenv("FLASHDINO_BACKEND", raising=False)
+    with backends.forced_backend("torch"):
+        assert "FLASHDINO_BACKEND" not in os.environ  # steered through dispatch, not the environment
+    assert entered == ["torch"]
+
+
+def test_backends_ran(monkeypatch):
+    from flashdino import dispatch
+
+    monkeypatch.delattr(dispatch, "last_backend", raising=False)
+    assert backends.backends_ran() is None
+    ran = {"rope_attention": "triton", "final_norm": "torch"}
+    monkeypatch.setattr(dispatch, "last_backend", ran.get, raising=False)
+    assert backends.backends_ran() == ran  # ops that never ran are left out
+
+
+def test_cpu_info_and_environment_lines():
+    info = report.cpu_info()
+    assert info["cpu"] and set(info["cpu_isa"]) <= set(report.ISA_FLAGS)
+    env = report.environment(torch.device("cpu"))
+    lines = "\n".join(report.environment_lines(env, "flashdino bench --ci"))
+    assert f"CPU {info['cpu']}" in lines and "ISA:" in lines and "`flashdino bench --ci`" in lines
+    for isa in info["cpu_isa"]:
+        assert isa in lines
+
+
+def test_aggregator_flops_match_torch_flop_counter():
+    """GEMM + conv FLOPs counted by torch equal the formula minus attention (frame, global, patch-embed ViT)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = flashdino.Aggregator(embed_dim=64, depth=2, num_heads=4, patch_embed="dinov2_vitl14_reg",
+                                 patch_embed_kwargs=dict(embed_dim=64, depth=1, num_heads=4)).eval()
+    B, S, H, W = 1, 3, 28, 42
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(B, S, 3, H, W))
+    n_img, n_tok = B * S, model.patch_start_idx + (H // 14) * (W // 14)  # 5 special + 6 patch tokens per frame
+    attention = (4 * n_img * n_tok * n_tok * 64) * (1 + 2) + 2 * (4 * n_img * n_tok * S * n_tok * 64)
+    counts = {str(k) for k in counter.get_flop_counts()["Global"]}
+    expected = flops.aggregator_flops(model, B, S, H, W)
+    if not any("attention" in k for k in counts):
+        expected -= attention
+    assert counter.get_total_flops() == expected
+
+
+def test_result_is_saved_after_each_model(tmp_path, monkeypatch):
+    """A run stopped part way (a GPU session's timeout) keeps the models it finished."""
+    from flashdino.bench import e2e
+
+    saved = []
+    real_save = e2e.save
+    monkeypatch.setattr(e2e, "save", lambda result, md, out, stem: saved.append(len(result["rows"])) or
+                        real_save(result, md, out, stem))
+    bench.main(_TINY_ARGS + ["--modes", "inference", "--peers", "flashdino", "--dtypes", "fp32,bf16",
+                             "--out-dir", str(tmp_path)])
+    assert saved == [1, 2, 2]  # after each (model, dtype), then the final result
+    row = json.loads((tmp_path / "tiny.json").read_text())["rows"][0]
+    assert row["q1_s"] <= row["time_s"] <= row["q3_s"] and row["iqr_s"] >= 0
+
+
+# -- the benchmarks/ scripts, in their smallest CPU mode --------------------------------------------------------
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", _BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_cpu_vs_hf_quick(capsys):
+    pytest.importorskip("transformers")
+    result = _script("bench_cpu_vs_hf").main(["--quick", "--depth", "1", "--res", "32", "--batch", "2",
+                                              "--repeats", "1", "--gemm-size", "64", "--no-save"])
+    rows = {(r["dtype"], r["peer"]): r for r in result["rows"]}
+    assert set(rows) == {(d, p) for d in ("fp32", "amp", "bf16") for p in ("flashdino", "hf")}
+    assert all(r["status"] == "ok" and r["batch"] == 2 and r["res"] == 32 for r in rows.values())
+    for d in ("fp32", "amp", "bf16"):
+        assert set(rows[(d, "flashdino")]["speedup"]) == {"hf"}
+        assert rows[(d, "hf")]["check"]["cos"] > 0.999
+    assert result["command"].startswith("python benchmarks/bench_cpu_vs_hf.py --quick")
+    assert "| dinov3_vits16 (depth 1) | 32 | 2 | amp | hf |" in capsys.readouterr().out
+
+
+def test_script_aggregator_cpu_smoke(tmp_path):
+    assert _script("bench_aggregator").main(["--cpu-smoke", "--frames", "1", "2", "--out", str(tmp_path),
+                                             "--name", "agg"]) == 0
+    data = json.loads((tmp_path / "agg.json").read_text())
+    assert [(r["frames"], r["keep"], r["path"]) for r in data["rows"]] == [
+        (s, k, p) for s in (1, 2) for k in ("all", "last") for p in ("fast", "torch")]
+    for r in data["rows"]:
+        assert r["time_s"] > 0 and r["q1_s"] <= r["time_s"] <= r["q3_s"] and r["gflop"] > 0
+        assert r["fast_vs_torch"]["rel_err"] < 1e-6  # a CPU runs the same PyTorch path twice
+    assert data["environment"]["cpu"] and "| S | keep | path |" in (tmp_path / "agg.md").read_text()
+
+
+def test_script_e2e_and_util(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["e2e.py"] + _TINY_ARGS + ["--modes", "inference", "--peers", "flashdino",
+                                                                "--out-dir", str(tmp_path)])
+    runpy.run_path(str(_BENCHMARKS / "e2e.py"), run_name="__main__")
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert data["command"].startswith("python benchmarks/e2e.py --device cpu") and data["rows"][0]["status"] == "ok"
+    util = _script("_util")
+    assert util.attention_flops(2, 3, 5, 7, 8) == 4 * 2 * 3 * 5 * 7 * 8
+    assert util.attention_flops(1, 1, 4, 4, 4, backward=True) == 3.5 * 4 * 4 * 4 * 4
+    for name in ("cuda_median_ms", "synced", "record", "gemm_tflops"):  # the names the kernel suites import
+        assert callable(getattr(util, name))
+
+
+def test_memory_search_bookkeeping_on_cpu(monkeypatch):
+    """The memory mode's records, with the GPU's out-of-memory error simulated above 320 px."""
+    import argparse
+
+    from flashdino.bench import e2e
+    from flashdino.bench.peers import ModelGroup
+
+    def fake_peak(fn, device):
+        out = fn()
+        if out["x_norm_patchtokens"].shape[1] > (320 // 16) ** 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate ...")
+        return 1.0
+
+    monkeypatch.setattr(e2e, "peak_memory_mib", fake_peak)
+    group = ModelGroup(flashdino.get_config("dinov3_vits16", depth=1, embed_dim=32, num_heads=2), "fp32",
+                       torch.device("cpu"), ["flashdino"], print)
+    group.build()
+    runner = e2e.Runner(argparse.Namespace(max_size=1024, max_try_s=60.0), torch.device("cpu"), lambda s: None)
+    runner.run_memory(group, "dinov3_vits16", ["flashdino", "flashdino-graphs"])
+    (row,) = runner.memory_rows  # CUDA graphs are not searched: they hold a copy of every buffer
+    assert row["status"] == "ok" and row["max_size"] == 320 and row["first_oom"] == 336
+    assert row["tokens"] == 1 + 4 + 20 * 20
+    sizes = [t["size"] for t in row["tries"]]
+    assert sizes[:3] == [224, 448, 336] and sizes[-1] in (320, 336)
+    assert all(t["ok"] == (t["size"] <= 320) for t in row["tries"])
+    assert {t.get("error") for t in row["tries"] if not t["ok"]} == {"out of memory"}
+
+
+def test_ran_summary_and_note():
+    assert report.ran_summary(None) == "not recorded"
+    assert report.ran_summary({"a": "torch", "b": "torch"}) == "torch"
+    assert report.ran_summary({"b": "torch", "a": "triton"}) == "a=triton, b=torch"
+    assert report._note(dict(message="HF train mode", backends={"a": "cuda"})) == "HF train mode; ran: cuda"

@@ -1,0 +1,66 @@
+"""Which flashdino backend a benchmark runs, and which one actually ran.
+
+The only place in the benchmarks that steers dispatch: ``forced_backend("torch")`` for the
+reference path, ``forced_backend(None)`` for the default choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from .. import dispatch
+
+__all__ = ["forced_backend", "backends_ran", "dispatch_explain"]
+
+
+@contextlib.contextmanager
+def forced_backend(name: Optional[str]) -> Iterator[None]:
+    """Forces every op to ``name`` inside the block; ``None`` leaves the default dispatch alone."""
+    if name is None:
+        yield
+        return
+    use = getattr(dispatch, "use", None)
+    if use is not None:
+        with use(name):
+            yield
+        return
+    # Until dispatch.use exists: the documented environment switch, restored on exit.
+    saved = os.environ.get("FLASHDINO_BACKEND")
+    os.environ["FLASHDINO_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FLASHDINO_BACKEND", None)
+        else:
+            os.environ["FLASHDINO_BACKEND"] = saved
+
+
+def _ops() -> list[str]:
+    return sorted(dispatch.explain(torch.device("cpu")))
+
+
+def backends_ran() -> Optional[dict[str, str]]:
+    """{op: backend of its last call in this process} for the ops that ran, or None when dispatch
+    does not record it."""
+    last = getattr(dispatch, "last_backend", None)
+    if last is None:
+        return None
+    out = {}
+    for op in _ops():
+        name = last(op)
+        if name is not None:
+            out[op] = name if isinstance(name, str) else str(name)
+    return out
+
+
+def dispatch_explain(device: torch.device) -> dict | str:
+    """{op: "backend (reason)"} for a typical call on ``device``; a report line, never an error."""
+    try:
+        return {op: f"{name} ({why})" for op, (name, why) in dispatch.explain(device).items()}
+    except Exception as exc:
+        return f"unavailable: {exc}"
