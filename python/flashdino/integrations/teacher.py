@@ -147,8 +147,11 @@ class DinoV3Teacher(nn.Module):
     def preprocess(self, images) -> Tensor:
         return self.preprocessor(images, device=self.device)
 
+    def _autocasting(self) -> bool:
+        return self.device.type == "cuda" and self.compute_dtype != torch.float32
+
     def _autocast(self):
-        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
+        if self._autocasting():
             return torch.autocast("cuda", dtype=self.compute_dtype)
         import contextlib
 
@@ -156,10 +159,8 @@ class DinoV3Teacher(nn.Module):
 
     def _input(self, images) -> Tensor:
         x = self.preprocess(images)
-        weight_dtype = self.model.cls_token.dtype
-        if self.device.type != "cuda" and weight_dtype != torch.float32:
-            x = x.to(weight_dtype)
-        return x
+        # without autocast the input must have the weights' dtype (also after teacher.to(torch.bfloat16))
+        return x if self._autocasting() else x.to(self.model.cls_token.dtype)
 
     # no_grad, not inference_mode: the outputs are ordinary tensors that a distillation loss may save
     # for backward and that may be modified in place (the reference teacher runs under no_grad too).
