@@ -379,7 +379,8 @@ def test_004_fusion_adapter_document_signature_order_and_layers(fusion_mode):
         torch.testing.assert_close(fused, _document_fusion(adapter, mast3r_features, dinov2_features))
     fused.sum().backward()
     assert adapter.dinov2_proj.weight.grad is not None
-    with pytest.raises(ValueError, match=r"mast3r_features has 64 channels.*adapter\(mast3r_features, dinov2_features\)"):
+    with pytest.raises(ValueError, match=r"mast3r_features has 64 channels.*"
+                                         r"adapter\(mast3r_features, dinov2_features\)"):
         adapter(dinov2_features, mast3r_features)
 
 

@@ -169,8 +169,9 @@ class DINOv2FeatureFusionAdapter(nn.Module):
         channels = x.shape[1] if x.dim() == 4 else x.shape[-1]
         if channels != dim:
             layout = "[B, C, H, W]" if x.dim() == 4 else "[B, N, C]"
-            raise ValueError(f"{name} has {channels} channels (shape {tuple(x.shape)}, {layout}) but the adapter was "
-                             f"built with {dim_name}={dim}; the call order is adapter(mast3r_features, dinov2_features)")
+            raise ValueError(f"{name} has {channels} channels (shape {tuple(x.shape)}, {layout}) but the adapter "
+                             f"was built with {dim_name}={dim}; the call order is "
+                             "adapter(mast3r_features, dinov2_features)")
 
     def forward(self, mast3r_features: Tensor, dinov2_features: Tensor) -> Tensor:
         self._check(mast3r_features, self.mast3r_dim, "mast3r_features", "mast3r_dim")
@@ -241,4 +242,5 @@ def multiscale_feature_maps(model, images: Tensor, layers: Sequence[int] = (5, 1
     return list(model.get_intermediate_layers(images, n=idx, reshape=True, norm=norm))
 
 
-__all__ = ["FeatureFusionAdapter", "DINOv2FeatureFusionAdapter", "FUSION_MODES", "patch_tokens_to_map", "multiscale_feature_maps"]
+__all__ = ["FeatureFusionAdapter", "DINOv2FeatureFusionAdapter", "FUSION_MODES", "patch_tokens_to_map",
+           "multiscale_feature_maps"]

@@ -44,9 +44,10 @@ def _aggregator_class():
 class IntegratedModel(nn.Module):
     """Backbone features for single frames; VGGT aggregator features for frame sequences.
 
-    backbone (or dinov3_model): variant name or alias. weights: checkpoint / HF folder / hub id for the backbone (None:
-    random initialisation, with a warning). use_aggregator: also build a :class:`flashdino.Aggregator`
-    whose patch embedding is this backbone (its dims become the aggregator's). aa_order: the
+    backbone (or dinov3_model): variant name or alias. weights: checkpoint / HF folder / hub id for
+    the backbone (None: random initialisation, with a warning). use_aggregator: also build a
+    :class:`flashdino.Aggregator` whose patch embedding is this backbone (its dims become the
+    aggregator's); its last layer is returned as ``features`` too. aa_order: the
     aggregator's frame / global order. aggregator_kwargs: other Aggregator arguments (``depth``,
     ``intermediate_layer_idx``, ...). preprocessing: :class:`flashdino.preprocess.Preprocessor`
     arguments for single frames (default: keep the size, crop to a patch multiple). overrides:

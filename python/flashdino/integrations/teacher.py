@@ -34,7 +34,8 @@ class DinoV3Config:
     """Where the teacher's files are and how to run it.
 
     root: the HF-format model folder. image_size: override the preprocessor's size (an int, (h, w),
-    or 0 to keep each input's size, cropped to a multiple of the patch size). dtype: compute dtype
+    or 0 to keep each input's size; a remainder below a whole patch is dropped at the bottom / right,
+    as the model itself does). dtype: compute dtype
     (bfloat16 runs under autocast on CUDA). layers: default blocks of ``extract_intermediate``.
     """
 
