@@ -531,6 +531,12 @@ def test_build_from_config_dtype_and_preprocessing(tmp_path):
     ("backbone: [1, 2]\n", r"c\.yaml: backbone must be a mapping"),
     ("backbone:\n  name: [unclosed\n", r"c\.yaml: malformed YAML"),
     ("- just\n- a list\n", r"top level must be a mapping"),
+    # the Spatial-MLLM layout (model: / dinov3_model / architecture fields next to the name)
+    ("model: 3\n", r"c\.yaml: model must be a mapping"),
+    ("model:\n  backbone:\n    name: small\nbackbone:\n  name: base\n", r"backbone given both at the top level and under model"),
+    ("backbone:\n  name: small\n  dinov3_model: base\n", r"backbone\.name \('small'\) and backbone\.dinov3_model \('base'\)"),
+    ("model:\n  backbone:\n    dinov3_model: small\n    embed_dm: 64\n", r"backbone\.embed_dm: unknown key; did you mean 'embed_dim'\?"),
+    ("model:\n  backbone:\n    dinov3_model: dinov3_vitg16\n", r"backbone\.name: 'dinov3_vitg16' was never released"),
 ])
 def test_load_config_errors_name_file_and_key(tmp_path, text, match):
     f = tmp_path / "c.yaml"

@@ -33,6 +33,7 @@ from transformers.models.dinov3_vit.image_processing_dinov3_vit import DINOv3ViT
 TINY = dict(embed_dim=64, depth=2, num_heads=4)  # ffn_ratio 4 (MLP) / 6 (SwiGLU plus): intermediate 256
 HF_TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_register_tokens=4)
+REPO = Path(__file__).resolve().parents[1]
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -409,7 +410,9 @@ def test_004_dinov2_stream_matches_hf_and_document_bug_is_caught(tmp_path):
                                                             layerscale_value=1.0)).eval()
     randomise(hf, seed=6)
     hf.save_pretrained(tmp_path)
-    dinov2 = flashdino.from_pretrained(tmp_path).eval()  # stands in for torch.hub.load('facebookresearch/dinov2', ...)
+    # the document's torch.hub.load('facebookresearch/dinov2', 'dinov2_vits14'), from flashdino's hubconf
+    dinov2 = torch.hub.load(str(REPO), "dinov2_vits14", source="local", weights=str(tmp_path), embed_dim=64, depth=2,
+                            num_heads=4, img_size=56).eval()
     dinov2.requires_grad_(False)
     image_pair = torch.rand(2, 3, 56, 56)
     torchvision = pytest.importorskip("torchvision")
