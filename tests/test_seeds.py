@@ -316,6 +316,32 @@ def test_003_teacher_reproduces_hf_processor_and_model(v3, tmp_path, size):
             assert cosine_min(wrong, ref[:, 5:]) < 0.99
 
 
+DOC_PREPROCESSOR_CONFIG = """{
+  "image_mean": [0.485, 0.456, 0.406],
+  "image_std": [0.229, 0.224, 0.225],
+  "size": {"height": 518, "width": 518},
+  "patch_size": 16,
+  "num_register_tokens": 4
+}"""
+
+
+def test_003_documents_own_preprocessor_config(v3, tmp_path):
+    hf, folder = v3
+    root = tmp_path / "dinov3"
+    root.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (root / name).write_bytes((folder / name).read_bytes())
+    (root / "preprocessor_config.json").write_text(DOC_PREPROCESSOR_CONFIG)
+    teacher = DinoV3Teacher(DinoV3Config(root=root), device=torch.device("cpu"))
+    use_fp32_periods(teacher.model)
+    images = rand_u8(1, 3, 200, 330)
+    proc = DINOv3ViTImageProcessor.from_pretrained(root)
+    ref = hf_last(hf, proc(images=list(images), return_tensors="pt")["pixel_values"])
+    feature_map = teacher.extract_feature_map(images)
+    assert feature_map.shape == (1, 64, 32, 32)  # 518 px, 16-px patches: 32 x 32, not the document's 14 x 14
+    close(feature_map.flatten(2).transpose(1, 2), ref[:, 5:], "teacher, the document's preprocessor_config.json")
+
+
 def test_003_teacher_is_a_frozen_module_with_plain_outputs(v3, tmp_path):
     hf, _ = v3
     teacher = DinoV3Teacher(DinoV3Config(root=_teacher_folder(hf, tmp_path, 64)), device=torch.device("cpu"))

@@ -166,7 +166,10 @@ def _from_document_layout(data: dict, origin: str) -> dict:
     arch = {k: backbone.pop(k) for k in list(backbone) if k in _arch_fields() and k not in SCHEMA["backbone"]}
     if arch:
         overrides = backbone.get("overrides")
-        overrides = dict(overrides) if isinstance(overrides, dict) else {}
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"{origin}: backbone.overrides must be a mapping of architecture fields, got "
+                              f"{overrides!r} ({type(overrides).__name__})")
+        overrides = dict(overrides or {})
         for k, v in arch.items():
             if k in overrides and overrides[k] != v:
                 raise ConfigError(f"{origin}: backbone.{k} ({v!r}) and backbone.overrides.{k} ({overrides[k]!r}) "
