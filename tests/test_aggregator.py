@@ -494,6 +494,34 @@ def test_constructor_variants():
     Aggregator(embed_dim=64, depth=2, num_heads=4, block_fn=object, patch_embed="conv")  # block_fn accepted
 
 
+def test_constructor_dinov3_spellings():
+    # n_storage_tokens is DINOv3's name for num_register_tokens; "_reg" DINOv3 names are the plain
+    # variants (4 storage tokens always); a 14 in a DINOv3 name is that architecture with 14-pixel patches
+    with torch.device("meta"):
+        reg = Aggregator(img_size=224, patch_size=16, embed_dim=1024, depth=1, n_storage_tokens=2,
+                         patch_embed="dinov3_vitl16_reg")
+        plain = Aggregator(img_size=224, patch_size=16, embed_dim=1024, depth=1, num_register_tokens=2,
+                           patch_embed="dinov3_vitl16")
+        p14 = Aggregator(embed_dim=1024, depth=1, patch_embed="dinov3_vitl14_reg")
+        b14 = Aggregator(embed_dim=768, num_heads=12, depth=1, patch_embed="dinov3_vitb14")
+    assert reg.num_register_tokens == 2 and reg.patch_start_idx == 3
+    assert {k: v.shape for k, v in reg.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert reg.patch_embed.cfg == plain.patch_embed.cfg
+    assert p14.patch_size == 14 and p14.patch_embed.cfg.name == "dinov3_vitl16"
+    assert p14.state_dict()["patch_embed.patch_embed.proj.weight"].shape == (1024, 3, 14, 14)
+    assert b14.patch_size == 14 and b14.patch_embed.cfg.embed_dim == 768
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_register_tokens=2, n_storage_tokens=3), "pass only one of them"),
+    (dict(patch_embed="dinov3_vitl14_reg", patch_size=16), "patch size 14, got patch_size=16"),
+    (dict(patch_embed="dinov3_vitq14_reg"), "unknown patch_embed 'dinov3_vitq14_reg'"),
+])
+def test_bad_dinov3_spellings(kwargs, match):
+    with torch.device("meta"), pytest.raises(ValueError, match=match):
+        Aggregator(embed_dim=1024, depth=1, **kwargs)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(aa_order=["frame"]), "aa_order"),
     (dict(depth=3, aa_block_size=2), "multiple"),

@@ -4,8 +4,9 @@ The pipeline follows the Hugging Face DINOv3 image processor (rescale -> resize 
 normalise): integer pixels are rescaled by ``rescale_factor`` (1/255), the batch is resized with
 the configured resample filter (``bilinear`` / ``bicubic`` / ``nearest``, antialiased by default)
 either to a fixed size or kept at its own size, optionally centre-cropped, cropped so that height
-and width are multiples of the patch size, and normalised with the mean / std the weights were
-trained with (ImageNet for the LVD weights, the SAT-493M statistics for the satellite weights).
+and width are multiples of the patch size (centred by default; a preprocessor_config.json keeps the
+top-left, because the HF model behind it drops the bottom / right remainder), and normalised with
+the mean / std the weights were trained with (ImageNet for the LVD weights, the SAT-493M statistics for the satellite weights).
 
 Accepted inputs: a tensor ``[B, 3, H, W]``, ``[3, H, W]``, ``[H, W, 3]`` or ``[B, H, W, 3]`` (uint8
 or float; floats are taken to be in [0, 1]), a numpy array in the same layouts, a PIL image, or a
@@ -35,6 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Hugging Face / PIL resample codes (PILImageResampling) -> torch interpolate modes.
 _RESAMPLE_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _SUPPORTED_MODES = ("nearest", "bilinear", "bicubic")
+_PATCH_CROPS = ("center", "top_left")
 
 SizeArg = Union[None, int, Sequence[int], Mapping[str, int]]
 
@@ -109,7 +111,10 @@ class Preprocessor:
 
     size: None keeps each image's size; an int or (h, w) resizes to that size; a dict may also be
       ``{"shortest_edge": n}`` (aspect ratio kept). patch_size: when set, height and width are
-      centre-cropped down to multiples of it (needed by DINOv2; DINOv3 would drop the remainder).
+      cropped down to multiples of it (needed by DINOv2; DINOv3 would drop the remainder).
+    patch_crop: which part that crop keeps: "center", or "top_left", which is what the models
+      themselves (and Hugging Face's) do with a remainder, so a pipeline that must reproduce
+      HF's processor + model keeps the top-left.
     """
 
     image_mean: tuple = IMAGENET_MEAN
@@ -122,6 +127,7 @@ class Preprocessor:
     do_normalize: bool = True
     crop_size: SizeArg = None  # centre crop after the resize (DINOv2's 256 -> 224)
     patch_size: Optional[int] = None
+    patch_crop: str = "center"
     origin: str = field(default="preprocessor", repr=False)
 
     def __post_init__(self):
@@ -137,6 +143,9 @@ class Preprocessor:
             raise PreprocessorConfigError(f"{self.origin}: do_rescale must be true, false or 'auto', got {self.do_rescale!r}")
         if self.patch_size is not None and (not isinstance(self.patch_size, int) or self.patch_size < 1):
             raise PreprocessorConfigError(f"{self.origin}: patch_size must be a positive int, got {self.patch_size!r}")
+        if self.patch_crop not in _PATCH_CROPS:
+            raise PreprocessorConfigError(
+                f"{self.origin}: patch_crop must be one of {list(_PATCH_CROPS)}, got {self.patch_crop!r}")
 
     # -- constructors -------------------------------------------------------------------------------
     @classmethod
@@ -146,6 +155,8 @@ class Preprocessor:
         """From a Hugging Face preprocessor_config.json (a path, a model folder or the parsed dict).
 
         ``origin`` names the source in error messages (default: the path, or "preprocessor config").
+        The crop to a multiple of ``patch_size`` keeps the top-left: HF's processor does not crop,
+        its model drops the bottom / right remainder, and the output must be the same.
         """
         origin = origin or "preprocessor config"
         if not isinstance(config, Mapping):
@@ -157,7 +168,7 @@ class Preprocessor:
         if not isinstance(config, Mapping):
             raise PreprocessorConfigError(f"{origin}: expected a JSON object, got {type(config).__name__}")
         c = dict(config)
-        kwargs: dict = {"origin": origin, "patch_size": patch_size}
+        kwargs: dict = {"origin": origin, "patch_size": patch_size, "patch_crop": "top_left"}
         kwargs["image_mean"] = c.get("image_mean", IMAGENET_MEAN) if c.get("do_normalize", True) else (0.0, 0.0, 0.0)
         kwargs["image_std"] = c.get("image_std", IMAGENET_STD) if c.get("do_normalize", True) else (1.0, 1.0, 1.0)
         kwargs["size"] = c.get("size", 224) if c.get("do_resize", True) else None
@@ -231,7 +242,8 @@ class Preprocessor:
                     f"{self.origin}: image {x.shape[-2]}x{x.shape[-1]} is smaller than one {P}x{P} patch; "
                     "pass a larger size"
                 )
-            x = center_crop(x, x.shape[-2] // P * P, x.shape[-1] // P * P)
+            h, w = x.shape[-2] // P * P, x.shape[-1] // P * P
+            x = center_crop(x, h, w) if self.patch_crop == "center" else x[..., :h, :w]
         if self.do_normalize:
             mean = torch.tensor(self.image_mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
             std = torch.tensor(self.image_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)

@@ -163,6 +163,14 @@ ALIASES: dict[str, str] = {
     "dinov2_base": "dinov2_vitb14",
     "dinov2_large": "dinov2_vitl14",
     "dinov2_giant": "dinov2_vitg14",
+    # DINOv2-style "_reg" spellings (VGGT / Spatial-MLLM code): every DINOv3 ViT has its 4 storage tokens.
+    "dinov3_vits16_reg": "dinov3_vits16",
+    "dinov3_vits16plus_reg": "dinov3_vits16plus",
+    "dinov3_vitb16_reg": "dinov3_vitb16",
+    "dinov3_vitl16_reg": "dinov3_vitl16",
+    "dinov3_vitl16plus_reg": "dinov3_vitl16plus",
+    "dinov3_vith16plus_reg": "dinov3_vith16plus",
+    "dinov3_vit7b16_reg": "dinov3_vit7b16",
 }
 
 

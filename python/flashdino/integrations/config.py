@@ -32,6 +32,21 @@ Schema (every key optional except ``backbone.name``; see configs/*.yaml for exam
       mean: [0.485, 0.456, 0.406]   # default: the variant's
       std: [0.229, 0.224, 0.225]
 
+The layout of Spatial-MLLM-style DINOv3 projects is read too: everything under a top-level
+``model:``, ``backbone.dinov3_model`` for ``backbone.name``, and architecture fields
+(``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``n_storage_tokens``, any
+VitConfig field) directly under ``backbone`` as well as under ``backbone.overrides``::
+
+    model:
+      backbone:
+        dinov3_model: dinov3_vitl16
+        patch_size: 16
+        n_storage_tokens: 4
+      aggregator:
+        enabled: true
+        aa_order: [frame, global]
+        rope_freq: 100
+
 Errors name the file and the key (``configs/x.yaml: backbone.nmae: unknown key; did you mean
 'name'?``).
 """
@@ -120,12 +135,57 @@ def _check(origin: str, key: str, value, rule) -> None:
         raise ConfigError(f"{origin}: {key} must be {what}, got {value!r} ({type(value).__name__})")
 
 
+def _arch_fields() -> set:
+    import dataclasses
+
+    from ..variants import VitConfig
+
+    return {f.name for f in dataclasses.fields(VitConfig)} - {"name", "family", "weights"}
+
+
+def _from_document_layout(data: dict, origin: str) -> dict:
+    """The Spatial-MLLM-style spellings (see the module docstring) -> this schema's; same meaning."""
+    if "model" in data:
+        model = data["model"]
+        if not isinstance(model, dict):
+            raise ConfigError(f"{origin}: model must be a mapping, got {model!r} ({type(model).__name__})")
+        both = sorted(set(model) & (set(data) - {"model"}))
+        if both:
+            raise ConfigError(f"{origin}: {', '.join(both)} given both at the top level and under model:; keep one")
+        data = {**{k: v for k, v in data.items() if k != "model"}, **model}
+    backbone = data.get("backbone")
+    if not isinstance(backbone, dict):
+        return data
+    backbone = dict(backbone)
+    if "dinov3_model" in backbone:
+        alias = backbone.pop("dinov3_model")
+        if "name" in backbone and backbone["name"] != alias:
+            raise ConfigError(f"{origin}: backbone.name ({backbone['name']!r}) and backbone.dinov3_model ({alias!r}) "
+                              "name the same thing; keep one")
+        backbone["name"] = alias
+    arch = {k: backbone.pop(k) for k in list(backbone) if k in _arch_fields() and k not in SCHEMA["backbone"]}
+    if arch:
+        overrides = backbone.get("overrides")
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"{origin}: backbone.overrides must be a mapping of architecture fields, got "
+                              f"{overrides!r} ({type(overrides).__name__})")
+        overrides = dict(overrides or {})
+        for k, v in arch.items():
+            if k in overrides and overrides[k] != v:
+                raise ConfigError(f"{origin}: backbone.{k} ({v!r}) and backbone.overrides.{k} ({overrides[k]!r}) "
+                                  "disagree; keep one")
+            overrides[k] = v
+        backbone["overrides"] = overrides
+    return {**data, "backbone": backbone}
+
+
 def validate_config(data: Any, origin: str = "<config>") -> dict:
     """Checks a parsed config dict against :data:`SCHEMA`; returns it with defaults filled in."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
+    data = _from_document_layout(data, origin)
     out: dict = {}
     for key, value in data.items():
         if key not in SCHEMA:
@@ -138,7 +198,7 @@ def validate_config(data: Any, origin: str = "<config>") -> dict:
                 raise ConfigError(f"{origin}: {key} must be a mapping, got {value!r} ({type(value).__name__})")
             for sub, subval in value.items():
                 if sub not in rule:
-                    raise _unknown(origin, f"{key}.", sub, rule)
+                    raise _unknown(origin, f"{key}.", sub, set(rule) | (_arch_fields() if key == "backbone" else set()))
                 _check(origin, f"{key}.{sub}", subval, rule[sub])
         else:
             _check(origin, key, value, rule)
@@ -152,15 +212,13 @@ def validate_config(data: Any, origin: str = "<config>") -> dict:
         if out[section].get(key) is None:
             raise ConfigError(f"{origin}: {section}.{key} is required (e.g. {section}:\\n  {key}: dinov3_vitb16)")
     # values that need the variant table
-    from ..variants import VitConfig, resolve_name
+    from .selection import resolve_model_name
 
     try:
-        resolve_name(out["backbone"]["name"])
+        resolve_model_name(out["backbone"]["name"])
     except ValueError as exc:
         raise ConfigError(f"{origin}: backbone.name: {exc}") from None
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(VitConfig)} - {"name", "family", "weights"}
+    fields = _arch_fields()
     for k in out["backbone"]["overrides"]:
         if k not in fields:
             raise _unknown(origin, "backbone.overrides.", k, fields)

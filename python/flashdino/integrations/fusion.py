@@ -1,7 +1,19 @@
-"""Fusing DINO features with another feature stream, token maps and multi-scale features."""
+"""Fusing DINO features with another feature stream, token maps and multi-scale features.
+
+Two adapters, because their meanings differ:
+
+* :class:`FeatureFusionAdapter` (``dino_dim``, ``other_dim``; called ``(dino, other)``):
+  LayerNorm + Linear on tokens or maps, the other stream resized to the DINO grid.
+* :class:`DINOv2FeatureFusionAdapter` (``dinov2_dim``, ``mast3r_dim``; called ``(mast3r, dinov2)``):
+  the Splatt3R document's adapter, 1x1 convolutions + GroupNorm on maps, the DINOv2 map resized to
+  the MASt3R grid. ``FeatureFusionAdapter(dinov2_dim=..., mast3r_dim=...)`` builds this one: the
+  document's keywords come with the document's argument order, so neither kind of caller can get
+  the other's order by accident.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -9,6 +21,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FUSION_MODES = ("concat", "add", "weighted_sum")
+_MODE_ALIASES = {"addition": "add"}  # the Splatt3R document's YAML spelling
+
+
+def _fusion_mode(mode) -> str:
+    canonical = _MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else mode
+    if canonical not in FUSION_MODES:
+        raise ValueError(f"unknown fusion_mode {mode!r}; use one of {list(FUSION_MODES)} ('addition' = 'add')")
+    return canonical
+
+
+def _positive_dims(**dims) -> None:
+    for n, v in dims.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{n} must be a positive int, got {v!r}")
 
 
 def _as_tokens(x: Tensor, dim: int, name: str, dim_name: str):
@@ -43,13 +69,15 @@ class FeatureFusionAdapter(nn.Module):
     maps, and another-stream map of a different size is resized (bilinear) to the DINO grid.
     """
 
+    def __new__(cls, *args, **kwargs):
+        if cls is FeatureFusionAdapter and {"dinov2_dim", "mast3r_dim"} & kwargs.keys():
+            return DINOv2FeatureFusionAdapter(*args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, dino_dim: int, other_dim: int, output_dim: int, fusion_mode: str = "concat"):
         super().__init__()
-        for n, v in (("dino_dim", dino_dim), ("other_dim", other_dim), ("output_dim", output_dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{n} must be a positive int, got {v!r}")
-        if fusion_mode not in FUSION_MODES:
-            raise ValueError(f"unknown fusion_mode {fusion_mode!r}; use one of {list(FUSION_MODES)}")
+        _positive_dims(dino_dim=dino_dim, other_dim=other_dim, output_dim=output_dim)
+        fusion_mode = _fusion_mode(fusion_mode)
         self.dino_dim, self.other_dim, self.output_dim, self.fusion_mode = dino_dim, other_dim, output_dim, fusion_mode
         self.dino_norm = nn.LayerNorm(dino_dim)
         self.other_norm = nn.LayerNorm(other_dim)
@@ -96,6 +124,89 @@ class FeatureFusionAdapter(nn.Module):
         return f"dino_dim={self.dino_dim}, other_dim={self.other_dim}, output_dim={self.output_dim}, fusion_mode={self.fusion_mode!r}"
 
 
+def _group_count(channels: int) -> int:
+    # 32 groups, the usual GroupNorm choice, or the largest divisor of the channel count below it
+    return math.gcd(32, channels)
+
+
+class DINOv2FeatureFusionAdapter(nn.Module):
+    """The Splatt3R document's adapter: DINOv2 features fused into MASt3R's feature map.
+
+    Both streams get a 1x1 convolution to ``output_dim`` and a GroupNorm (gcd(32, output_dim)
+    groups); then ``concat``: cat(MASt3R, DINOv2) -> 1x1 convolution (2 * output_dim -> output_dim);
+    ``add`` (alias ``addition``): MASt3R + DINOv2; ``weighted_sum``: alpha * DINOv2 + (1 - alpha) *
+    MASt3R with a learnable alpha that starts at 0.5 (the document's formula, unconstrained).
+
+    Called ``adapter(mast3r_features, dinov2_features)`` with maps ``[B, C, H, W]``; the DINOv2 map
+    is resized (bilinear) to the MASt3R grid and the result is ``[B, output_dim, H_mast3r,
+    W_mast3r]``. Tokens ``[B, N, C]`` of one length for both work too (the result is tokens).
+    ``output_dim=None`` keeps ``mast3r_dim``.
+    """
+
+    def __init__(self, dinov2_dim: int = 1024, mast3r_dim: int = 768, output_dim: Optional[int] = 768,
+                 fusion_mode: str = "concat"):
+        super().__init__()
+        output_dim = mast3r_dim if output_dim is None else output_dim
+        _positive_dims(dinov2_dim=dinov2_dim, mast3r_dim=mast3r_dim, output_dim=output_dim)
+        self.fusion_mode = _fusion_mode(fusion_mode)
+        self.dinov2_dim, self.mast3r_dim, self.output_dim = dinov2_dim, mast3r_dim, output_dim
+        groups = _group_count(output_dim)
+        self.dinov2_proj = nn.Conv2d(dinov2_dim, output_dim, kernel_size=1)
+        self.mast3r_proj = nn.Conv2d(mast3r_dim, output_dim, kernel_size=1)
+        self.dinov2_norm = nn.GroupNorm(groups, output_dim)
+        self.mast3r_norm = nn.GroupNorm(groups, output_dim)
+        self.fuse = nn.Conv2d(2 * output_dim, output_dim, kernel_size=1) if self.fusion_mode == "concat" else None
+        self.alpha = nn.Parameter(torch.tensor(0.5)) if self.fusion_mode == "weighted_sum" else None
+
+    @staticmethod
+    def _check(x, dim: int, name: str, dim_name: str) -> None:
+        if not isinstance(x, Tensor):
+            hint = (" (forward_features returns a dict: take its 'x_norm_patchtokens' and make a map with "
+                    "flashdino.integrations.patch_tokens_to_map)") if isinstance(x, dict) else ""
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}{hint}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} must be a map [B, C, H, W] or tokens [B, N, C], got shape {tuple(x.shape)}")
+        channels = x.shape[1] if x.dim() == 4 else x.shape[-1]
+        if channels != dim:
+            layout = "[B, C, H, W]" if x.dim() == 4 else "[B, N, C]"
+            raise ValueError(f"{name} has {channels} channels (shape {tuple(x.shape)}, {layout}) but the adapter "
+                             f"was built with {dim_name}={dim}; the call order is "
+                             "adapter(mast3r_features, dinov2_features)")
+
+    def forward(self, mast3r_features: Tensor, dinov2_features: Tensor) -> Tensor:
+        self._check(mast3r_features, self.mast3r_dim, "mast3r_features", "mast3r_dim")
+        self._check(dinov2_features, self.dinov2_dim, "dinov2_features", "dinov2_dim")
+        m, d = mast3r_features, dinov2_features
+        if m.dim() != d.dim():
+            raise ValueError(
+                f"mast3r_features {tuple(m.shape)} and dinov2_features {tuple(d.shape)}: give both as maps "
+                "[B, C, H, W] (tokens -> map: flashdino.integrations.patch_tokens_to_map(tokens, h, w))")
+        tokens = m.dim() == 3
+        if tokens:
+            if m.shape[:2] != d.shape[:2]:
+                raise ValueError(
+                    f"mast3r_features {tuple(m.shape)} and dinov2_features {tuple(d.shape)} are tokens of different "
+                    "lengths; pass maps [B, C, H, W] so that the DINOv2 map can be resized to the MASt3R grid")
+            m, d = m.transpose(1, 2).unsqueeze(-1), d.transpose(1, 2).unsqueeze(-1)
+        elif m.shape[0] != d.shape[0]:
+            raise ValueError(f"batch sizes differ: mast3r_features {tuple(m.shape)}, dinov2_features {tuple(d.shape)}")
+        if d.shape[-2:] != m.shape[-2:]:
+            d = F.interpolate(d, size=m.shape[-2:], mode="bilinear", align_corners=False)
+        m = self.mast3r_norm(self.mast3r_proj(m))
+        d = self.dinov2_norm(self.dinov2_proj(d))
+        if self.fusion_mode == "concat":
+            y = self.fuse(torch.cat([m, d], dim=1))
+        elif self.fusion_mode == "add":
+            y = m + d
+        else:
+            y = self.alpha * d + (1 - self.alpha) * m
+        return y.squeeze(-1).transpose(1, 2) if tokens else y
+
+    def extra_repr(self) -> str:
+        return (f"dinov2_dim={self.dinov2_dim}, mast3r_dim={self.mast3r_dim}, output_dim={self.output_dim}, "
+                f"fusion_mode={self.fusion_mode!r}")
+
+
 def patch_tokens_to_map(tokens: Tensor, h: int, w: int, target_hw: Optional[Sequence[int]] = None,
                         mode: str = "bilinear") -> Tensor:
     """Patch tokens [B, h*w, D] (row-major) -> a channel-first map [B, D, h, w], optionally resized."""
@@ -131,4 +242,5 @@ def multiscale_feature_maps(model, images: Tensor, layers: Sequence[int] = (5, 1
     return list(model.get_intermediate_layers(images, n=idx, reshape=True, norm=norm))
 
 
-__all__ = ["FeatureFusionAdapter", "FUSION_MODES", "patch_tokens_to_map", "multiscale_feature_maps"]
+__all__ = ["FeatureFusionAdapter", "DINOv2FeatureFusionAdapter", "FUSION_MODES", "patch_tokens_to_map",
+           "multiscale_feature_maps"]

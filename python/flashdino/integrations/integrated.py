@@ -7,7 +7,9 @@
     model = IntegratedModel("dinov3_vits16", use_aggregator=True, depth=2,
                             aggregator_kwargs={"depth": 2})
     out = model(frames)              # frames [B, S, 3, H, W] in [0, 1]
-    out["aggregated_tokens_list"], out["patch_start_idx"]
+    out["aggregated_tokens_list"], out["patch_start_idx"], out["features"]   # features: the last layer
+
+``dinov3_model=`` is the Spatial-MLLM-style spelling of ``backbone=`` (give one of the two).
 
 Images are taken raw (uint8, or floats in [0, 1]): the model normalises them itself, like VGGT
 (single frames with the backbone's mean / std, frames through the aggregator with ImageNet's).
@@ -42,21 +44,27 @@ def _aggregator_class():
 class IntegratedModel(nn.Module):
     """Backbone features for single frames; VGGT aggregator features for frame sequences.
 
-    backbone: variant name or alias. weights: checkpoint / HF folder / hub id for the backbone (None:
-    random initialisation, with a warning). use_aggregator: also build a :class:`flashdino.Aggregator`
-    whose patch embedding is this backbone (its dims become the aggregator's). aa_order: the
+    backbone (or dinov3_model): variant name or alias. weights: checkpoint / HF folder / hub id for
+    the backbone (None: random initialisation, with a warning). use_aggregator: also build a
+    :class:`flashdino.Aggregator` whose patch embedding is this backbone (its dims become the
+    aggregator's); its last layer is returned as ``features`` too. aa_order: the
     aggregator's frame / global order. aggregator_kwargs: other Aggregator arguments (``depth``,
     ``intermediate_layer_idx``, ...). preprocessing: :class:`flashdino.preprocess.Preprocessor`
     arguments for single frames (default: keep the size, crop to a patch multiple). overrides:
     backbone architecture overrides (``depth=2``).
     """
 
-    def __init__(self, backbone: str = "dinov3_vitb16", use_aggregator: bool = False,
+    def __init__(self, backbone: Optional[str] = None, use_aggregator: bool = False,
                  aa_order: Sequence[str] = ("frame", "global"), weights: Any = None, *,
+                 dinov3_model: Optional[str] = None,
                  aggregator_kwargs: Optional[dict] = None, aggregator_weights: Any = None,
                  preprocessing: Optional[dict] = None, normalize: bool = True, prefer_plus: bool = False,
                  satellite: bool = False, pretrained: bool = False, **overrides):
         super().__init__()
+        if backbone is not None and dinov3_model is not None and backbone != dinov3_model:
+            raise ValueError(f"backbone={backbone!r} and dinov3_model={dinov3_model!r} name the same thing; "
+                             "pass only one of them")
+        backbone = backbone or dinov3_model or "dinov3_vitb16"
         self.use_aggregator = bool(use_aggregator)
         self.normalize = normalize
         model = get_dinov3_model(Config(model_name=backbone, weights=weights, prefer_plus=prefer_plus,
@@ -154,6 +162,7 @@ class IntegratedModel(nn.Module):
         last = next(t for t in reversed(tokens_list) if t is not None)
         return {
             "aggregated_tokens_list": tokens_list,
+            "features": last,
             "patch_start_idx": patch_start_idx,
             "camera_tokens": last[:, :, 0],
             "patch_features": last[:, :, patch_start_idx:],

@@ -8,13 +8,19 @@ Sizes ("small", "base", "large", "giant", "mega") and names such as "dinov2_larg
 table); the prefix chooses the family. ``prefer_plus`` picks the SwiGLU "plus" variant of a size when
 the table has one (vits16plus, vitl16plus, vith16plus) and falls back to the standard one when it
 has none or when the given weights do not fit it. ``satellite=True`` picks the SAT-493M variant
-(its own normalisation). Without weights the model is randomly initialised, with a loud warning.
+(its own normalisation). Without weights the model is randomly initialised; the warning about
+that is the factory's (one warning, not one per layer of wrappers).
+
+Names that downstream documents use but that were never released (``dinov3_vitg16``,
+``dinov3_vitl14``) get a "did you mean" error that also says how to build the architecture
+anyway, with random weights, through overrides.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -104,11 +110,49 @@ def _dtype(value) -> Optional[torch.dtype]:
     return table[key]
 
 
+# DINOv3 names with a 14-pixel patch or the code's ViT-g: architectures without released weights.
+_UNRELEASED = re.compile(r"dinov3_vit(7b|[a-z])(14|16)(plus)?(_reg)?")
+_VITG = {"embed_dim": 1536, "depth": 40, "num_heads": 24}
+
+
+def _unreleased_hint(name: str) -> Optional[str]:
+    m = _UNRELEASED.fullmatch(name.strip().lower())
+    if m is None:
+        return None
+    size, patch, plus = m.group(1), m.group(2), m.group(3) or ""
+    if size == "g":
+        fix = ", ".join(f"{k}={v}" for k, v in _VITG.items())
+        return (f"{name!r} was never released: DINOv3 published no ViT-g weights. Did you mean 'dinov3_vith16plus' "
+                f"(alias 'giant', the largest below 7B) or 'dinov3_vit7b16'? To build the DINOv3 code's ViT-g with "
+                f"random weights, take 'dinov3_vitl16' with the overrides {fix}"
+                + (", patch_size=14" if patch == "14" else "") + ".")
+    standard = f"dinov3_vit{size}16{plus}"
+    if patch != "14" or standard not in VARIANTS:
+        return None
+    return (f"{name!r} was never released: DINOv3 ViTs use 16-pixel patches. Did you mean {standard!r}? To build "
+            f"that architecture with 14-pixel patches (random weights, none exist), take {standard!r} with the "
+            f"override patch_size=14 (YAML: `patch_size: 14` next to the name; Python: "
+            f"IntegratedModel({standard!r}, patch_size=14) or create_model({standard!r}, patch_size=14)).")
+
+
+def resolve_model_name(name: str) -> str:
+    """:func:`flashdino.variants.resolve_name`, with a recipe for names that were never released."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    try:
+        return resolve_name(name)
+    except ValueError:
+        hint = _unreleased_hint(name)
+        if hint is None:
+            raise
+        raise ValueError(hint) from None
+
+
 def select_variant(model_name: str, prefer_plus: bool = False, satellite: bool = False) -> list[str]:
     """Candidate variant names, best first (the plus variant before the standard one when asked)."""
     if not isinstance(model_name, str) or not model_name.strip():
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
-    name = resolve_name(model_name)
+    name = resolve_model_name(model_name)
     if satellite:
         sat = _sat_of(name)
         if sat is None:
@@ -126,13 +170,6 @@ def select_variant(model_name: str, prefer_plus: bool = False, satellite: bool =
             logger.info("no plus variant of %s; using the standard one", name)
     candidates.append(name)
     return candidates
-
-
-def _warn_random(name: str, why: str) -> None:
-    msg = (f"flashdino: {name} is RANDOMLY INITIALISED ({why}); its features are meaningless. "
-           "Pass weights=<checkpoint, HF folder or hub id> to load pretrained weights.")
-    warnings.warn(msg, UserWarning, stacklevel=3)
-    logger.warning(msg)
 
 
 def get_dinov3_model(config: Union[Config, Mapping, str, None] = None, **kwargs):
@@ -174,13 +211,14 @@ def get_dinov3_model(config: Union[Config, Mapping, str, None] = None, **kwargs)
                     continue
                 if not config.allow_random:
                     raise
+                # why there are no weights; that the model is random is the factory's warning
+                warnings.warn(f"flashdino: pretrained weights unavailable ({'; '.join(errors)}); building {name} "
+                              "without them. Pass weights=<checkpoint, HF folder or hub id>.", stacklevel=2)
                 model = create_model(name, **overrides)
-                _warn_random(name, "weights unavailable: " + "; ".join(errors))
         else:
             if not config.allow_random:
                 raise ValueError(f"no weights given for {name} and allow_random=False")
             model = create_model(name, **overrides)
-            _warn_random(name, "no weights given")
         break
     assert model is not None
     if config.device is not None or config.dtype is not None:
@@ -235,5 +273,5 @@ def unify_output(out: Mapping[str, Tensor]) -> dict:
     return res
 
 
-__all__ = ["Config", "DINOV3_CONFIGS", "SIZES", "get_dinov3_model", "load_pretrained_weights", "select_variant",
-           "unify_output"]
+__all__ = ["Config", "DINOV3_CONFIGS", "SIZES", "get_dinov3_model", "load_pretrained_weights", "resolve_model_name",
+           "select_variant", "unify_output"]

@@ -8,8 +8,10 @@
 The folder holds config.json, model.safetensors and preprocessor_config.json (the layout of
 ``facebook/dinov3-*`` on the hub). Images may be uint8 (rescaled by 1/255) or floats in [0, 1], in
 [B, 3, H, W] or [B, H, W, 3]; they are resized / normalised on the device as preprocessor_config.json
-says. The model is in eval mode, its parameters do not require grad and every call runs under
-``torch.inference_mode``.
+says, and a size that is not a multiple of the patch keeps its top-left part, so the result is
+Hugging Face's ``DINOv3ViTImageProcessor`` + ``DINOv3ViTModel`` for that folder at any size (518
+included). The model is in eval mode, its parameters do not require grad and every call runs under
+``torch.no_grad`` (plain tensors out, usable in a loss that is backpropagated to a student).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..preprocess import Preprocessor
 from .fusion import multiscale_feature_maps
@@ -32,7 +34,8 @@ class DinoV3Config:
     """Where the teacher's files are and how to run it.
 
     root: the HF-format model folder. image_size: override the preprocessor's size (an int, (h, w),
-    or 0 to keep each input's size, cropped to a multiple of the patch size). dtype: compute dtype
+    or 0 to keep each input's size; a remainder below a whole patch is dropped at the bottom / right,
+    as the model itself does). dtype: compute dtype
     (bfloat16 runs under autocast on CUDA). layers: default blocks of ``extract_intermediate``.
     """
 
@@ -88,29 +91,38 @@ def _load_folder_model(root: Path):
     raise NotImplementedError("this flashdino build cannot read Hugging Face folders (flashdino.loading is incomplete)")
 
 
-class DinoV3Teacher:
-    """Frozen, eval-mode feature extractor; see the module docstring."""
+class DinoV3Teacher(nn.Module):
+    """Frozen feature extractor; see the module docstring.
+
+    A module, so that trainers can treat it like the rest of their model: ``.to()`` moves it,
+    ``.parameters()`` lists the (frozen) backbone weights, ``.eval()`` / ``.train()`` set the flag.
+    The backbone itself stays in eval mode whatever ``.train()`` says: a teacher is frozen by
+    contract, and a trainer that calls ``model.train()`` on everything must not change it.
+    """
 
     def __init__(self, config: Union[DinoV3Config, str, os.PathLike], device: Union[str, torch.device] = "cpu"):
+        super().__init__()
         if not isinstance(config, DinoV3Config):
             config = DinoV3Config(root=config)
         self.cfg = self.config = config.validate()
-        self.device = torch.device(device)
+        device = torch.device(device)
         model = _load_folder_model(config.root)
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.model = model.to(device).eval().requires_grad_(False)
         self.compute_dtype = _dtype(config.dtype) or torch.float32
-        if self.compute_dtype != torch.float32 and self.device.type != "cuda":
+        if self.compute_dtype != torch.float32 and device.type != "cuda":
             self.model = self.model.to(self.compute_dtype)
         vcfg = model.cfg
         if config.preprocessor_file.is_file():
+            # crops to a patch multiple at the top-left, as HF's model does with the remainder
             pre = Preprocessor.from_preprocessor_config(config.preprocessor_file, patch_size=vcfg.patch_size)
         else:
-            pre = Preprocessor.from_variant(vcfg)
+            pre = Preprocessor.from_variant(vcfg, patch_crop="top_left")
         if config.image_size is not None:
             pre = pre.with_size(None if config.image_size == 0 else config.image_size)
         self.preprocessor = pre
         self.patch_size = vcfg.patch_size
         self.num_register_tokens = vcfg.n_storage_tokens
+        self.eval()
 
     # -- properties seed projects read ---------------------------------------------------------------
     @property
@@ -123,12 +135,24 @@ class DinoV3Teacher:
     def n_blocks(self) -> int:
         return self.model.n_blocks
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.cls_token.device
+
+    def train(self, mode: bool = True) -> "DinoV3Teacher":
+        self.training = bool(mode)
+        self.model.eval()
+        return self
+
     # -- running ---------------------------------------------------------------------------------------
     def preprocess(self, images) -> Tensor:
         return self.preprocessor(images, device=self.device)
 
+    def _autocasting(self) -> bool:
+        return self.device.type == "cuda" and self.compute_dtype != torch.float32
+
     def _autocast(self):
-        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
+        if self._autocasting():
             return torch.autocast("cuda", dtype=self.compute_dtype)
         import contextlib
 
@@ -136,11 +160,12 @@ class DinoV3Teacher:
 
     def _input(self, images) -> Tensor:
         x = self.preprocess(images)
-        if self.device.type != "cuda" and self.compute_dtype != torch.float32:
-            x = x.to(self.compute_dtype)
-        return x
+        # without autocast the input must have the weights' dtype (also after teacher.to(torch.bfloat16))
+        return x if self._autocasting() else x.to(self.model.cls_token.dtype)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the outputs are ordinary tensors that a distillation loss may save
+    # for backward and that may be modified in place (the reference teacher runs under no_grad too).
+    @torch.no_grad()
     def forward_features(self, images) -> dict:
         x = self._input(images)
         with self._autocast():
@@ -150,26 +175,26 @@ class DinoV3Teacher:
         out["grid"] = (h, w)
         return out
 
-    __call__ = forward_features
+    forward = forward_features
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extract_features(self, images) -> Tensor:
         """CLS token after the final norm: [B, D] (float32)."""
         return self.forward_features(images)["x_norm_clstoken"].float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extract_patch_tokens(self, images) -> Tensor:
         """Normalised patch tokens [B, h*w, D] (float32)."""
         return self.forward_features(images)["x_norm_patchtokens"].float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extract_feature_map(self, images) -> Tensor:
         """Normalised patch tokens as a map [B, D, h, w] (float32)."""
         out = self.forward_features(images)
         (h, w), tokens = out["grid"], out["x_norm_patchtokens"]
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extract_intermediate(self, images, layers: Optional[Sequence[int]] = None, norm: bool = True) -> list:
         """Maps [B, D, h, w] of the given blocks (0-based, negative from the end), in one forward."""
         if layers is None:

@@ -19,6 +19,7 @@ a stop after the last requested layer (later blocks cannot change the returned t
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -74,6 +75,27 @@ class VggtRope2D(nn.Module):
         return f"frequency={self.frequency}, n_prefix={self.n_prefix}"
 
 
+# "dinov3_vitl14_reg": the DINOv3 architecture of that size with a 14-pixel patch (no such release).
+_DINOV3_PATCH14 = re.compile(r"dinov3_(vit(?:7b|[a-z]))14(plus)?(_reg)?")
+
+
+def _resolve_patch_embed(name: str) -> tuple[str, Optional[int]]:
+    """A non-VGGT patch_embed name -> (flashdino variant, patch size the name asks for or None)."""
+    try:
+        return resolve_name(name), None
+    except ValueError as exc:
+        error = exc
+    m = _DINOV3_PATCH14.fullmatch(name.strip().lower())
+    if m is not None:
+        try:
+            return resolve_name(f"dinov3_{m.group(1)}16{m.group(2) or ''}"), 14
+        except ValueError:
+            pass
+    raise ValueError(
+        f"unknown patch_embed {name!r}: use 'conv', one of VGGT's {sorted(_VGGT_BACKBONES)} "
+        f"or a flashdino DINOv2/DINOv3 variant ({error})") from None
+
+
 def _expand_special(token: Tensor, B: int, S: int) -> Tensor:
     """[1, 2, n, C] -> [B*S, n, C]: slot 0 for frame 0, slot 1 for frames 1..S-1."""
     first = token[:, :1].expand(B, 1, *token.shape[2:])
@@ -95,6 +117,12 @@ class Aggregator(nn.Module):
       time (bounds its activation memory for long sequences); ``None`` runs all frames at once.
     * ``gradient_checkpointing`` (alias ``use_checkpoint``): in training mode, each frame / global
       block runs under ``torch.utils.checkpoint`` (non-reentrant), as the reference does.
+    * ``n_storage_tokens``: DINOv3's name for ``num_register_tokens`` (give one of the two).
+
+    ``patch_embed`` names an architecture, never released weights (VGGT's patch embedding is
+    trained with the aggregator and comes from its checkpoint), so DINOv3 names may also carry
+    ``_reg`` (DINOv3 always has 4 storage tokens) or a 14-pixel patch: ``"dinov3_vitl14_reg"`` is
+    the ViT-L/16 architecture with ``patch_size=14``.
     """
 
     def __init__(
@@ -122,9 +150,18 @@ class Aggregator(nn.Module):
         patch_embed_chunk_size: Optional[int] = None,
         gradient_checkpointing: bool = True,
         use_reentrant: bool = False,
+        n_storage_tokens: Optional[int] = None,
     ):
         super().__init__()
         del block_fn  # accepted for signature compatibility; flashdino's Block is always used
+        if n_storage_tokens is not None:
+            # DINOv3's word for the same tokens; a different explicit num_register_tokens is a conflict
+            # (4, the default, cannot be told apart from "not given").
+            if num_register_tokens not in (4, n_storage_tokens):
+                raise ValueError(
+                    f"n_storage_tokens={n_storage_tokens} and num_register_tokens={num_register_tokens} name the "
+                    "same tokens; pass only one of them")
+            num_register_tokens = n_storage_tokens
         aa_order = list(aa_order)
         if sorted(aa_order) != ["frame", "global"]:
             raise ValueError(f"aa_order must hold 'frame' and 'global' once each, got {aa_order}")
@@ -186,19 +223,14 @@ class Aggregator(nn.Module):
                 img_size=img_size, patch_size=patch_size, n_storage_tokens=num_register_tokens,
                 interpolate_antialias=True, interpolate_offset=0.0, layerscale_init=1.0, **changes)
         else:
-            try:
-                variant = resolve_name(name)
-            except ValueError as exc:
-                raise ValueError(
-                    f"unknown patch_embed {name!r}: use 'conv', one of VGGT's {sorted(_VGGT_BACKBONES)} "
-                    f"or a flashdino DINOv2/DINOv3 variant ({exc})") from None
+            variant, named_patch = _resolve_patch_embed(name)
             cfg = VARIANTS[variant]
             if cfg.family == "dinov3":
-                native = cfg.patch_size
+                native = named_patch or cfg.patch_size
                 if patch_size not in (14, native):  # 14 is the (DINOv2) default: take the variant's own
                     raise ValueError(f"patch_embed {name!r} has patch size {native}, got patch_size={patch_size}")
                 patch_size = native
-                cfg = cfg.replace(layer_norm_eps=1e-5)
+                cfg = cfg.replace(layer_norm_eps=1e-5, patch_size=native)
             else:
                 cfg = cfg.replace(img_size=img_size, patch_size=patch_size)
         if overrides:
