@@ -7,7 +7,6 @@ reference path, ``forced_backend(None)`` for the default choice.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator, Optional
 
 import torch
@@ -23,21 +22,8 @@ def forced_backend(name: Optional[str]) -> Iterator[None]:
     if name is None:
         yield
         return
-    use = getattr(dispatch, "use", None)
-    if use is not None:
-        with use(name):
-            yield
-        return
-    # Until dispatch.use exists: the documented environment switch, restored on exit.
-    saved = os.environ.get("FLASHDINO_BACKEND")
-    os.environ["FLASHDINO_BACKEND"] = name
-    try:
+    with dispatch.use(name):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("FLASHDINO_BACKEND", None)
-        else:
-            os.environ["FLASHDINO_BACKEND"] = saved
 
 
 def _ops() -> list[str]:
@@ -45,14 +31,10 @@ def _ops() -> list[str]:
 
 
 def backends_ran() -> Optional[dict[str, str]]:
-    """{op: backend of its last call in this process} for the ops that ran, or None when dispatch
-    does not record it."""
-    last = getattr(dispatch, "last_backend", None)
-    if last is None:
-        return None
+    """{op: backend of its last eager call in this process} for the ops that ran."""
     out = {}
     for op in _ops():
-        name = last(op)
+        name = dispatch.last_backend(op)
         if name is not None:
             out[op] = name if isinstance(name, str) else str(name)
     return out
