@@ -144,6 +144,13 @@ def test_env_switch_with_a_bad_value_names_the_variable(monkeypatch):
         ops.residual_layernorm(*_norm_inputs())
 
 
+def test_env_switch_for_an_unknown_op_is_an_error(monkeypatch):
+    monkeypatch.setenv("FLASHDINO_BACKEND_PATCH_EMBED_TOKENS", "torch")  # the op's name before 0.2
+    with pytest.raises(ValueError, match="FLASHDINO_BACKEND_PATCH_EMBED_TOKENS names no flashdino op.*"
+                                         "FLASHDINO_BACKEND_PATCH_EMBED"):
+        ops.residual_layernorm(*_norm_inputs())
+
+
 def test_explicit_backend_beats_use():
     with dispatch.use("triton"):
         ops.residual_layernorm(*_norm_inputs(), backend="torch")

@@ -107,7 +107,16 @@ def _check_backend(value: str, source: str) -> str:
     return lowered
 
 
+def _check_env_op_names() -> None:
+    """A misspelt or outdated ``FLASHDINO_BACKEND_<OP>`` must not be ignored silently."""
+    for key in os.environ:
+        if key.startswith("FLASHDINO_BACKEND_") and key[len("FLASHDINO_BACKEND_"):].lower() not in _REGISTRY:
+            known = ", ".join(f"FLASHDINO_BACKEND_{op.upper()}" for op in sorted(_REGISTRY))
+            raise ValueError(f"{key} names no flashdino op; the per-op switches are {known}")
+
+
 def _env_choice(op: str) -> Optional[str]:
+    _check_env_op_names()
     for name in (f"FLASHDINO_BACKEND_{op.upper()}", "FLASHDINO_BACKEND"):
         value = os.environ.get(name)
         if value:
