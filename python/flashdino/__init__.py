@@ -11,7 +11,9 @@ from .variants import ALIASES, VARIANTS, VitConfig, get_config, resolve_name
 
 # Everything else is imported on first use (PEP 562), so that `import flashdino` and the command
 # line's `--help` do not pay for importing torch (seconds). `flashdino.create_model`,
-# `flashdino.dinov3_vitl16`, `flashdino.ops`, ... work as if they were imported here.
+# `flashdino.dinov3_vitl16`, `flashdino.ops`, ... work as if they were imported here. A new public
+# name goes into _LAZY and __all__, not into an import here: one eager import of a module that
+# imports torch undoes this (tests/test_cli_newcomer.py checks that `import flashdino` stays light).
 _LAZY = {
     "create_model": ("factory", "create_model"),
     "ENTRY_POINTS": ("factory", "ENTRY_POINTS"),
