@@ -5,9 +5,12 @@
 #
 # Environment:
 #   PYTHON                        interpreter that builds / creates the venv (default: python3)
-#   FLASHDINO_CUDA                AUTO (default) | ON | OFF
+#   FLASHDINO_CUDA                AUTO | ON | OFF (default here: ON when nvcc is found, else OFF).
+#                                 CI machines have nvcc and no GPU, where `pip install .` (AUTO)
+#                                 compiles no CUDA kernels: this check is where CI compiles them, so
+#                                 that the CUDA sources cannot rot unnoticed.
 #   FLASHDINO_CUDA_ARCHITECTURES  architectures to build (default here: 90a, one arch keeps this
-#                                 check fast; set "all" for the full default list of the package)
+#                                 check fast; "all" for every architecture a release wheel ships)
 #   TORCH_SPEC                    torch requirement for the test venv (default: torch==2.13.0)
 #   WHEEL_DIR                     where the wheel goes (default: dist/)
 set -euo pipefail
@@ -17,30 +20,47 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 WHEEL_DIR="${WHEEL_DIR:-$ROOT/dist}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-export FLASHDINO_CUDA="${FLASHDINO_CUDA:-AUTO}"
-if [[ "${FLASHDINO_CUDA_ARCHITECTURES:-}" == "all" ]]; then
-  export FLASHDINO_CUDA_ARCHITECTURES=""
-else
-  export FLASHDINO_CUDA_ARCHITECTURES="${FLASHDINO_CUDA_ARCHITECTURES:-90a}"
+if [[ -z "${FLASHDINO_CUDA:-}" ]]; then
+  if [[ -n "${CUDACXX:-}" ]] || command -v nvcc >/dev/null; then
+    FLASHDINO_CUDA=ON
+  else
+    FLASHDINO_CUDA=OFF
+    echo "check_wheel: no nvcc on PATH and no CUDACXX: checking a wheel without CUDA kernels" >&2
+  fi
 fi
+export FLASHDINO_CUDA
+export FLASHDINO_CUDA_ARCHITECTURES="${FLASHDINO_CUDA_ARCHITECTURES:-90a}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/flashdino-wheel.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
 step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS"; }
 fail() { echo "check_wheel: FAIL: $*" >&2; exit 1; }
 
+# AUTO with an explicit architecture list builds the kernels whenever nvcc is found (GPU or not).
 expect_cuda=0
 if [[ "$FLASHDINO_CUDA" =~ ^(ON|on|1|TRUE|true)$ ]]; then
   expect_cuda=1
 elif [[ ! "$FLASHDINO_CUDA" =~ ^(OFF|off|0|FALSE|false)$ ]] && { [[ -n "${CUDACXX:-}" ]] || command -v nvcc >/dev/null; }; then
   expect_cuda=1
 fi
+if [[ $expect_cuda == 1 && "$FLASHDINO_CUDA_ARCHITECTURES" != "all" ]]; then
+  # What the module must report: the requested numbers, comma-separated, without -real/-virtual.
+  EXPECT_ARCHS="$(echo "$FLASHDINO_CUDA_ARCHITECTURES" | tr ' ;' ',,' | sed -E 's/-(real|virtual)//g; s/,+/,/g; s/^,|,$//g')"
+else
+  EXPECT_ARCHS=""
+fi
 
 step "build the wheel (FLASHDINO_CUDA=$FLASHDINO_CUDA, archs='${FLASHDINO_CUDA_ARCHITECTURES:-default}')"
 mkdir -p "$WHEEL_DIR"
 rm -f "$WHEEL_DIR"/flashdino-*.whl
 # A private build dir: a clean build, and no clash with an editable install's build/ in the tree.
-"$PYTHON" -m pip wheel . --no-deps -w "$WHEEL_DIR" --config-settings=build-dir="$WORK/build" 2>&1 | tail -n 25
+"$PYTHON" -m pip wheel -v . --no-deps -w "$WHEEL_DIR" --config-settings=build-dir="$WORK/build" \
+  >"$WORK/build.log" 2>&1 || { tail -n 60 "$WORK/build.log"; fail "the wheel did not build (log above)"; }
+tail -n 15 "$WORK/build.log"
+# The one-line summary the build prints is what a user sees with `pip install -v .`: it must be there.
+SUMMARY="$(grep -o 'flashdino: building .*' "$WORK/build.log" | tail -n 1)"
+[[ -n "$SUMMARY" ]] || fail "the build log has no 'flashdino: building ...' summary line"
+echo "build summary: $SUMMARY"
 WHEEL="$(ls -t "$WHEEL_DIR"/flashdino-*.whl | head -n 1)"
 [[ -f "$WHEEL" ]] || fail "no wheel in $WHEEL_DIR"
 echo "wheel: $WHEEL ($(du -h "$WHEEL" | cut -f1))"
@@ -73,7 +93,7 @@ VPY="$WORK/venv/bin/python"
 
 step "import flashdino from the installed wheel"
 cd "$WORK"  # away from the source tree
-"$VPY" - "$expect_cuda" <<'PY'
+"$VPY" - "$expect_cuda" "$EXPECT_ARCHS" <<'PY'
 import sys
 import flashdino
 from flashdino import _native
@@ -85,6 +105,11 @@ assert module is not None, why
 if sys.argv[1] == "1":
     assert module.has_cuda(), "expected a CUDA build: " + why
     assert module.cuda_architectures(), why
+    if sys.argv[2]:
+        want = list(dict.fromkeys(sys.argv[2].split(",")))
+        assert module.cuda_architectures() == want, (module.cuda_architectures(), want)
+else:
+    assert not module.has_cuda(), "expected a build without CUDA kernels: " + why
 PY
 step "python -m flashdino.info"
 "$VPY" -m flashdino.info

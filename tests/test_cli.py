@@ -163,7 +163,7 @@ def test_features_errors(tmp_path, capsys, argv, match):
 def test_info_dispatches_to_info_module(monkeypatch, capsys):
     calls = []
     fake = types.ModuleType("flashdino.info")
-    fake.main = lambda argv=None: calls.append(argv) or 0
+    fake.main = lambda argv=None, prog=None: calls.append(argv) or 0
     monkeypatch.setitem(sys.modules, "flashdino.info", fake)
     monkeypatch.setattr(flashdino, "info", fake, raising=False)
     assert cli.main(["info"]) == 0 and calls == [[]]

@@ -96,3 +96,43 @@ def test_readme_main_job_command(tmp_path, monkeypatch):
         outs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--out", "--pca")]
         for o in outs or ["features.safetensors"]:
             assert os.path.isfile(o), f"README.md line {line}: `{cmd}` did not write {o}"
+
+
+def _ci_steps():
+    ci = Path(__file__).resolve().parents[1] / ".ci" / "run"
+    if not ci.is_file():
+        pytest.skip(".ci/run is not in this checkout")
+    steps = []
+    for raw in ci.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            steps.append([a for a in shlex.split(line) if a != "-q"])  # quietness is not a difference
+    return steps
+
+
+def test_readme_test_command_is_what_ci_runs():
+    # The README says CI runs its "Tests" command; .ci/run must install the same things and run the
+    # same pytest command, or the README's promise is false.
+    _require_readme()
+    readme_steps = []
+    for _, code in _blocks({"bash", "sh", "shell", "console", ""}):
+        for raw in code.replace("\\\n", " ").splitlines():
+            if "pytest" not in raw:
+                continue
+            for seg in raw.split("&&"):
+                argv = shlex.split(seg.strip())
+                if argv and Path(argv[0]).name in ("pip", "python"):  # .venv/bin/pip = the activated pip
+                    readme_steps.append([Path(argv[0]).name] + [a for a in argv[1:] if a != "-q"])
+    if not readme_steps:
+        pytest.skip("README.md has no test command")
+    ci_steps = _ci_steps()
+    for step in readme_steps:
+        assert step in ci_steps, f"README step `{' '.join(step)}` is not in .ci/run: {ci_steps}"
+
+
+def test_readme_speaks_to_users():
+    # Words that only mean something inside the development workspace.
+    _require_readme()
+    text = README.read_text(encoding="utf-8")
+    for pattern in (r"\bissue \d+\b", r"shared/SPEC", r"development machine", r"project workspace"):
+        assert not re.search(pattern, text, re.I), f"README.md mentions {pattern!r}"

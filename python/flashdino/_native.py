@@ -23,7 +23,7 @@ def native_status() -> tuple[object, str]:
         return None, f"flashdino._C is present but failed to import ({exc.__class__.__name__}: {exc})"
     has_cuda = bool(getattr(_C, "has_cuda", lambda: False)())
     if not has_cuda:
-        return _C, "flashdino._C built without CUDA (no CUDA compiler at build time, or FLASHDINO_CUDA=OFF)"
+        return _C, "flashdino._C built without CUDA (no GPU or no CUDA compiler at build time, or FLASHDINO_CUDA=OFF)"
     archs = ", ".join(f"sm_{a}" for a in cuda_architectures(_C)) or "no architectures"
     return _C, f"flashdino._C with CUDA kernels for {archs}"
 

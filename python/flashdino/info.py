@@ -125,8 +125,8 @@ def format_report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashdino.info", description=__doc__.splitlines()[0])
+def main(argv: Optional[list[str]] = None, prog: str = "python -m flashdino.info") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the facts as JSON")
     args = parser.parse_args(argv)
     info = collect()

@@ -35,7 +35,7 @@ PASSTHROUGH = {
 def _run_info(rest) -> int:
     from flashdino import info
 
-    return int(info.main(list(rest)) or 0)  # an explicit list: sys.argv still holds "info"
+    return int(info.main(list(rest), prog="flashdino info") or 0)  # an explicit list: sys.argv still holds "info"
 
 
 def _run_bench(rest) -> int:
