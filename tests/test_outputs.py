@@ -1,6 +1,6 @@
 import os, pytest
 from pathlib import Path
-from flashdino.outputs import OutputPathError, atomic_write, check_output_path
+from flashdino.outputs import OutputPathError, _umask, atomic_write, check_output_path
 def test_refuses_existing_and_input(tmp_path):
     f = tmp_path / "a.safetensors"; f.write_bytes(b"x")
     with pytest.raises(OutputPathError, match="already exists"):
@@ -15,6 +15,11 @@ def test_atomic(tmp_path):
     with atomic_write(f) as t:
         t.write_bytes(b"new")
     assert f.read_bytes() == b"new"
+    assert f.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's private 0600
+    f.chmod(0o640)
+    with atomic_write(f) as t:
+        t.write_bytes(b"new")
+    assert f.stat().st_mode & 0o777 == 0o640  # an overwrite keeps the file's mode
     link = tmp_path / "link.bin"; link.symlink_to(f)
     with atomic_write(link) as t:
         t.write_bytes(b"newer")

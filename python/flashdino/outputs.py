@@ -90,6 +90,12 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, *, suffix: Optional[str] = None) -> Iterator[Path]:
     """Yields a fresh temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -110,6 +116,8 @@ def atomic_write(path: PathLike, *, suffix: Optional[str] = None) -> Iterator[Pa
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the mode an ordinary open() would (or keep the old one)
+        os.chmod(tmp, dest.stat().st_mode & 0o7777 if dest.exists() else 0o666 & ~_umask())
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:
