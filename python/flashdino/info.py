@@ -13,13 +13,15 @@ import platform
 import sys
 from typing import Optional
 
-import torch
+from . import __version__
 
-from . import __version__, _native, dispatch
-from .triton_support import triton_status
+# torch, the dispatch table and the native module are imported by the functions that report on
+# them, so that `flashdino info --help` answers at once.
 
 
 def _gpu_facts() -> dict:
+    import torch
+
     facts: dict = {"available": False}
     try:
         if not torch.cuda.is_available():
@@ -45,6 +47,8 @@ def arch_runs_on(arch: str, capability: str) -> bool:
 
 
 def _native_facts(gpu: dict) -> dict:
+    from . import _native
+
     module, why = _native.native_status()
     facts = {"built": module is not None, "status": why, "has_cuda": False, "cuda_architectures": [],
              "cuda_version": None}
@@ -66,6 +70,11 @@ def _environment() -> dict:
 
 
 def collect() -> dict:
+    import torch
+
+    from . import dispatch, ops  # noqa: F401  (importing ops registers every op and its backends)
+    from .triton_support import triton_status
+
     """Versions, native / Triton availability, GPU, the environment switches set, and the backend +
     reason per op."""
     try:

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .. import dispatch
+from .. import dispatch, ops  # noqa: F401  (importing ops registers every op with dispatch)
 
 __all__ = ["forced_backend", "backends_ran", "dispatch_explain"]
 
