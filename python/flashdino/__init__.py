@@ -5,10 +5,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import ops
-from .factory import ENTRY_POINTS, create_model
+from .factory import ENTRY_POINTS, RandomWeightsWarning, create_model, from_pretrained
 from .models import Aggregator, DinoV2, DinoV3, DinoVisionTransformer
 from .variants import ALIASES, VARIANTS, VitConfig, get_config, resolve_name
-from .loading import CheckpointError, WeightsUnavailableError, convert, from_pretrained, load_weights
+from .loading import CheckpointError, WeightsUnavailableError, convert, load_weights
 
 globals().update(ENTRY_POINTS)  # flashdino.dinov3_vitl16(...), flashdino.dinov2_vitb14_reg(...), ...
 
@@ -19,4 +19,4 @@ def list_models() -> list[str]:
 
 __all__ = ["__version__", "ops", "create_model", "list_models", "Aggregator", "DinoV2", "DinoV3", "DinoVisionTransformer",
            "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name",
-           "CheckpointError", "WeightsUnavailableError", "convert", "from_pretrained", "load_weights", *sorted(ENTRY_POINTS)]
+           "CheckpointError", "WeightsUnavailableError", "RandomWeightsWarning", "convert", "from_pretrained", "load_weights", *sorted(ENTRY_POINTS)]
