@@ -165,7 +165,10 @@ def locate(source, weight_tags: Optional[dict] = None, model_name: str = "the mo
     if is_url(s):
         return download_url(s)
     if is_hub_id(s):
-        return download_hub(s)
+        try:
+            return download_hub(s)
+        except WeightsUnavailableError as exc:
+            raise WeightsUnavailableError(f"{exc} (nor is {s} a local file or folder)") from exc
     tags = f"; weights tags of {model_name}: {', '.join(sorted(weight_tags))}" if weight_tags else ""
     raise CheckpointError(f"checkpoint not found: {s} (not a file, a folder, a URL or a hub id 'org/name'){tags}")
 
