@@ -55,7 +55,9 @@ class CheckpointError(ValueError):
         super().__init__(message)
 
     def _render(self, advice: str) -> str:
-        return f"{self.problem}; {advice}" if advice else self.problem
+        if not advice:
+            return self.problem
+        return f"{self.problem}\n  to fix: {advice}" if "\n" in self.problem else f"{self.problem}; {advice}"
 
     def __str__(self) -> str:
         return self._render(self.fix.python() if self.fix else "")

@@ -100,7 +100,7 @@ def _variant_hint(canon: Canonical, cfg: VitConfig, config_origin: Optional[str]
         v = arch.get(k)
         if v is not None and v != getattr(cfg, k):
             overrides[k] = v
-    heads = "" if "num_heads" in overrides else " (set num_heads too)"
+    heads = " (set num_heads too)" if "embed_dim" in overrides and "num_heads" not in overrides else ""
     base = cfg.name if cfg.name in VARIANTS else None
     return [f"checkpoint ({ckpt}) matches no named variant and not the model {cfg.name} ({mine}){heads}"], \
         Fix(model=base, overrides=overrides)
@@ -300,4 +300,13 @@ def config_for_source(src: Source, hint: str = "") -> VitConfig:
         return cfg
     raise CheckpointError(
         f"cannot tell which model {src.origin} is ({describe_arch(probe.arch)}; candidates: {names or 'none'})",
-        Fix(name_needed=True))
+        _nearest_variant(probe.arch) if not names else Fix(name_needed=True))
+
+
+def _nearest_variant(arch: dict) -> Fix:
+    """A variant that the checkpoint fits with a different depth (a truncated or test model)."""
+    keys = ("family", "embed_dim", "ffn", "patch_size", "n_storage_tokens")
+    for cfg in VARIANTS.values():
+        if all(arch.get(k, getattr(cfg, k)) == getattr(cfg, k) for k in keys) and "embed_dim" in arch:
+            return Fix(model=cfg.name, overrides={"depth": arch.get("depth", cfg.depth)})
+    return Fix(name_needed=True)
