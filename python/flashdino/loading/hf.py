@@ -96,8 +96,11 @@ def config_from_hf(config: dict, preprocessor: Optional[dict] = None, hint: str 
     D = _get(config, "hidden_size", int, where)
     depth = _get(config, "num_hidden_layers", int, where)
     heads = _get(config, "num_attention_heads", int, where)
-    if D < 1 or depth < 0 or heads < 1 or D % heads:
-        raise CheckpointError(f"{where}: hidden_size {D} must be a positive multiple of num_attention_heads {heads}")
+    for key, value, low in (("hidden_size", D, 1), ("num_hidden_layers", depth, 0), ("num_attention_heads", heads, 1)):
+        if value < low:
+            raise CheckpointError(f"{where}: {key} = {value} must be at least {low}")
+    if D % heads:
+        raise CheckpointError(f"{where}: hidden_size {D} must be a multiple of num_attention_heads {heads}")
     patch = _square(config.get("patch_size", 16 if model_type == "dinov3_vit" else 14), "patch_size", where)
     img = _square(config.get("image_size", 224 if model_type == "dinov3_vit" else 518), "image_size", where)
     in_chans = _get(config, "num_channels", int, where, default=3)
