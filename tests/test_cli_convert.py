@@ -203,3 +203,18 @@ def test_module_converter_refuses_existing_output(tmp_path, tiny_pth):
     out.write_bytes(b"keep")
     assert main([str(src), str(out)]) == 1 and out.read_bytes() == b"keep"
     assert main([str(src), str(out), "--overwrite"]) == 0
+
+
+def test_features_command_reads_the_converted_files_config(tmp_path, tiny_pth, capsys):
+    from PIL import Image
+
+    _, pth = tiny_pth
+    weights = tmp_path / "tiny.safetensors"
+    assert run_cli(capsys, "convert", pth, weights, "--model", "dinov3_vits16", *TINY_ARGS)[0] == 0
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 40), (120, 30, 200)).save(image)
+    out = tmp_path / "features.safetensors"
+    rc, _, err = run_cli(capsys, "features", image, "--weights", weights, "--size", "32", "--out", out, "--quiet")
+    assert rc == 0, err
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_tensor("cls").shape[-1] == 64  # the stored 64-wide, 2-block model, not the 384-wide default
