@@ -314,3 +314,10 @@ def test_random_weights_warn_once_with_their_own_class():
         caught.clear()
         flashdino.create_model("dinov3_vits16", weights=sd, **TINY)
     assert not [w for w in caught if issubclass(w.category, flashdino.RandomWeightsWarning)]
+
+
+def test_training_only_fields_do_not_block_hf_weights(tmp_path):
+    # SAT / 7B variants carry local_cls_norm (training only); HF folders of them do not.
+    folder = hf_folder(tmp_path, image_size=224)
+    model = flashdino.create_model("dinov3_vitl16_sat493m", weights=folder, **TINY)
+    assert model.cfg.local_cls_norm and torch.equal(model.local_cls_norm.weight, torch.ones(64))

@@ -95,6 +95,8 @@ class VitConfig:
         """(field, self's value, other's value) for every field that changes the computed function."""
         out = []
         for name in ARCHITECTURE_FIELDS:
+            if name == "img_size" and self.family == other.family == "dinov3":
+                continue  # no position table: the size is only a preprocessing default
             a, b = getattr(self, name), getattr(other, name)
             same = abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-30) if isinstance(a, float) and isinstance(b, float) \
                 else a == b
@@ -104,11 +106,12 @@ class VitConfig:
 
 
 # Fields that change what a model computes from given weights (not the name, the training-only
-# fields or the weights table). ffn_hidden stands for ffn_ratio and swiglu_align together.
+# fields such as local_cls_norm, or the weights table). ffn_hidden stands for ffn_ratio and
+# swiglu_align together.
 ARCHITECTURE_FIELDS = ("family", "embed_dim", "depth", "num_heads", "ffn", "ffn_hidden", "qkv_bias", "proj_bias",
                        "ffn_bias", "patch_size", "n_storage_tokens", "layer_norm_eps", "in_chans", "rope_base",
                        "rope_normalize_coords", "img_size", "interpolate_offset", "interpolate_antialias",
-                       "untie_cls_and_patch_norms", "local_cls_norm")
+                       "untie_cls_and_patch_norms")
 
 # Bounds far beyond every released model, so that a hostile or mistyped config is refused before
 # it allocates memory (a 1e9-block model, a 65536-wide one). (low, high), inclusive.

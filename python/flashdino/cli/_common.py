@@ -1,4 +1,8 @@
-"""Helpers shared by the commands: the user-error type, overrides, sizes, model construction."""
+"""Helpers shared by the commands: the user-error type, overrides, sizes, model construction.
+
+flashdino's torch-based modules are imported inside the functions that need them, so that parsing
+arguments (and ``--help``) stays fast.
+"""
 
 from __future__ import annotations
 

@@ -271,8 +271,6 @@ def check_config_against(config: dict, cfg: VitConfig, where: str, preprocessor:
     described = config_from_hf(config, preprocessor, where=where)
     problems = []
     for name, theirs, mine in described.architecture_differences(cfg):
-        if name == "img_size" and cfg.family == "dinov3":
-            continue  # DINOv3 has no position table: image_size is only the preprocessing default
         key = HF_KEYS.get(name, name)
         problems.append(f"{key} = {_hf_value(config, key, theirs)} but {cfg.name} has {name} = {mine!r}")
     return [f"{where}: {p}" for p in problems]
