@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
 import urllib.error
@@ -32,6 +33,7 @@ from urllib.parse import urlparse
 
 import torch.hub
 from safetensors import safe_open
+from tqdm import tqdm
 
 from .errors import CheckpointError, WeightsUnavailableError
 from .files import read_state_dict, unwrap_state_dict
@@ -198,9 +200,13 @@ def _fetch_once(url: str, dest: Path, timeout: float) -> None:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 expected = response.headers.get("Content-Length")
                 received = 0
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    received += len(chunk)
+                total = int(expected) if expected is not None and expected.isdigit() else None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.split("-", 1)[-1], leave=False,
+                          disable=not sys.stderr.isatty()) as bar:
+                    while chunk := response.read(_CHUNK):
+                        _write_local(out, chunk, dest)
+                        received += len(chunk)
+                        bar.update(len(chunk))
             if expected is not None and expected.isdigit() and received != int(expected):
                 raise ConnectionError(f"the connection closed after {received} of {expected} bytes")
             out.flush()
@@ -212,6 +218,15 @@ def _fetch_once(url: str, dest: Path, timeout: float) -> None:
         with contextlib.suppress(OSError):
             os.unlink(partial)
         raise
+
+
+def _write_local(out, chunk: bytes, dest: Path) -> None:
+    # A full disk is not a network problem: no retry, and say where the space is missing.
+    try:
+        out.write(chunk)
+    except OSError as exc:
+        raise WeightsUnavailableError(f"cannot write the download to {dest.parent}: {exc.strerror or exc}; free some "
+                                      "space or point TORCH_HOME to another folder") from exc
 
 
 def _retryable(exc: BaseException) -> bool:
