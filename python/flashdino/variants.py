@@ -77,7 +77,8 @@ class VitConfig:
             raise TypeError(
                 f"{self.name}: unknown configuration field(s) {unknown}; valid fields: {sorted(known)}"
             )
-        return dataclasses.replace(self, **overrides)
+        # lists (from YAML / JSON) become tuples: configs are frozen and hashable
+        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
     def validate(self) -> "VitConfig":
         """Checks every field's type and range (configs come from users and downloaded files)."""
@@ -126,7 +127,10 @@ _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def check_field(cfg_name: str, name: str, value) -> None:
+    """Raises ValueError naming the field, the value and the expected type or range."""
     kind = _FIELD_KINDS[name]
+    if kind is tuple and isinstance(value, list):
+        value = tuple(value)
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True

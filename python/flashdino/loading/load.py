@@ -226,7 +226,9 @@ def read_checkpoint(source, cfg: Optional[VitConfig] = None, *, strict: bool = T
         cfg = config_for_source(src, hint=hint or str(source))
         if overrides:
             cfg = cfg.replace(**overrides).validate()
-        if src.hf_config is not None:
+        if overrides:
+            pass  # a mismatch may come from the overrides: the usual report, with its advice
+        elif src.hf_config is not None:
             config_origin = os.path.join(src.origin, CONFIG_NAME)
         elif src.metadata.get("format") == FLASHDINO_FORMAT and "config" in src.metadata:
             config_origin = f"the configuration stored in {src.origin}"
