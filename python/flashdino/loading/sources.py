@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -349,6 +350,8 @@ def probe(url: str, timeout: float) -> Optional[str]:
         return None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, ssl.SSLError):
+            return None  # it answered; certificates are the hub client's business (its own CA settings)
         return f"{type(reason).__name__ if not isinstance(reason, str) else 'URLError'}: {reason}"
 
 
