@@ -77,7 +77,10 @@ def carries_config(text: str) -> bool:
 
     path = Path(text).expanduser()
     if path.is_dir():
-        return (path / "config.json").is_file() or len(list(path.glob("*.safetensors"))) == 1
+        if (path / "config.json").is_file():
+            return True
+        files = list(path.glob("*.safetensors"))
+        return len(files) == 1 and carries_config(str(files[0]))
     if path.is_file():
         try:
             from safetensors import safe_open
