@@ -157,7 +157,7 @@ def load_weights(model: nn.Module, source, strict: bool = True) -> LoadReport:
 def load_source(model: nn.Module, src: Source, strict: bool = True) -> LoadReport:
     """Loads already-read tensors (:func:`sources.resolve`) into ``model``."""
     cfg: VitConfig = model.cfg
-    canon, report = _canonical_for(src, cfg, expected_shapes(model), strict, config_origin=None)
+    canon, report = _canonical_for(src, cfg, expected_shapes(model), strict, check_config=True)
     return apply_state_dict(model, canon, report, src)
 
 
@@ -172,9 +172,9 @@ def apply_state_dict(model: nn.Module, canon: Canonical, report: LoadReport, src
     return report
 
 
-def _canonical_for(src: Source, cfg: VitConfig, expected: dict, strict: bool,
-                   config_origin: Optional[str]) -> tuple:
-    if config_origin is None:
+def _canonical_for(src: Source, cfg: VitConfig, expected: dict, strict: bool, *, check_config: bool,
+                   config_origin: Optional[str] = None) -> tuple:
+    if check_config:  # cfg did not come from the source: the source's own config must agree with it
         _config_fits(src, cfg)
     check_floating(src.state_dict, src.origin)
     canon = canonicalize(src.state_dict, cfg)
@@ -221,7 +221,7 @@ def read_checkpoint(source, cfg: Optional[VitConfig] = None, *, strict: bool = T
         src = resolve(source, cfg.weights, cfg.name)
     else:
         src = resolve(source)
-    config_origin = None
+    config_origin, named = None, cfg is not None
     if cfg is None:
         cfg = config_for_source(src, hint=hint or str(source))
         if overrides:
@@ -232,7 +232,8 @@ def read_checkpoint(source, cfg: Optional[VitConfig] = None, *, strict: bool = T
             config_origin = os.path.join(src.origin, CONFIG_NAME)
         elif src.metadata.get("format") == FLASHDINO_FORMAT and "config" in src.metadata:
             config_origin = f"the configuration stored in {src.origin}"
-    canon, report = _canonical_for(src, cfg, canonical_shapes(cfg), strict, config_origin)
+    canon, report = _canonical_for(src, cfg, canonical_shapes(cfg), strict, check_config=named,
+                                   config_origin=config_origin)
     return Checkpoint(cfg, canon, report, src)
 
 
