@@ -218,3 +218,19 @@ def test_features_command_reads_the_converted_files_config(tmp_path, tiny_pth, c
     assert rc == 0, err
     with safe_open(str(out), framework="pt") as f:
         assert f.get_tensor("cls").shape[-1] == 64  # the stored 64-wide, 2-block model, not the 384-wide default
+
+
+def test_output_is_checked_before_any_download(tmp_path, capsys, monkeypatch):
+    import time
+
+    from _servers import silent_server
+
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_TIMEOUT", "5")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"keep")
+    with silent_server() as base:
+        start = time.perf_counter()
+        rc, _, err = run_cli(capsys, "convert", f"{base}/w.pth", out)
+        assert time.perf_counter() - start < 2  # refused without waiting for the (hung) server
+    assert rc == 2 and "already exists" in err and out.read_bytes() == b"keep"
