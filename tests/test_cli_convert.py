@@ -4,8 +4,6 @@ words, files described by what they are, URL weights, converted files used with 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import threading
 import warnings
 from pathlib import Path

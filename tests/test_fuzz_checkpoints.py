@@ -7,7 +7,6 @@ never a raw exception, never run code from the file, and stay within bounded tim
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import resource
 import shutil

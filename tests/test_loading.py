@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import pytest

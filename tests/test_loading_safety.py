@@ -5,7 +5,6 @@ Each test reproduces a defect of the reliability probe (issue 16 / 17) on a tiny
 """
 
 import json
-import os
 import pickle
 import time
 from pathlib import Path

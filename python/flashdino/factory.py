@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Optional, Union
+from typing import Union
 
 from .loading import Checkpoint, read_checkpoint
 from .loading.load import apply_state_dict
