@@ -242,11 +242,12 @@ def test_get_dinov3_model_pretrained_unavailable_falls_back(monkeypatch):
 
     tried = []
 
-    def unavailable(model, source, strict=True):
-        tried.append((model.cfg.name, source))
+    def unavailable(source, cfg, strict=True, **kwargs):
+        tried.append((cfg.name, source))
         raise loading.WeightsUnavailableError(f"offline: cannot download {source}")
 
-    monkeypatch.setattr(loading, "load_weights", unavailable)
+    # create_model reads and checks the checkpoint (loading.read_checkpoint) before it builds a model
+    monkeypatch.setattr(flashdino.factory, "read_checkpoint", unavailable)
     with pytest.warns(UserWarning) as record:
         m = get_dinov3_model(Config(model_name="small", prefer_plus=True, pretrained=True, overrides=TINY))
     messages = " | ".join(str(r.message) for r in record)

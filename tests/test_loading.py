@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -187,7 +186,7 @@ def test_convert_cli(tmp_path):
 
 def test_converter_needs_a_name_for_unknown_dims(tmp_path):
     src = randomised("dinov3_vits16", **SMALL_V3)
-    with pytest.raises(CheckpointError, match="pass a model name"):
+    with pytest.raises(CheckpointError, match=r"cannot tell which model.*create_model\(NAME, weights=\.\.\.\)"):
         flashdino.convert(src.state_dict(), tmp_path / "x.safetensors")
 
 
@@ -293,7 +292,7 @@ def test_wrong_depth_reports_missing_keys_and_guess():
 
 def test_custom_dims_without_named_variant():
     src = randomised("dinov3_vits16", **SMALL_V3)
-    with pytest.raises(CheckpointError, match="matches no named variant.*embed_dim=64.*depth=2"):
+    with pytest.raises(CheckpointError, match="(?s)matches no named variant.*embed_dim=64.*depth=2"):
         load_weights(meta_model("dinov3_vits16"), src.state_dict())
 
 
@@ -324,7 +323,7 @@ def test_wrong_shape_fails_even_when_not_strict():
 
 def test_dinov2_position_table_size_hint():
     src = randomised("dinov2_vits14", **SMALL_V2)
-    with pytest.raises(CheckpointError, match="4x4 patch grid.*img_size=56"):
+    with pytest.raises(CheckpointError, match="(?s)4x4 patch grid.*img_size=56"):
         load_weights(meta_model("dinov2_vits14", embed_dim=64, depth=2, num_heads=2), src.state_dict())
 
 
@@ -333,7 +332,7 @@ def test_hf_config_fields_not_visible_in_shapes_are_checked(tmp_path):
     cfg = transformers.DINOv3ViTConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1,
                                        num_attention_heads=2, num_register_tokens=4, rope_theta=1000.0)
     transformers.DINOv3ViTModel(cfg).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="rope_theta 1000.0"):
+    with pytest.raises(CheckpointError, match="rope_theta = 1000.0 but dinov3_vits16 has rope_base = 100.0"):
         flashdino.create_model("dinov3_vits16", embed_dim=64, depth=1, num_heads=2, weights=tmp_path)
     assert flashdino.from_pretrained(tmp_path).cfg.rope_base == 1000.0
 
@@ -495,6 +494,7 @@ def test_pretrained_hub_failures_become_weights_unavailable(monkeypatch, failure
         raise make(repo_id)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(flashdino.loading.sources, "probe", lambda url, timeout: None)  # the hub answers
     with pytest.raises(WeightsUnavailableError) as info:
         flashdino.create_model("dinov3_vits16", pretrained=True, depth=1)
     msg = str(info.value)
@@ -525,6 +525,7 @@ def test_hub_download_success_and_weights_tag(monkeypatch, tmp_path):
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(flashdino.loading.sources, "probe", lambda url, timeout: None)
     # the "lvd1689m" tag (any case, as the official hub's Weights enum) resolves to the variant's hub id
     model = flashdino.create_model("dinov3_vits16", weights="LVD1689M", embed_dim=64, depth=2, num_heads=2)
     assert requested[0] == ("facebook/dinov3-vits16-pretrain-lvd1689m", "config.json")
@@ -533,44 +534,6 @@ def test_hub_download_success_and_weights_tag(monkeypatch, tmp_path):
     assert torch.equal(model.rope_embed.periods, dinov3_periods(32))  # official bf16 periods, not HF's fp32
     built = flashdino.from_pretrained("facebook/dinov3-vits16-pretrain-lvd1689m")
     assert built.cfg.embed_dim == 64 and torch.equal(built.norm.bias, hf.norm.bias.detach())
-
-
-def test_pretrained_dinov2_url_download_is_cached(monkeypatch, tmp_path):
-    src = randomised("dinov2_vits14", **SMALL_V2)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    calls = []
-
-    def fake_download(url, dst, *args, **kwargs):
-        calls.append(url)
-        torch.save(src.state_dict(), dst)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    url = flashdino.get_config("dinov2_vits14").weights["lvd142m"]
-    for _ in range(2):
-        model = flashdino.create_model("dinov2_vits14", pretrained=True, **SMALL_V2)
-        assert torch.equal(model.pos_embed, src.pos_embed)
-    assert calls == [url]
-    assert (tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth").is_file()
-
-
-@pytest.mark.parametrize("error,phrases", [
-    (urllib.error.HTTPError("u", 403, "Forbidden", None, None), ["HTTP 403", "signed", "weights=PATH"]),
-    (urllib.error.HTTPError("u", 404, "Not Found", None, None), ["HTTP 404", "weights=PATH"]),
-    (urllib.error.URLError("Temporary failure in name resolution"), ["offline", "weights=PATH"]),
-    (ConnectionResetError("reset"), ["offline", "weights=PATH"]),
-])
-def test_pretrained_url_failures_become_weights_unavailable(monkeypatch, tmp_path, error, phrases):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-
-    def fake_download(url, dst, *args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    with pytest.raises(WeightsUnavailableError) as info:
-        flashdino.create_model("dinov2_vits14_reg", pretrained=True, depth=1)
-    for phrase in phrases:
-        assert phrase in str(info.value)
-    assert "dinov2_vits14_reg4_pretrain.pth" in str(info.value)
 
 
 def _meta_state_dict(name, drop=()):

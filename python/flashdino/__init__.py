@@ -24,11 +24,12 @@ _LAZY = {
     "CheckpointError": ("loading", "CheckpointError"),
     "WeightsUnavailableError": ("loading", "WeightsUnavailableError"),
     "convert": ("loading", "convert"),
-    "from_pretrained": ("loading", "from_pretrained"),
+    "from_pretrained": ("factory", "from_pretrained"),
+    "RandomWeightsWarning": ("factory", "RandomWeightsWarning"),
     "load_weights": ("loading", "load_weights"),
 }
 # Submodules reachable as attributes without an explicit `import flashdino.<name>` (as before).
-_SUBMODULES = ("ops", "models", "layers", "loading", "factory", "backends", "dispatch", "integrations", "bench",
+_SUBMODULES = ("ops", "models", "layers", "loading", "factory", "dispatch", "integrations", "bench",
                "preprocess", "outputs", "info", "cli", "cuda_graphs", "triton_support")
 
 
@@ -52,7 +53,7 @@ def __getattr__(name: str):
 
 __all__ = ["__version__", "ops", "create_model", "list_models", "Aggregator", "DinoV2", "DinoV3", "DinoVisionTransformer",
            "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name",
-           "CheckpointError", "WeightsUnavailableError", "convert", "from_pretrained", "load_weights", *sorted(VARIANTS)]
+           "CheckpointError", "WeightsUnavailableError", "RandomWeightsWarning", "convert", "from_pretrained", "load_weights", *sorted(VARIANTS)]
 
 
 def __dir__() -> list[str]:

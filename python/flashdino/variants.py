@@ -77,17 +77,80 @@ class VitConfig:
             raise TypeError(
                 f"{self.name}: unknown configuration field(s) {unknown}; valid fields: {sorted(known)}"
             )
-        return dataclasses.replace(self, **overrides)
+        # lists (from YAML / JSON) become tuples: configs are frozen and hashable
+        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
     def validate(self) -> "VitConfig":
+        """Checks every field's type and range (configs come from users and downloaded files)."""
+        for f in dataclasses.fields(self):
+            check_field(self.name, f.name, getattr(self, f.name))
         if self.embed_dim % self.num_heads:
             raise ValueError(f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.uses_rope and self.head_dim % 4:
             raise ValueError(f"{self.name}: 2D RoPE needs a head dim divisible by 4, got {self.head_dim}")
-        if self.depth < 0 or self.patch_size < 1:
-            raise ValueError(f"{self.name}: depth and patch_size must be positive")
+        if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
+            raise ValueError(f"{self.name}: image_mean / image_std need {self.in_chans} values (in_chans)")
         return self
 
+    def architecture_differences(self, other: "VitConfig") -> list:
+        """(field, self's value, other's value) for every field that changes the computed function."""
+        out = []
+        for name in ARCHITECTURE_FIELDS:
+            if name == "img_size" and self.family == other.family == "dinov3":
+                continue  # no position table: the size is only a preprocessing default
+            a, b = getattr(self, name), getattr(other, name)
+            same = abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-30) if isinstance(a, float) and isinstance(b, float) \
+                else a == b
+            if not same:
+                out.append((name, a, b))
+        return out
+
+
+# Fields that change what a model computes from given weights (not the name, the training-only
+# fields such as local_cls_norm, or the weights table). ffn_hidden stands for ffn_ratio and
+# swiglu_align together.
+ARCHITECTURE_FIELDS = ("family", "embed_dim", "depth", "num_heads", "ffn", "ffn_hidden", "qkv_bias", "proj_bias",
+                       "ffn_bias", "patch_size", "n_storage_tokens", "layer_norm_eps", "in_chans", "rope_base",
+                       "rope_normalize_coords", "img_size", "interpolate_offset", "interpolate_antialias",
+                       "untie_cls_and_patch_norms")
+
+# Bounds far beyond every released model, so that a hostile or mistyped config is refused before
+# it allocates memory (a 1e9-block model, a 65536-wide one). (low, high), inclusive.
+LIMITS = {"embed_dim": (1, 16384), "depth": (0, 256), "num_heads": (1, 512), "patch_size": (1, 256),
+          "n_storage_tokens": (0, 256), "in_chans": (1, 64), "img_size": (1, 16384), "swiglu_align": (1, 1024),
+          "ffn_ratio": (0.0, 64.0), "layer_norm_eps": (0.0, 1.0), "layerscale_init": (0.0, 1e3),
+          "drop_path_rate": (0.0, 1.0), "rope_base": (0.0, 1e12), "interpolate_offset": (0.0, 1.0)}
+_CHOICES = {"family": ("dinov2", "dinov3"), "ffn": ("mlp", "swiglu", "swiglu_fused"),
+            "rope_normalize_coords": ("separate", "min", "max")}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               tuple: "a list of numbers", dict: "a mapping"}
+
+
+def check_field(cfg_name: str, name: str, value) -> None:
+    """Raises ValueError naming the field, the value and the expected type or range."""
+    kind = _FIELD_KINDS[name]
+    if kind is tuple and isinstance(value, list):
+        value = tuple(value)
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if kind is tuple:
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ValueError(f"{cfg_name}: {name} = {value!r} ({type(value).__name__}) must be {_KIND_NAMES[kind]}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ValueError(f"{cfg_name}: {name} = {value!r} must be one of {', '.join(map(repr, _CHOICES[name]))}")
+    if name in LIMITS:
+        low, high = LIMITS[name]
+        if not (low <= value <= high) or (isinstance(value, float) and value != value):
+            raise ValueError(f"{cfg_name}: {name} = {value!r} is outside the supported range [{low}, {high}]")
+    if name in ("ffn_ratio", "layer_norm_eps") and value <= 0:
+        raise ValueError(f"{cfg_name}: {name} = {value!r} must be positive")
+
+
+_FIELD_KINDS = {f.name: {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple, "dict": dict}.get(
+    str(f.type).split("[")[0], str) for f in dataclasses.fields(VitConfig)}
+_FIELD_KINDS.update(family=str, ffn=str, rope_normalize_coords=str)
 
 _DINOV2_BASE = "https://dl.fbaipublicfiles.com/dinov2"
 SAT_MEAN = (0.430, 0.411, 0.296)

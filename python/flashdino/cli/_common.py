@@ -1,10 +1,17 @@
-"""Helpers shared by the commands: the user-error type, overrides, sizes, model construction."""
+"""Helpers shared by the commands: the user-error type, overrides, sizes, model construction.
+
+flashdino's torch-based modules are imported inside the functions that need them, so that parsing
+arguments (and ``--help``) stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,7 +30,10 @@ def parse_overrides(items: Optional[Sequence[str]]) -> dict:
         if "=" not in item:
             raise CliError(f"--override expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value  # check_overrides names the field and the expected type
     return out
 
 
@@ -40,55 +50,117 @@ def parse_size(text: str):
         raise argparse.ArgumentTypeError(f"--size expects an int, HxW, or 0 to keep each image's size; got {text!r}") from None
 
 
-def build_model(args):
-    """(model, path of the weights folder's preprocessor_config.json or None)."""
-    import flashdino
-    from flashdino.variants import resolve_name
+def is_remote(text: str) -> bool:
+    """A URL or a Hugging Face hub id: fetched, not looked up on disk."""
+    from flashdino.loading.sources import is_hub_id, is_url
 
-    try:
-        name = resolve_name(args.model)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    overrides = parse_overrides(args.override)
-    pre_cfg = None
-    if args.weights is None:
-        print(f"flashdino: notice: no --weights given: {name} uses RANDOM weights, so the features are "
-              "meaningless (fine for a smoke test). Pass --weights CHECKPOINT|HF_FOLDER|HUB_ID for real features.",
-              file=sys.stderr)
-        check_overrides(name, overrides)
-        model = flashdino.create_model(name, **overrides)
-    else:
-        w = Path(args.weights)
-        if w.is_dir() and (w / "preprocessor_config.json").is_file():
-            pre_cfg = w / "preprocessor_config.json"
-        if not w.exists() and looks_like_path(args.weights):
-            raise CliError(f"weights file not found: {w}")
-        check_overrides(name, overrides)
-        model = flashdino.create_model(name, weights=args.weights, **overrides)
-    return model, pre_cfg
+    return is_url(text) or (is_hub_id(text) and not looks_like_path(text))
 
 
 def looks_like_path(text: str) -> bool:
-    """True for things that can only be files (a hub id "org/name" is not one)."""
+    """True for things that can only be files (a hub id "org/name" or a URL is not one)."""
+    if text.startswith(("http://", "https://")):
+        return False
     return text.startswith(("/", ".", "~")) or text.endswith((".pth", ".pt", ".safetensors", ".bin")) \
         or text.count("/") > 1 or (os.sep != "/" and os.sep in text)
 
 
-def check_overrides(name: str, overrides: dict) -> None:
-    import dataclasses
-    import difflib
+def check_source(text: str, flag: str) -> None:
+    """A clear error for a local weights path that does not exist (before any model is built)."""
+    if not is_remote(text) and not Path(text).expanduser().exists() and looks_like_path(text):
+        raise CliError(f"{flag}: no such file or folder: {text}")
 
-    from flashdino.variants import VitConfig, get_config
+
+def carries_config(text: str) -> bool:
+    """True when weights bring their own architecture: an HF folder or hub id, or a converted flashdino file."""
+    from flashdino.loading.sources import is_hub_id
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return True
+        files = list(path.glob("*.safetensors"))
+        return len(files) == 1 and carries_config(str(files[0]))
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not a safetensors file: the loader names what it is
+            return False
+        return meta.get("format") == "flashdino" and "config" in meta
+    return is_hub_id(text)
+
+
+def cli_errors(func):
+    """Runs ``func`` turning checkpoint errors into CLI errors with command-line advice."""
+    from flashdino.loading import CheckpointError
+
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CheckpointError as exc:
+            raise CliError(exc.cli_message()) from None
+    return run
+
+
+def build_model(args):
+    """(model, path of the weights folder's preprocessor_config.json or None).
+
+    Weights that carry their own configuration (``flashdino convert`` output, an HF folder or hub
+    id) give the architecture, as ``flashdino.from_pretrained`` does; ``--model`` then only has to
+    be given to insist on a variant (the configuration must then agree with it).
+    """
+    import flashdino
+    from flashdino.variants import resolve_name
+
+    requested = getattr(args, "model", None)
+    try:
+        name = resolve_name(requested or DEFAULT_MODEL)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    overrides = parse_overrides(args.override)
+    check_overrides(name, overrides)
+    if args.weights is None:
+        print(f"flashdino: notice: no --weights given: {name} uses RANDOM weights, so the features are "
+              "meaningless (fine for a smoke test). Pass --weights CHECKPOINT|HF_FOLDER|HUB_ID for real features.",
+              file=sys.stderr)
+        with warnings.catch_warnings():  # the notice above says it once, in CLI words
+            warnings.simplefilter("ignore", flashdino.RandomWeightsWarning)
+            return flashdino.create_model(name, **overrides), None
+    weights = str(args.weights)
+    check_source(weights, "--weights")
+    w = Path(weights).expanduser()
+    pre_cfg = w / "preprocessor_config.json" if w.is_dir() and (w / "preprocessor_config.json").is_file() else None
+    if carries_config(weights) and (requested is None or name == DEFAULT_MODEL):
+        model = cli_errors(flashdino.from_pretrained)(weights, **overrides)
+        if requested is not None and model.cfg.name != name:
+            print(f"flashdino: notice: {weights} holds a {model.cfg.name} model (its stored configuration); "
+                  f"using it instead of the default --model {name}", file=sys.stderr)
+        return model, pre_cfg
+    return cli_errors(flashdino.create_model)(name, weights=weights, **overrides), pre_cfg
+
+
+def check_overrides(name: str, overrides: dict) -> None:
+    from flashdino.variants import VitConfig, check_field, get_config
 
     fields = sorted({f.name for f in dataclasses.fields(VitConfig)} - {"name", "family", "weights"})
-    for key in overrides:
+    for key, value in overrides.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CliError(f"--override {key}: unknown configuration field{hint} (fields: {', '.join(fields)})")
+        try:
+            check_field("--override", key, value)
+        except ValueError as exc:
+            raise CliError(f"--override {key}={value}: {_field_problem(exc)}") from None
     try:
         get_config(name, **overrides)
     except (TypeError, ValueError) as exc:
         raise CliError(f"--override: {exc}") from None
 
 
+def _field_problem(exc: Exception) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if ": " in text else text

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from ..variants import VitConfig, infer_variant
+from ..layers.rope import dinov3_periods
+from ..variants import VARIANTS, VitConfig, infer_variant
 from .errors import CheckpointError
 
 FORMATS = ("official_dinov3", "official_dinov2", "hf_dinov3", "hf_dinov2", "timm_dinov3", "timm_dinov2")
@@ -233,7 +234,6 @@ def guess_variants(arch: dict) -> list:
     names = infer_variant(arch["embed_dim"], arch.get("depth", 0), family=arch.get("family"), ffn=arch.get("ffn"),
                           n_storage_tokens=arch.get("n_storage_tokens"))
     if arch.get("patch_size"):
-        from ..variants import VARIANTS
         names = [n for n in names if VARIANTS[n].patch_size == arch["patch_size"]]
     return names
 
@@ -341,8 +341,6 @@ def _fill_missing(sd: dict, fmt: str, cfg: VitConfig, notes: list) -> None:
             sd["local_cls_norm.bias"] = torch.zeros(D, dtype=dtype)
             notes.append("local_cls_norm is not in this format (training only, unused at inference): set to identity")
     if cfg.uses_rope and "rope_embed.periods" not in sd and fmt in ("hf_dinov3", "timm_dinov3"):
-        from ..layers.rope import dinov3_periods
-
         sd["rope_embed.periods"] = dinov3_periods(cfg.head_dim, cfg.rope_base)
         notes.append(f"no RoPE periods in a {fmt} checkpoint: using the official bf16-rounded periods "
                      "(as in Meta's released checkpoints)")

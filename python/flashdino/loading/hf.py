@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..variants import SAT_MEAN, VARIANTS, VitConfig
+from ..variants import LIMITS, SAT_MEAN, VARIANTS, VitConfig
 from .errors import CheckpointError
 from .files import read_state_dict
 
@@ -96,8 +96,11 @@ def config_from_hf(config: dict, preprocessor: Optional[dict] = None, hint: str 
     D = _get(config, "hidden_size", int, where)
     depth = _get(config, "num_hidden_layers", int, where)
     heads = _get(config, "num_attention_heads", int, where)
-    if D < 1 or depth < 0 or heads < 1 or D % heads:
-        raise CheckpointError(f"{where}: hidden_size {D} must be a positive multiple of num_attention_heads {heads}")
+    for key, value, low in (("hidden_size", D, 1), ("num_hidden_layers", depth, 0), ("num_attention_heads", heads, 1)):
+        if value < low:
+            raise CheckpointError(f"{where}: {key} = {value} must be at least {low}")
+    if D % heads:
+        raise CheckpointError(f"{where}: hidden_size {D} must be a multiple of num_attention_heads {heads}")
     patch = _square(config.get("patch_size", 16 if model_type == "dinov3_vit" else 14), "patch_size", where)
     img = _square(config.get("image_size", 224 if model_type == "dinov3_vit" else 518), "image_size", where)
     in_chans = _get(config, "num_channels", int, where, default=3)
@@ -143,12 +146,18 @@ def config_from_hf(config: dict, preprocessor: Optional[dict] = None, hint: str 
                       n_storage_tokens=_get(config, "num_register_tokens", int, where, default=4) if reg else 0,
                       qkv_bias=_get(config, "qkv_bias", bool, where, default=True),
                       interpolate_offset=0.0 if reg else 0.1, interpolate_antialias=reg)
+    for key, value in fields.items():
+        if key in LIMITS and isinstance(value, (int, float)) and not LIMITS[key][0] <= value <= LIMITS[key][1]:
+            low, high = LIMITS[key]
+            raise CheckpointError(f"{where}: {HF_KEYS.get(key, key)} = {value!r} is outside the supported range "
+                                  f"[{low}, {high}]; the file is damaged or not a DINOv2/DINOv3 config")
     if preprocessor:
-        mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
-        if isinstance(mean, (list, tuple)) and len(mean) == in_chans:
-            fields["image_mean"] = tuple(float(m) for m in mean)
-        if isinstance(std, (list, tuple)) and len(std) == in_chans:
-            fields["image_std"] = tuple(float(s) for s in std)
+        for key, target in (("image_mean", "image_mean"), ("image_std", "image_std")):
+            values = preprocessor.get(key)
+            if isinstance(values, (list, tuple)) and len(values) == in_chans:
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                    raise CheckpointError(f"{PREPROCESSOR_NAME}: {key} must be a list of numbers, got {values!r}")
+                fields[target] = tuple(float(v) for v in values)
     name = match_variant(fields, hint)
     if name:
         base = VARIANTS[name]
@@ -158,7 +167,10 @@ def config_from_hf(config: dict, preprocessor: Optional[dict] = None, hint: str 
     else:
         name = f"{fields['family']}_hf_custom"
         cfg = VitConfig(name=name, **fields)
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
 
 
 def match_variant(fields: dict, hint: str = "") -> Optional[str]:
@@ -180,18 +192,37 @@ def match_variant(fields: dict, hint: str = "") -> Optional[str]:
     return found[0] if found else None
 
 
+def shard_names(index: Path) -> list:
+    """The shard files a ``model.safetensors.index.json`` lists: plain file names in its own folder.
+
+    A name with a folder part (``../x``, ``/abs/x``, ``sub/x``) could read files outside the model
+    folder, so it is refused, as is anything that is not a string.
+    """
+    data = _read_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: missing key 'weight_map' (a JSON object mapping tensor names to shard files)")
+    names = set()
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must be a file name (a string), got {shard!r}")
+        plain = shard and shard not in (".", "..") and "\x00" not in shard and \
+            os.path.basename(shard) == shard and "/" not in shard and "\\" not in shard
+        if not plain:
+            raise CheckpointError(f"{index}: weight_map[{key!r}] = {shard!r} is not a plain file name; shards must "
+                                  "lie in the model folder itself (no folder part, no '..', no absolute path)")
+        names.add(shard)
+    return sorted(names)
+
+
 def _read_weights(folder: Path) -> dict:
     single = folder / WEIGHTS_NAME
     if single.is_file():
         return read_state_dict(single)
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
-        data = _read_json(index)
-        weight_map = data.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: missing key 'weight_map'")
         sd: dict = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in shard_names(index):
             shard_path = folder / shard
             if not shard_path.is_file():
                 raise CheckpointError(f"{index} lists shard {shard}, which is missing from {folder}")
@@ -223,37 +254,29 @@ def read_hf_folder_raw(path: Union[str, os.PathLike]) -> tuple:
     return config, sd, pre
 
 
-def read_hf_folder(path: Union[str, os.PathLike]) -> tuple:
-    """``(VitConfig, canonical state dict, preprocessor dict or None)`` of a Hugging Face model folder
-    (or hub id, downloaded through the huggingface_hub cache).
+# VitConfig field -> the config.json key that sets it (for messages in the file's own terms).
+HF_KEYS = {"embed_dim": "hidden_size", "depth": "num_hidden_layers", "num_heads": "num_attention_heads",
+           "ffn_hidden": "intermediate_size", "ffn": "use_gated_mlp / use_swiglu_ffn", "qkv_bias": "query_bias",
+           "proj_bias": "proj_bias", "ffn_bias": "mlp_bias", "patch_size": "patch_size", "img_size": "image_size",
+           "n_storage_tokens": "num_register_tokens", "in_chans": "num_channels", "layer_norm_eps": "layer_norm_eps",
+           "rope_base": "rope_theta", "family": "model_type", "ffn_ratio": "intermediate_size / mlp_ratio",
+           "layerscale_init": "layerscale_value"}
 
-    The state dict is in flashdino's canonical layout (``model.load_state_dict`` accepts it) and
-    holds the official bf16-rounded RoPE periods for DINOv3 (HF recomputes them in fp32).
-    Raises :class:`CheckpointError` naming the file and key for missing or malformed files.
+
+def check_config_against(config: dict, cfg: VitConfig, where: str, preprocessor: Optional[dict] = None) -> list:
+    """Every architecture field of an HF config that differs from the model ``cfg`` (one line each).
+
+    Raises :class:`CheckpointError` when the config is not a supported DINOv2 / DINOv3 config at all.
     """
-    from .formats import canonicalize
-    from .sources import download_hub, is_hub_id
-
-    folder = Path(path)
-    if not folder.exists() and is_hub_id(str(path)):
-        folder = download_hub(str(path))
-    config, raw, pre = read_hf_folder_raw(folder)
-    cfg = config_from_hf(config, pre, hint=str(path), where=str(folder / CONFIG_NAME))
-    return cfg, canonicalize(raw, cfg).state_dict, pre
-
-
-def check_config_against(config: dict, cfg: VitConfig, where: str) -> list:
-    """Differences between an HF config and a model that the weights' shapes cannot reveal."""
+    described = config_from_hf(config, preprocessor, where=where)
     problems = []
-    eps = config.get("layer_norm_eps")
-    if isinstance(eps, (int, float)) and abs(float(eps) - cfg.layer_norm_eps) > 1e-12:
-        problems.append(f"layer_norm_eps {eps} (model: {cfg.layer_norm_eps})")
-    if config.get("model_type") == "dinov3_vit":
-        theta = config.get("rope_theta")
-        if isinstance(theta, (int, float)) and float(theta) != cfg.rope_base:
-            problems.append(f"rope_theta {theta} (model: rope_base {cfg.rope_base})")
+    for name, theirs, mine in described.architecture_differences(cfg):
+        key = HF_KEYS.get(name, name)
+        problems.append(f"{key} = {_hf_value(config, key, theirs)} but {cfg.name} has {name} = {mine!r}")
     return [f"{where}: {p}" for p in problems]
 
 
+def _hf_value(config: dict, key: str, fallback):
+    return repr(config[key]) if key in config else repr(fallback)
 def tensor_dims(sd: dict) -> dict:
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}

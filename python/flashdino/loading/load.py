@@ -1,18 +1,29 @@
-"""Strict loading with a readable report, and ``from_pretrained``."""
+"""Reading a checkpoint for a configuration, strict matching with a readable report, and loading
+into an existing model.
+
+Nothing here builds a model: :func:`read_checkpoint` returns the configuration, the canonical state
+dict and the preprocessing config, checked against each other; ``flashdino.factory`` builds.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ..variants import VitConfig
-from .errors import CheckpointError
+from ..variants import VARIANTS, VitConfig, get_config
+from .errors import CheckpointError, Fix
+from .files import check_floating
 from .formats import Canonical, canonicalize, describe_arch, guess_variants
-from .sources import Source, resolve
+from .hf import CONFIG_NAME, check_config_against, config_from_hf, read_hf_folder_raw
+from .layout import canonical_shapes
+from .sources import Source, download_hub, is_hub_id, resolve
 
 _SHOW = 5
 FLASHDINO_FORMAT = "flashdino"
@@ -30,6 +41,7 @@ class LoadReport:
     mismatched: list = field(default_factory=list)  # (key, checkpoint shape, model shape)
     notes: list = field(default_factory=list)
     hints: list = field(default_factory=list)
+    fix: Optional[Fix] = None
 
     @property
     def ok(self) -> bool:
@@ -55,46 +67,47 @@ class LoadReport:
 
 
 def expected_shapes(cfg_or_model) -> dict:
-    """{key: shape} of a model's state dict (built on the meta device when given a config)."""
+    """{key: shape} of a model's state dict (from the layout table when given a config)."""
     if isinstance(cfg_or_model, nn.Module):
         return {k: tuple(v.shape) for k, v in cfg_or_model.state_dict().items()}
-    from ..models import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg_or_model)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return canonical_shapes(cfg_or_model)
 
 
-def _variant_hint(canon: Canonical, cfg: VitConfig) -> list:
+_ARCH_KEYS = ("embed_dim", "depth", "ffn", "family", "n_storage_tokens", "patch_size")
+
+
+def _variant_hint(canon: Canonical, cfg: VitConfig, config_origin: Optional[str]) -> tuple:
+    """(hint lines, Fix) explaining a mismatch between the checkpoint's tensors and ``cfg``."""
     arch = canon.arch
-    model_arch = {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "ffn": cfg.ffn, "family": cfg.family,
-                  "n_storage_tokens": cfg.n_storage_tokens, "patch_size": cfg.patch_size}
-    keys = ("embed_dim", "depth", "ffn", "family", "n_storage_tokens", "patch_size")
-    if all(arch.get(k, model_arch[k]) == model_arch[k] for k in keys):
+    model_arch = {k: getattr(cfg, k) for k in _ARCH_KEYS}
+    if all(arch.get(k, model_arch[k]) == model_arch[k] for k in _ARCH_KEYS):
         grid = arch.get("pos_grid")
         if grid and cfg.family == "dinov2" and grid != cfg.img_size // cfg.patch_size:
-            return [f"the checkpoint's position table is for a {grid}x{grid} patch grid (img_size "
-                    f"{grid * cfg.patch_size}) but the model has img_size {cfg.img_size}; build it with "
-                    f"img_size={grid * cfg.patch_size}"]
-        return []
-    ckpt = describe_arch(arch)
-    mine = describe_arch(model_arch)
+            return ([f"the checkpoint's position table is for a {grid}x{grid} patch grid (img_size "
+                     f"{grid * cfg.patch_size}) but the model has img_size {cfg.img_size}"],
+                    Fix(model=cfg.name if cfg.name in VARIANTS else None, overrides={"img_size": grid * cfg.patch_size}))
+        return [], None
+    ckpt, mine = describe_arch(arch), describe_arch(model_arch)
+    if config_origin is not None:
+        # The configuration came with the weights: they contradict each other, no name can fix that.
+        return [f"{config_origin} describes {mine} but the weights are {ckpt}: the configuration and the "
+                "weights do not belong together (a damaged or mixed-up download)"], None
     names = guess_variants(arch)
     if names:
-        return [f"checkpoint looks like {names[0]} ({ckpt}) but the model is {cfg.name} ({mine}); use "
-                f"flashdino.create_model({names[0]!r}, weights=...)"]
-    overrides = []
-    for k, v in (("embed_dim", arch.get("embed_dim")), ("depth", arch.get("depth")),
-                 ("num_heads", arch.get("num_heads")), ("ffn", arch.get("ffn")),
-                 ("n_storage_tokens", arch.get("n_storage_tokens"))):
+        return [f"checkpoint looks like {names[0]} ({ckpt}) but the model is {cfg.name} ({mine})"], Fix(model=names[0])
+    overrides = {}
+    for k in ("embed_dim", "depth", "num_heads", "ffn", "n_storage_tokens"):
+        v = arch.get(k)
         if v is not None and v != getattr(cfg, k):
-            overrides.append(f"{k}={v!r}")
-    return [f"checkpoint ({ckpt}) matches no named variant and not the model {cfg.name} ({mine}); build a "
-            f"matching model, e.g. flashdino.create_model({cfg.name!r}, {', '.join(overrides)}, weights=...)"
-            + (" (set num_heads too)" if "num_heads" not in " ".join(overrides) else "")]
+            overrides[k] = v
+    heads = " (set num_heads too)" if "embed_dim" in overrides and "num_heads" not in overrides else ""
+    base = cfg.name if cfg.name in VARIANTS else None
+    return [f"checkpoint ({ckpt}) matches no named variant and not the model {cfg.name} ({mine}){heads}"], \
+        Fix(model=base, overrides=overrides)
 
 
-def match_state_dict(canon: Canonical, cfg: VitConfig, expected: dict, origin: str) -> LoadReport:
+def match_state_dict(canon: Canonical, cfg: VitConfig, expected: dict, origin: str,
+                     config_origin: Optional[str] = None) -> LoadReport:
     report = LoadReport(origin=origin, format=canon.format, model=cfg.name, notes=list(canon.notes))
     sd = canon.state_dict
     report.missing = [k for k in expected if k not in sd]
@@ -102,27 +115,30 @@ def match_state_dict(canon: Canonical, cfg: VitConfig, expected: dict, origin: s
     report.mismatched = [(k, tuple(sd[k].shape), expected[k]) for k in expected
                          if k in sd and tuple(sd[k].shape) != expected[k]]
     if not report.ok:
-        report.hints = _variant_hint(canon, cfg)
+        report.hints, report.fix = _variant_hint(canon, cfg, config_origin)
     return report
 
 
-def _raise(report: LoadReport, strict: bool) -> None:
+def raise_for_report(report: LoadReport, strict: bool) -> None:
     fatal = report.mismatched or (strict and (report.missing or report.unexpected))
     if fatal:
-        tail = "" if report.mismatched else "\n  (pass strict=False to load the matching keys only)"
+        fix = report.fix or (None if report.mismatched else Fix(not_strict=True))
         raise CheckpointError(f"cannot load {report.origin} ({report.format}) into {report.model}:\n  "
-                              f"{report.summary()}{tail}")
+                              f"{report.summary()}", fix)
 
 
-def _check_hf_config(src: Source, cfg: VitConfig, strict: bool) -> None:
-    if src.hf_config is None:
+def _config_fits(src: Source, cfg: VitConfig) -> None:
+    """A configuration shipped with the weights must describe the model they are loaded into."""
+    if src.hf_config is not None:
+        problems = check_config_against(src.hf_config, cfg, os.path.join(src.origin, CONFIG_NAME), src.preprocessor)
+    elif src.metadata.get("format") == FLASHDINO_FORMAT and "config" in src.metadata:
+        stored = config_from_json(src.metadata["config"], src.origin)
+        problems = [f"{src.origin}: its stored configuration has {name} = {theirs!r} but {cfg.name} has {mine!r}"
+                    for name, theirs, mine in stored.architecture_differences(cfg)]
+    else:
         return
-    from .hf import check_config_against
-
-    problems = check_config_against(src.hf_config, cfg, f"{src.origin}/config.json")
-    if problems and strict:
-        raise CheckpointError(f"{src.origin} does not fit {cfg.name}: " + "; ".join(problems) +
-                              " (use flashdino.from_pretrained(folder) to build the model from its config)")
+    if problems:
+        raise CheckpointError(f"{src.origin} does not fit {cfg.name}: " + "; ".join(problems), Fix(from_config=True))
 
 
 def load_weights(model: nn.Module, source, strict: bool = True) -> LoadReport:
@@ -141,68 +157,140 @@ def load_weights(model: nn.Module, source, strict: bool = True) -> LoadReport:
 def load_source(model: nn.Module, src: Source, strict: bool = True) -> LoadReport:
     """Loads already-read tensors (:func:`sources.resolve`) into ``model``."""
     cfg: VitConfig = model.cfg
-    _check_hf_config(src, cfg, strict)
-    canon = canonicalize(src.state_dict, cfg)
-    report = match_state_dict(canon, cfg, expected_shapes(model), src.origin)
-    _raise(report, strict)
+    canon, report = _canonical_for(src, cfg, expected_shapes(model), strict, check_config=True)
+    return apply_state_dict(model, canon, report, src)
+
+
+def apply_state_dict(model: nn.Module, canon: Canonical, report: LoadReport, src: Source) -> LoadReport:
     wanted = {k: v for k, v in canon.state_dict.items() if k not in report.unexpected}
     with torch.no_grad():
         model.load_state_dict(wanted, strict=False)
     if hasattr(model, "_pos_cache"):
         model._pos_cache.clear()
     model.weights_source = src.origin
-    if src.preprocessor is not None:
-        model.preprocessor_config = src.preprocessor
+    model.preprocessor_config = src.preprocessor
     return report
+
+
+def _canonical_for(src: Source, cfg: VitConfig, expected: dict, strict: bool, *, check_config: bool,
+                   config_origin: Optional[str] = None) -> tuple:
+    if check_config:  # cfg did not come from the source: the source's own config must agree with it
+        _config_fits(src, cfg)
+    check_floating(src.state_dict, src.origin)
+    canon = canonicalize(src.state_dict, cfg)
+    report = match_state_dict(canon, cfg, expected, src.origin, config_origin)
+    if src.metadata.get("format") == FLASHDINO_FORMAT:
+        report.format = FLASHDINO_FORMAT  # its keys are the official ones, but the file is flashdino's
+    raise_for_report(report, strict)
+    return canon, report
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read for a configuration: everything needed to build and fill a model."""
+
+    cfg: VitConfig
+    canonical: Canonical
+    report: LoadReport
+    source: Source
+
+    @property
+    def state_dict(self) -> dict:
+        return self.canonical.state_dict
+
+    @property
+    def preprocessor(self) -> Optional[dict]:
+        return self.source.preprocessor
+
+
+def read_checkpoint(source, cfg: Optional[VitConfig] = None, *, strict: bool = True, hint: str = "",
+                    **overrides) -> Checkpoint:
+    """Reads ``source`` and checks it against ``cfg`` (or against the configuration it carries).
+
+    With ``cfg`` (a named variant), a configuration shipped with the weights (HF ``config.json``,
+    flashdino metadata) must agree with it field by field. Without, the configuration comes from the
+    source (plus ``overrides``). Either way the tensors are checked against the configuration's
+    layout before anything is allocated.
+    """
+    if isinstance(source, Source):
+        src = source
+    elif cfg is not None:
+        src = resolve(source, cfg.weights, cfg.name)
+    else:
+        src = resolve(source)
+    config_origin, named = None, cfg is not None
+    if cfg is None:
+        cfg = config_for_source(src, hint=hint or str(source))
+        if overrides:
+            cfg = cfg.replace(**overrides).validate()
+        if overrides:
+            pass  # a mismatch may come from the overrides: the usual report, with its advice
+        elif src.hf_config is not None:
+            config_origin = os.path.join(src.origin, CONFIG_NAME)
+        elif src.metadata.get("format") == FLASHDINO_FORMAT and "config" in src.metadata:
+            config_origin = f"the configuration stored in {src.origin}"
+    canon, report = _canonical_for(src, cfg, canonical_shapes(cfg), strict, check_config=named,
+                                   config_origin=config_origin)
+    return Checkpoint(cfg, canon, report, src)
+
+
+def read_hf_folder(path: Union[str, os.PathLike]) -> tuple:
+    """``(VitConfig, canonical state dict, preprocessor dict or None)`` of a Hugging Face model folder
+    (or hub id, downloaded through the huggingface_hub cache).
+
+    The state dict is in flashdino's canonical layout (``model.load_state_dict`` accepts it) and
+    holds the official bf16-rounded RoPE periods for DINOv3 (HF recomputes them in fp32).
+    Raises :class:`CheckpointError` naming the file and key for missing or malformed files.
+    """
+    folder = Path(path)
+    if not folder.exists() and is_hub_id(str(path)):
+        folder = download_hub(str(path))
+    config, raw, pre = read_hf_folder_raw(folder)
+    ckpt = read_checkpoint(Source(raw, str(folder), hf_config=config, preprocessor=pre), hint=str(path))
+    return ckpt.cfg, ckpt.state_dict, pre
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
 def config_to_json(cfg: VitConfig) -> str:
-    import dataclasses
-
     data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "weights"}
     return json.dumps(data, sort_keys=True)
 
 
 def config_from_json(text: str, origin: str) -> VitConfig:
-    import dataclasses
-
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise CheckpointError(f"{origin}: malformed flashdino config metadata ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{origin}: malformed flashdino config metadata (not a JSON object)")
     known = {f.name for f in dataclasses.fields(VitConfig)}
-    data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+    data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known and k != "weights"}
     try:
         cfg = VitConfig(**data)
-    except TypeError as exc:
-        raise CheckpointError(f"{origin}: incomplete flashdino config metadata ({exc})") from exc
-    from ..variants import VARIANTS
-
-    if cfg.name in VARIANTS:
-        cfg = cfg.replace(weights=VARIANTS[cfg.name].weights)
-    return cfg.validate()
+        if cfg.name in VARIANTS:
+            cfg = cfg.replace(weights=VARIANTS[cfg.name].weights)
+        return cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{origin}: invalid flashdino config metadata ({exc})") from exc
 
 
 def config_for_source(src: Source, hint: str = "") -> VitConfig:
     """The architecture a checkpoint describes: its HF config, its flashdino metadata, or its keys."""
-    from ..variants import get_config
-
     if src.hf_config is not None:
-        from .hf import config_from_hf
-
         return config_from_hf(src.hf_config, src.preprocessor, hint=hint or src.origin,
-                              where=os.path.join(src.origin, "config.json"))
+                              where=os.path.join(src.origin, CONFIG_NAME))
     if src.metadata.get("format") == FLASHDINO_FORMAT and "config" in src.metadata:
         return config_from_json(src.metadata["config"], src.origin)
-    if src.metadata.get("variant"):
+    if src.metadata.get("variant") in VARIANTS:
         return get_config(src.metadata["variant"])
+    check_floating(src.state_dict, src.origin)
     probe = canonicalize(src.state_dict, get_config("dinov3_vits16"))
     names = guess_variants(probe.arch)
-    from ..variants import VARIANTS
-
     has_local = "local_cls_norm.weight" in probe.state_dict and probe.format.startswith("official")
     names = [n for n in names if VARIANTS[n].local_cls_norm == has_local] or names
     if "sat493m" in (hint or src.origin).lower():
@@ -210,44 +298,20 @@ def config_for_source(src: Source, hint: str = "") -> VitConfig:
     else:
         names = [n for n in names if not n.endswith("_sat493m")] or names
     if len(names) >= 1 and (len(names) == 1 or len({n.replace("_sat493m", "") for n in names}) == 1):
-        name = names[0]
-        cfg = get_config(name)
+        cfg = get_config(names[0])
         grid = probe.arch.get("pos_grid")
         if grid and cfg.family == "dinov2" and grid * cfg.patch_size != cfg.img_size:
             cfg = cfg.replace(img_size=grid * cfg.patch_size)
         return cfg
     raise CheckpointError(
-        f"cannot tell which model {src.origin} is ({describe_arch(probe.arch)}; candidates: {names or 'none'}); "
-        "pass a model name, e.g. flashdino.create_model(NAME, weights=...)"
-    )
+        f"cannot tell which model {src.origin} is ({describe_arch(probe.arch)}; candidates: {names or 'none'})",
+        _nearest_variant(probe.arch) if not names else Fix(name_needed=True))
 
 
-def from_pretrained(source, *, strict: bool = True, device=None, dtype=None, **overrides):
-    """Builds a backbone from a Hugging Face folder / hub id (its config.json) or a flashdino file, and
-    loads its weights. ``overrides`` change configuration fields (e.g. ``drop_path_rate=0.1``).
-    A variant name (``"dinov3_vitl16"``) means ``create_model(name, pretrained=True)``.
-
-    The model gets ``preprocessor_config`` (the folder's preprocessor_config.json, when present).
-    """
-    from ..models import build_model
-    from ..variants import VARIANTS
-
-    from .sources import looks_like_pretrained_source
-
-    if isinstance(source, str) and not looks_like_pretrained_source(source):
-        from ..variants import ALIASES
-
-        if source in VARIANTS or source.lower() in ALIASES:  # a model name: its default weights
-            from ..factory import create_model
-
-            return create_model(source, pretrained=True, strict=strict, device=device, dtype=dtype, **overrides)
-    src = resolve(source)
-    cfg = config_for_source(src, hint=str(source))
-    if overrides:
-        cfg = cfg.replace(**overrides).validate()
-    model = build_model(cfg)
-    load_source(model, src, strict=strict)
-    model.preprocessor_config = src.preprocessor
-    if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model
+def _nearest_variant(arch: dict) -> Fix:
+    """A variant that the checkpoint fits with a different depth (a truncated or test model)."""
+    keys = ("family", "embed_dim", "ffn", "patch_size", "n_storage_tokens")
+    for cfg in VARIANTS.values():
+        if all(arch.get(k, getattr(cfg, k)) == getattr(cfg, k) for k in keys) and "embed_dim" in arch:
+            return Fix(model=cfg.name, overrides={"depth": arch.get("depth", cfg.depth)})
+    return Fix(name_needed=True)

@@ -1,25 +1,54 @@
 """Turning a ``weights=`` argument into tensors: files, folders, tags, URLs, hub ids, dicts.
 
-Downloads go through ``huggingface_hub.hf_hub_download`` (its cache) and
-``torch.hub.download_url_to_file`` (into ``torch.hub.get_dir()/checkpoints``). Failures that the
-user can fix (gated repository, no login, offline, missing file) become
-:class:`WeightsUnavailableError` with the fix spelled out.
+This is the only module of flashdino that touches the network. Every download has a bounded
+wait: ``FLASHDINO_DOWNLOAD_TIMEOUT`` seconds (default 30) without a byte ends an attempt, at most
+``FLASHDINO_DOWNLOAD_RETRIES`` more attempts follow (default 2), and ``FLASHDINO_OFFLINE=1`` (or
+``HF_HUB_OFFLINE=1``) uses caches only and fails at once when something is missing.
+
+URLs are cached under ``torch.hub.get_dir()/checkpoints`` by a hash of the whole URL (two URLs with
+the same file name are two files); partial downloads never stay behind. Hub ids go through
+``huggingface_hub`` (its cache), after a quick check that the hub answers at all, because the
+client's own retries turn a silent endpoint into minutes of waiting. Failures that the user can fix
+(gated repository, no login, offline, missing file) become :class:`WeightsUnavailableError` with
+the fix spelled out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
+import socket
+import ssl
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 from urllib.parse import urlparse
+
+import torch.hub
+from safetensors import safe_open
+from tqdm import tqdm
 
 from .errors import CheckpointError, WeightsUnavailableError
 from .files import read_state_dict, unwrap_state_dict
+from .hf import (CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, read_hf_folder_raw,
+                 shard_names)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+TIMEOUT_ENV = "FLASHDINO_DOWNLOAD_TIMEOUT"
+RETRIES_ENV = "FLASHDINO_DOWNLOAD_RETRIES"
+OFFLINE_ENV = "FLASHDINO_OFFLINE"
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRIES = 2
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -49,25 +78,60 @@ def looks_like_pretrained_source(s) -> bool:
     return os.path.isdir(s) or os.path.isfile(s) or is_url(s) or is_hub_id(s)
 
 
-def _safetensors_metadata(path: Path) -> dict:
-    if path.suffix != ".safetensors":
-        return {}
-    try:
-        from safetensors import safe_open
+# ------------------------------------------------------------------------------------- settings
 
+
+def _env_number(name: str, default: float, kind=float):
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number; unset it or give e.g. {name}={kind(default)}") from None
+    if value < 0:
+        raise ValueError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def download_timeout() -> float:
+    """Seconds an attempt may wait for the server (connect, or between two received bytes)."""
+    return _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S
+
+
+def download_retries() -> int:
+    return int(_env_number(RETRIES_ENV, DEFAULT_RETRIES, int))
+
+
+def offline() -> bool:
+    truthy = ("1", "true", "yes", "on")
+    return any(os.environ.get(n, "").strip().lower() in truthy for n in (OFFLINE_ENV, "HF_HUB_OFFLINE"))
+
+
+def _settings_hint() -> str:
+    return (f"waits are limited by {TIMEOUT_ENV} (now {download_timeout():g} s) and {RETRIES_ENV} "
+            f"(now {download_retries()}); set {OFFLINE_ENV}=1 to use cached files only")
+
+
+# ------------------------------------------------------------------------------------- resolving
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception:  # read_state_dict reports unreadable files
         return {}
 
 
-def read_folder(folder: Path) -> Source:
-    from .hf import WEIGHTS_NAME, read_hf_folder_raw
+def read_file(path: Path, origin: Optional[str] = None) -> Source:
+    return Source(read_state_dict(path), origin or str(path), metadata=_safetensors_metadata(path))
 
+
+def read_folder(folder: Path) -> Source:
     flashdino_files = sorted(folder.glob("*.safetensors"))
-    if not (folder / "config.json").is_file() and len(flashdino_files) == 1:
-        path = flashdino_files[0]
-        return Source(read_state_dict(path), str(path), metadata=_safetensors_metadata(path))
+    if not (folder / CONFIG_NAME).is_file() and len(flashdino_files) == 1:
+        return read_file(flashdino_files[0])
     config, sd, pre = read_hf_folder_raw(folder)
     return Source(sd, str(folder), hf_config=config, preprocessor=pre,
                   metadata=_safetensors_metadata(folder / WEIGHTS_NAME))
@@ -85,25 +149,141 @@ def resolve(source, weight_tags: Optional[dict] = None, model_name: str = "the m
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"weights must be a path, a hub id, a URL, a weights tag or a state dict, "
                         f"got {type(source).__name__}")
+    return read_location(locate(source, weight_tags, model_name))
+
+
+def locate(source, weight_tags: Optional[dict] = None, model_name: str = "the model") -> Path:
+    """The local file or folder behind a path, weights tag, URL or hub id (downloading it if needed).
+
+    Cheap for local paths, so callers check a source before doing expensive work.
+    """
+    weight_tags = weight_tags or {}
     s = os.fspath(source)
     path = Path(s).expanduser()
-    if path.is_dir():
-        return read_folder(path)
-    if path.is_file():
-        return Source(read_state_dict(path), str(path), metadata=_safetensors_metadata(path))
+    if path.exists():
+        return path
     tag = next((t for t in weight_tags if t.lower() == s.lower()), None)  # "lvd1689m" or "LVD1689M"
     if tag is not None:
-        return resolve(weight_tags[tag], weight_tags, model_name)
+        return locate(weight_tags[tag], weight_tags, model_name)
     if is_url(s):
-        local = download_url(s)
-        return Source(read_state_dict(local), str(local))
+        return download_url(s)
     if is_hub_id(s):
-        return read_folder(download_hub(s))
+        try:
+            return download_hub(s)
+        except WeightsUnavailableError as exc:
+            raise WeightsUnavailableError(f"{exc} (nor is {s} a local file or folder)") from exc
     tags = f"; weights tags of {model_name}: {', '.join(sorted(weight_tags))}" if weight_tags else ""
     raise CheckpointError(f"checkpoint not found: {s} (not a file, a folder, a URL or a hub id 'org/name'){tags}")
 
 
-# ---------------------------------------------------------------------------------------------------
+def read_location(path: Path) -> Source:
+    return read_folder(path) if path.is_dir() else read_file(path)
+
+
+# ------------------------------------------------------------------------------------- URLs
+
+
+def url_cache_path(url: str) -> Path:
+    """Where a URL is cached: the file name for people, a hash of the whole URL for uniqueness."""
+    name = os.path.basename(urlparse(url).path) or "checkpoint.pth"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-120:]
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{name}"
+
+
+def _fetch_once(url: str, dest: Path, timeout: float) -> None:
+    # A unique partial file per attempt, in the cache folder: concurrent downloads never mix bytes,
+    # and an interrupted one leaves nothing behind.
+    fd, partial = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            request = urllib.request.Request(url, headers={"User-Agent": "flashdino"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                expected = response.headers.get("Content-Length")
+                received = 0
+                total = int(expected) if expected is not None and expected.isdigit() else None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.split("-", 1)[-1], leave=False,
+                          disable=not sys.stderr.isatty()) as bar:
+                    while chunk := response.read(_CHUNK):
+                        _write_local(out, chunk, dest)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+            if expected is not None and expected.isdigit() and received != int(expected):
+                raise ConnectionError(f"the connection closed after {received} of {expected} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        if received == 0:
+            raise ConnectionError("the server sent an empty file")
+        os.replace(partial, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
+def _write_local(out, chunk: bytes, dest: Path) -> None:
+    # A full disk is not a network problem: no retry, and say where the space is missing.
+    try:
+        out.write(chunk)
+    except OSError as exc:
+        raise WeightsUnavailableError(f"cannot write the download to {dest.parent}: {exc.strerror or exc}; free some "
+                                      "space or point TORCH_HOME to another folder") from exc
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in (408, 429, 500, 502, 503, 504)
+    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError))
+
+
+def download_url(url: str) -> Path:
+    """Downloads a checkpoint URL into the torch hub cache (once) and returns the local path."""
+    dest = url_cache_path(url)
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    if offline():
+        raise WeightsUnavailableError(
+            f"{url} is not in the download cache ({dest}) and offline mode is on ({OFFLINE_ENV} / HF_HUB_OFFLINE): "
+            f"download it on a machine with network access and pass weights=PATH, or place it at {dest}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsUnavailableError(f"cannot create the download cache folder {dest.parent}: {exc.strerror or exc}; "
+                                      "set TORCH_HOME to a writable folder, or pass weights=PATH") from exc
+    timeout, retries = download_timeout(), download_retries()
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, dest, timeout)
+            return dest
+        except urllib.error.HTTPError as exc:
+            if attempt < retries and _retryable(exc):
+                time.sleep(min(0.5 * 2 ** attempt, 4.0))
+                continue
+            raise WeightsUnavailableError(_http_advice(url, exc, dest)) from exc
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            if attempt < retries and _retryable(exc):
+                time.sleep(min(0.5 * 2 ** attempt, 4.0))
+                continue
+            reason = getattr(exc, "reason", None) or exc
+            raise WeightsUnavailableError(
+                f"cannot download {url} after {attempt + 1} attempt(s) ({type(exc).__name__}: {reason}); you may be "
+                f"offline, or the server does not answer ({_settings_hint()}). Download the file on a machine with "
+                f"network access and pass weights=PATH, or place it at {dest}"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+def _http_advice(url: str, exc: "urllib.error.HTTPError", dest: Path) -> str:
+    if exc.code in (401, 403):
+        return (f"access to {url} was refused (HTTP {exc.code}). Meta's DINOv3 .pth links must be the signed "
+                "URLs from the access form (https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/); "
+                "or use the Hugging Face weights (e.g. weights='facebook/dinov3-vits16-pretrain-lvd1689m' after "
+                "requesting access and `hf auth login`), or pass weights=PATH to a downloaded file")
+    return (f"downloading {url} failed (HTTP {exc.code}: {exc.reason}); download the file manually and pass "
+            f"weights=PATH, or place it at {dest}")
+
+
+# ------------------------------------------------------------------------------------- the hub
 
 
 def _hub_advice(repo_id: str) -> str:
@@ -118,32 +298,29 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 
 def hub_error(exc: BaseException, repo_id: str, filename: str) -> Exception:
-    """A WeightsUnavailableError (or CheckpointError) explaining a failed hub download."""
-    try:
-        from huggingface_hub import errors as hf_errors
-    except ImportError:  # pragma: no cover
-        hf_errors = None
+    """A WeightsUnavailableError explaining a failed hub download."""
+    from huggingface_hub import errors as hf_errors
+
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    cls = lambda name: getattr(hf_errors, name, ()) if hf_errors else ()  # noqa: E731
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if cls("GatedRepoError") and isinstance(exc, cls("GatedRepoError")):
+    if isinstance(exc, hf_errors.GatedRepoError):
         msg = f"{repo_id} is a gated repository and this account has no access yet: {_hub_advice(repo_id)}"
-    elif cls("LocalEntryNotFoundError") and isinstance(exc, cls("LocalEntryNotFoundError")):
+    elif isinstance(exc, hf_errors.LocalEntryNotFoundError):
         msg = (f"{repo_id}/{filename} is not in the local Hugging Face cache and the hub cannot be reached "
                f"(offline, or HF_HUB_OFFLINE=1): connect to the network, or run `hf download {repo_id}` on a "
                "machine that can and copy the cache, or pass weights=PATH to a downloaded folder or file")
     elif status in (401, 403):
         msg = f"access to {repo_id} was refused (HTTP {status}): {_hub_advice(repo_id)}"
-    elif cls("RepositoryNotFoundError") and isinstance(exc, cls("RepositoryNotFoundError")):
+    elif isinstance(exc, hf_errors.RepositoryNotFoundError):
         msg = (f"{repo_id} was not found on the Hugging Face hub, or it is private/gated and this request was "
                f"not authenticated: check the id, then {_hub_advice(repo_id)}")
-    elif cls("RevisionNotFoundError") and isinstance(exc, cls("RevisionNotFoundError")):
+    elif isinstance(exc, hf_errors.RevisionNotFoundError):
         msg = f"revision not found in {repo_id}: {first}"
-    elif cls("EntryNotFoundError") and isinstance(exc, cls("EntryNotFoundError")):
+    elif isinstance(exc, hf_errors.EntryNotFoundError):
         msg = f"{repo_id} has no file {filename}: it is not a DINOv2/DINOv3 model repository in transformers format"
     elif isinstance(exc, (ConnectionError, TimeoutError)) or _is_connection_error(exc):
         msg = (f"cannot reach the Hugging Face hub to download {repo_id}/{filename} ({type(exc).__name__}: {first}): "
-               "check the network or proxy, or pass weights=PATH to a downloaded folder or file")
+               f"check the network or proxy, or pass weights=PATH to a downloaded folder or file ({_settings_hint()})")
     else:
         msg = f"downloading {repo_id}/{filename} failed ({type(exc).__name__}: {first}); {_hub_advice(repo_id)}"
     return WeightsUnavailableError(msg)
@@ -158,70 +335,83 @@ def _remote_missing(exc: BaseException) -> bool:
     return isinstance(exc, hf_errors.EntryNotFoundError) and not isinstance(exc, hf_errors.LocalEntryNotFoundError)
 
 
-def download_hub(repo_id: str, revision: Optional[str] = None) -> Path:
-    """Downloads config.json, the weights and preprocessor_config.json; returns the snapshot folder."""
-    try:
-        import huggingface_hub
-    except ImportError as exc:  # pragma: no cover
-        raise WeightsUnavailableError(
-            f"loading {repo_id} needs huggingface_hub (pip install huggingface_hub), or pass weights=PATH"
-        ) from exc
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
 
-    def fetch(filename: str, optional: bool = False) -> Optional[str]:
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def probe(url: str, timeout: float) -> Optional[str]:
+    """None when a server answers ``url`` at all (any HTTP status), else why not (one attempt)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, ssl.SSLError):
+            return None  # it answered; certificates are the hub client's business (its own CA settings)
+        return f"{type(reason).__name__ if not isinstance(reason, str) else 'URLError'}: {reason}"
+
+
+class _Hub:
+    """Downloads of one repository, with one reachability check and the timeouts above."""
+
+    def __init__(self, repo_id: str, revision: Optional[str] = None):
         try:
-            return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
+            import huggingface_hub
+        except ImportError as exc:  # pragma: no cover - a dependency
+            raise WeightsUnavailableError(
+                f"loading {repo_id} needs huggingface_hub (pip install huggingface_hub), or pass weights=PATH"
+            ) from exc
+        self.hub, self.repo_id, self.revision = huggingface_hub, repo_id, revision
+        self.endpoint = hub_endpoint()
+        self.local_only = offline()
+        self.unreachable: Optional[str] = None
+        if not self.local_only:
+            self.unreachable = probe(f"{self.endpoint}/api/models/{repo_id}", download_timeout())
+            self.local_only = self.unreachable is not None
+
+    def fetch(self, filename: str, optional: bool = False) -> Optional[str]:
+        try:
+            return self.hub.hf_hub_download(self.repo_id, filename, revision=self.revision, endpoint=self.endpoint,
+                                            etag_timeout=download_timeout(), local_files_only=self.local_only)
         except Exception as exc:  # noqa: BLE001 - translated below
             if optional and _remote_missing(exc):
                 return None
-            raise hub_error(exc, repo_id, filename) from exc
+            if self.unreachable is not None:
+                raise WeightsUnavailableError(
+                    f"the Hugging Face hub ({self.endpoint}) does not answer ({self.unreachable}) and "
+                    f"{self.repo_id}/{filename} is not in the local cache: check the network or proxy, or pass "
+                    f"weights=PATH to a downloaded folder or file ({_settings_hint()})") from exc
+            if self.local_only and optional:
+                return None
+            raise hub_error(exc, self.repo_id, filename) from exc
 
-    config_path = fetch("config.json")
-    weights = fetch("model.safetensors", optional=True)
+
+def download_hub(repo_id: str, revision: Optional[str] = None) -> Path:
+    """Downloads config.json, the weights and preprocessor_config.json; returns the snapshot folder."""
+    hub = _Hub(repo_id, revision)
+    config_path = hub.fetch(CONFIG_NAME)
+    weights = hub.fetch(WEIGHTS_NAME, optional=True)
     if weights is None:
-        index = fetch("model.safetensors.index.json", optional=True)
+        index = hub.fetch(WEIGHTS_INDEX_NAME, optional=True)
         if index is None:
-            raise WeightsUnavailableError(f"{repo_id} has neither model.safetensors nor model.safetensors.index.json")
-        import json
-
-        try:
-            shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: malformed shard index ({exc})") from exc
-        for shard in shards:
-            fetch(shard)
-    fetch("preprocessor_config.json", optional=True)
+            where = "in the local cache (offline mode)" if hub.local_only else "on the hub"
+            raise WeightsUnavailableError(f"{repo_id} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} {where}; "
+                                          "pass weights=PATH to a downloaded folder or file")
+        for shard in shard_names(Path(index)):
+            hub.fetch(shard)
+    hub.fetch(PREPROCESSOR_NAME, optional=True)
     return Path(config_path).parent
 
 
-def download_url(url: str) -> Path:
-    """Downloads a checkpoint URL into the torch hub cache (once) and returns the local path."""
-    import urllib.error
-
-    import torch
-
-    name = os.path.basename(urlparse(url).path) or "checkpoint.pth"
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    dest = folder / name
-    if dest.is_file() and dest.stat().st_size > 0:
-        return dest
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(dest), progress=True)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            msg = (f"access to {url} was refused (HTTP {exc.code}). Meta's DINOv3 .pth links must be the signed "
-                   "URLs from the access form (https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/); "
-                   "or use the Hugging Face weights (e.g. weights='facebook/dinov3-vits16-pretrain-lvd1689m' after "
-                   f"requesting access and `hf auth login`), or pass weights=PATH to a downloaded file")
-        else:
-            msg = (f"downloading {url} failed (HTTP {exc.code}: {exc.reason}); download the file manually and pass "
-                   f"weights=PATH, or place it at {dest}")
-        raise WeightsUnavailableError(msg) from exc
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise WeightsUnavailableError(
-            f"cannot download {url} ({type(exc).__name__}: {exc}); you may be offline. Download the file on a "
-            f"machine with network access and pass weights=PATH, or place it at {dest}"
-        ) from exc
-    if not dest.is_file() or dest.stat().st_size == 0:
-        raise WeightsUnavailableError(f"downloading {url} produced no file at {dest}; pass weights=PATH instead")
-    return dest
+def download_hub_file(repo_id: str, names: Sequence[str]) -> Path:
+    """The first of ``names`` that the repository has (e.g. ``model.safetensors``, then ``model.pt``)."""
+    hub = _Hub(repo_id)
+    for i, name in enumerate(names):
+        path = hub.fetch(name, optional=i < len(names) - 1)
+        if path is not None:
+            return Path(path)
+    raise AssertionError("unreachable")  # the last name is not optional

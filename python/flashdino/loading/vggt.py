@@ -19,8 +19,10 @@ from typing import Mapping, Union
 
 import torch
 
+from ..variants import infer_variant
 from .errors import CheckpointError
-from .files import read_state_dict
+from .files import read_state_dict, unwrap_state_dict
+from .sources import download_hub_file, download_url, is_hub_id, is_url
 
 logger = logging.getLogger("flashdino")
 
@@ -87,31 +89,6 @@ def _problem_lines(report: VggtLoadReport) -> list[str]:
 VGGT_HUB_FILES = ("model.safetensors", "model.pt")
 
 
-def _download_vggt(repo_id: str) -> Path:
-    """``model.safetensors`` (or ``model.pt``) of a Hugging Face VGGT repository, e.g. facebook/VGGT-1B."""
-    from .errors import WeightsUnavailableError
-    from .sources import hub_error
-
-    try:
-        import huggingface_hub
-    except ImportError as exc:  # pragma: no cover
-        raise WeightsUnavailableError(f"downloading {repo_id} needs huggingface_hub (pip install huggingface_hub), "
-                                      "or pass the path of a downloaded model.pt / model.safetensors") from exc
-    try:
-        from .sources import _remote_missing
-    except ImportError:  # pragma: no cover
-        _remote_missing = None
-    for i, name in enumerate(VGGT_HUB_FILES):
-        try:
-            return Path(huggingface_hub.hf_hub_download(repo_id, name))
-        except Exception as exc:  # noqa: BLE001 - translated below
-            last_try = i == len(VGGT_HUB_FILES) - 1
-            if not last_try and _remote_missing is not None and _remote_missing(exc):
-                continue
-            raise hub_error(exc, repo_id, name) from exc
-    raise AssertionError("unreachable")
-
-
 def _checkpoint_in_folder(folder: Path) -> Path:
     for name in VGGT_HUB_FILES + ("model.pth", "pytorch_model.bin"):
         if (folder / name).is_file():
@@ -123,18 +100,14 @@ def read_vggt_checkpoint(source: Union[str, os.PathLike, Mapping]) -> dict[str, 
     """A flat state dict from a file (.pt/.pth/.bin/.safetensors), a folder holding one, a Hugging
     Face repository id (``"facebook/VGGT-1B"``), a URL, or a (possibly wrapped) dict."""
     if isinstance(source, Mapping):
-        from .files import unwrap_state_dict
-
         return unwrap_state_dict(dict(source), "state dict")
     path = Path(source)
     if not path.exists():
-        from .sources import download_url, is_hub_id, is_url
-
         text = os.fspath(source)
         if is_url(text):
             path = download_url(text)
         elif is_hub_id(text):
-            path = _download_vggt(text)
+            path = download_hub_file(text, VGGT_HUB_FILES)
     elif path.is_dir():
         path = _checkpoint_in_folder(path)
     return read_state_dict(path)
@@ -237,8 +210,6 @@ def infer_aggregator_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict:
     P = sd["patch_embed.patch_embed.proj.weight"].shape[-1] if "patch_embed.patch_embed.proj.weight" in sd else None
     gated = "patch_embed.blocks.0.mlp.w12.weight" in sd or "patch_embed.blocks.0.mlp.w1.weight" in sd
     if "patch_embed.storage_tokens" in sd or "patch_embed.rope_embed.periods" in sd:
-        from ..variants import infer_variant
-
         names = infer_variant(D, depth, family="dinov3", ffn="swiglu" if gated else "mlp")
         local = "patch_embed.local_cls_norm.weight" in sd
         names = [n for n in names if n.endswith("_sat493m") == local] or names
