@@ -157,16 +157,17 @@ def test_001_migration_name_dinov3_vitl14_reg_is_the_patch14_architecture(tmp_pa
 
 def test_001_integrated_model_single_frame_pretrained(v3, monkeypatch):
     hf, folder = v3
-    import flashdino.loading as loading
+    import flashdino.factory as factory
 
-    real = loading.load_weights
+    real = factory.read_checkpoint
     asked = []
 
-    def from_tiny_folder(model, source, strict=True):  # stands in for the hub download
+    def from_tiny_folder(source, cfg=None, **kwargs):  # stands in for the hub download
         asked.append(source)
-        return real(model, str(folder), strict=strict)
+        return real(str(folder), cfg, **kwargs)
 
-    monkeypatch.setattr(loading, "load_weights", from_tiny_folder)
+    # create_model reads and checks the checkpoint (loading.read_checkpoint) before it builds a model
+    monkeypatch.setattr(factory, "read_checkpoint", from_tiny_folder)
     model = IntegratedModel(dinov3_model="dinov3_vitb16", use_aggregator=False, pretrained=True, **TINY).eval()
     assert asked == [DINOV3_CONFIGS["dinov3_vitb16"]["weights"]["lvd1689m"]]
     assert model.backbone_name == "dinov3_vitb16" and model.aggregator is None
