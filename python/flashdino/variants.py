@@ -1,7 +1,7 @@
 """The one table of named DINOv2 / DINOv3 backbone configurations.
 
 Every entry point, loader, alias and test reads its architecture from here. Numbers follow the
-official hub definitions (see shared/SPEC.md sections 1 and 2).
+official hub definitions of DINOv3 and DINOv2.
 """
 
 from __future__ import annotations

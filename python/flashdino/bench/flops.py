@@ -1,4 +1,4 @@
-"""Model FLOPs (one multiply-add = 2 FLOPs; shared/SPEC.md section 4), the numerator of every MFU.
+"""Model FLOPs (one multiply-add = 2 FLOPs), the numerator of every MFU.
 
 Per block ``8*N*D^2`` (qkv + proj) ``+ 4*N^2*D`` (attention) ``+ 4*N*D*hidden`` (MLP) or
 ``+ 6*N*D*hidden`` (SwiGLU, three GEMMs), i.e. ``24*N*D^2 + 4*N^2*D`` for an MLP x4; plus the

@@ -224,7 +224,7 @@ def render_markdown(result: dict) -> str:
     lines += [f"- {rate_line(when, r)}" for when, r in result["rates"].items()]
     lines.append("- MFU = model FLOPs / time / the highest GEMM rate measured in this run for the row's compute "
                  "dtype (bf16 for bf16 and amp rows, fp32 for fp32 rows; `F.linear` = the nn.Linear layout). "
-                 "FLOPs per shared/SPEC.md section 4 plus the patch-embedding GEMM; training = 3x forward. "
+                 "FLOPs of the ViT blocks plus the patch-embedding GEMM; training = 3x forward. "
                  "On a CPU the value in brackets is against GEMM probes run between the timed calls, i.e. under "
                  "the same load from other processes.")
     lines.append("- check: cosine similarity / relative L2 error of the output tokens against flashdino's "

@@ -1,6 +1,6 @@
 """VGGT's multi-frame aggregator: a DINO patch embedding, then alternating frame / global attention.
 
-A drop-in for ``vggt.models.aggregator.Aggregator`` (see shared/SPEC.md section 3): the same
+A drop-in for ``vggt.models.aggregator.Aggregator`` (VGGT, Wang et al. 2025): the same
 constructor arguments and defaults, the same parameter names (VGGT checkpoints load directly,
 see :mod:`flashdino.loading.vggt`) and the same forward contract::
 
