@@ -9,6 +9,7 @@ from .factory import ENTRY_POINTS, create_model
 from .models import Aggregator, DinoV2, DinoV3, DinoVisionTransformer
 from .variants import ALIASES, VARIANTS, VitConfig, get_config, resolve_name
 from .loading import CheckpointError, WeightsUnavailableError, convert, from_pretrained, load_weights
+from .extract.reader import FeatureSet, read_features  # noqa: F401 - flashdino.read_features(DIR)
 
 globals().update(ENTRY_POINTS)  # flashdino.dinov3_vitl16(...), flashdino.dinov2_vitb14_reg(...), ...
 
