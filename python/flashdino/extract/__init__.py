@@ -10,14 +10,3 @@ the whole package), ``dataset`` (decoding and preprocessing in DataLoader worker
 """
 
 from __future__ import annotations
-
-
-def __getattr__(name):  # the reader without importing the pipeline (and the pipeline without torch.distributed)
-    if name in ("read_features", "FeatureSet"):
-        from . import reader
-
-        return getattr(reader, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["read_features", "FeatureSet"]

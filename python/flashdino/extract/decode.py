@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -52,14 +53,14 @@ def _open(source: Source, name: str):
     else:
         path = Path(source)
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             raise DecodeError(name, "file not found") from None
         except OSError as exc:
             raise DecodeError(name, f"cannot access the file ({exc.strerror or exc})") from None
-        if path.is_dir():
+        if stat.S_ISDIR(st.st_mode):
             raise DecodeError(name, "is a folder, not an image file")
-        if size == 0:
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # pipes and devices report 0 and still have bytes
             raise DecodeError(name, "empty file (0 bytes)")
         fp = path
     try:
