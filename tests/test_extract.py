@@ -364,6 +364,11 @@ def test_changed_settings_refused_and_overwrite(dataset, tmp_path, capsys):
     assert (out / "manifest.jsonl").read_text() == first  # nothing touched
     assert cli.main([*base, "--size", "32"]) == 0  # same settings: a finished folder, nothing to redo
     assert "done: 0 images (0 with features, 0 failed, 6 already done)" in capsys.readouterr().out
+    from flashdino.extract.writer import locked
+
+    with locked(out):  # another run holds the folder: refused at once, not raced
+        assert cli.main([*base, "--size", "32"]) == 2
+    assert "is being written by another run (pid" in capsys.readouterr().err
     assert cli.main([*base, "--size", "48", "--overwrite"]) == 0
     assert flashdino.read_features(out).settings["preprocess"]["size"] == 48
     assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["grid"] == [3, 3]

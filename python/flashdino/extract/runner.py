@@ -286,11 +286,19 @@ def _over_limit(limit, failed: float, seen: float, total: int) -> bool:
 def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOptions, dist_info: Dist, *,
                    weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary."""
+    out = Path(out_dir)
+    parse_max_failures(opts.max_failures)
+    settings = settings_for(model, pre, items, opts, weights_label)
+    import contextlib
+
+    with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
+        return _extract_locked(model, pre, items, out, opts, dist_info, settings, log)
+
+
+def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> dict:
     from tqdm import tqdm
 
-    out = Path(out_dir)
     limit = parse_max_failures(opts.max_failures)
-    settings = settings_for(model, pre, items, opts, weights_label)
     if dist_info.rank == 0:
         resuming = writer.prepare_dir(out, settings, overwrite=opts.overwrite)
     dist_info.barrier()

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -131,12 +131,13 @@ def prepare_dir(out_dir: Path, settings: dict, *, overwrite: bool) -> bool:
         if not overwrite:
             raise OutputDirError(f"--out {out} has shards but no {SETTINGS}; pass --overwrite to replace them")
         clear_outputs(out)
-    (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    with filesystem_errors(out / SHARDS):
+        (out / SHARDS).mkdir(parents=True, exist_ok=True)
     for tmp in glob.glob(str(out / SHARDS / ".*.tmp*")) + glob.glob(str(out / ".*.tmp*")):
         with contextlib.suppress(OSError):
             os.unlink(tmp)  # left by a writer killed with SIGKILL (no Python cleanup ran)
     if not resuming:
-        with atomic_write(sp) as tmp:
+        with filesystem_errors(sp), atomic_write(sp) as tmp:
             tmp.write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
     return resuming
 
@@ -151,19 +152,56 @@ def read_settings(out_dir: Path) -> dict:
         raise OutputDirError(f"{sp}: unreadable ({exc})") from None
 
 
+@contextlib.contextmanager
+def filesystem_errors(what):
+    """OSError (disk full, permissions, a vanished folder) as one line naming the file."""
+    try:
+        yield
+    except OutputPathError:
+        raise
+    except OSError as exc:
+        raise OutputDirError(f"cannot write {what}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path):
+    """Holds an exclusive lock on the folder: a second run into it fails at once instead of racing."""
+    import fcntl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise OutputDirError(f"--out {out} is being written by another run ({holder}); wait for it or "
+                                 "choose another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def write_shard(out_dir: Path, k: int, records: list, tensors: dict) -> Path:
     from safetensors.torch import save_file
 
     ids = [r["id"] for r in records if r.get("error") is None]
     meta = {"format": SHARD_FORMAT, "shard": str(k), "records": json.dumps(records), "ids": json.dumps(ids)}
     path = shard_path(out_dir, k)
-    with atomic_write(path) as tmp:
+    with filesystem_errors(path), atomic_write(path) as tmp:
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 
 def append_records(out_dir: Path, rank: int, records: list) -> None:
-    with open(rank_manifest(out_dir, rank), "a", encoding="utf-8") as fh:
+    path = rank_manifest(out_dir, rank)
+    with filesystem_errors(path), open(path, "a", encoding="utf-8") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in records))
         fh.flush()
         os.fsync(fh.fileno())
@@ -176,7 +214,12 @@ def shard_records(path: Path) -> list:
         return json.loads(f.metadata()["records"])
 
 
-def merge(out_dir: Path, num_shards: int, dim: Optional[int] = None) -> dict:
+def merge(out_dir: Path, num_shards: int) -> dict:
+    with filesystem_errors(f"the merged files in {out_dir}"):
+        return _merge(out_dir, num_shards)
+
+
+def _merge(out_dir: Path, num_shards: int) -> dict:
     """Rank 0, after all ranks finished: manifest.jsonl and cls.npy / pooled.npy in input order.
 
     Built from the shards themselves (the rank logs may miss the last shard of a killed rank);
@@ -221,5 +264,5 @@ def merge(out_dir: Path, num_shards: int, dim: Optional[int] = None) -> dict:
     return {"images": n_good + n_failed, "good": n_good, "failed": n_failed}
 
 
-__all__ = ["FORMAT", "OutputDirError", "check_out_dir", "prepare_dir", "read_settings", "write_shard",
+__all__ = ["FORMAT", "OutputDirError", "check_out_dir", "prepare_dir", "locked", "filesystem_errors", "read_settings", "write_shard",
            "append_records", "merge", "shard_path", "shard_done", "clear_outputs"]
