@@ -285,7 +285,7 @@ def test_one_process_workers_and_torchrun_agree(dataset, tmp_path, capsys):
     assert "finished" in info and "177 with features, 21 failed" in info and "empty file (0 bytes)" in info
 
 
-def test_sigkill_then_rerun_matches_uninterrupted(dataset, tmp_path):
+def test_sigkill_then_rerun_matches_uninterrupted(dataset, tmp_path, capsys):
     """A run blocked on a pipe in its 4th shard is killed with SIGKILL, the pipe becomes the real file,
     the rerun finishes: the folder is byte-identical in content to one uninterrupted run."""
     root, good, _ = dataset
@@ -322,6 +322,8 @@ def test_sigkill_then_rerun_matches_uninterrupted(dataset, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "manifest.jsonl").exists()
     assert len((out / "manifest.rank0.jsonl").read_text().splitlines()) == 30  # the committed shards' records
+    assert cli.main(["features-info", str(out)]) == 0
+    assert "NOT finished (3 of 7 shards" in capsys.readouterr().out
     (out / "shards" / ".000003.safetensors.x1y2.tmp.safetensors").write_bytes(b"half a shard")  # a writer's leftover
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").glob("0*.safetensors")}
 
@@ -405,7 +407,8 @@ def test_failures_limits_and_sizes(tmp_path, capsys):
     fs = flashdino.read_features(out)
     reasons = dict(fs.failed)
     assert "less than one 16x16 patch" in reasons[str(folder / "tiny.png")]
-    assert "over --max-pixels 3000" in reasons[str(folder / "large.png")] and "--size" in reasons[str(folder / "large.png")]
+    large = reasons[str(folder / "large.png")]
+    assert "over --max-pixels 3000" in large and "--size" in large
     assert [fs.grid(i) for i in range(len(fs))] == [(2, 2)] * 3 and fs.patch(0).shape == (4, 32)
 
 
@@ -492,3 +495,16 @@ def test_outputs_checked_before_work_and_never_overwritten(dataset, tmp_path, ca
     assert list(fresh.iterdir()) == []  # no temporary file left behind
     assert cli.main([*base, "--out", str(fresh / "d"), "--shard-size", "1"]) == 130
     assert [p.name for p in (fresh / "d" / "shards").iterdir()] == []
+
+
+def test_list_with_ids_and_missing_files(dataset, tmp_path):
+    root, good, _ = dataset
+    lst = tmp_path / "images.csv"
+    lst.write_text(f"path,id\n{good[3]},cat\n{tmp_path / 'gone.jpg'},dog\n{good[4]},bird\n")
+    out = tmp_path / "o"
+    assert cli.main(["features", "--list", str(lst), *RUN_ARGS, "--workers", "0", "--out", str(out)]) == 0
+    fs = flashdino.read_features(out)
+    assert fs.ids == ["cat", "bird"] and fs.failed == [("dog", "file not found")]
+    assert fs.index_of("bird") == 1 and fs.cls.shape == (2, 32)
+    with pytest.raises(InputError, match="--list .*absent.csv: no such file"):
+        collect_items([], list_file=tmp_path / "absent.csv")

@@ -157,7 +157,7 @@ def run(args) -> int:
     else:
         from flashdino.extract.writer import check_out_dir
 
-        check_out_dir(out, inputs=weights_input)
+        check_out_dir(out, inputs=weights_input + inputs + ([args.list] if args.list else []))
         if not out.exists() and int(os.environ.get("RANK", "0")) == 0:
             _notice_parents(out / "settings.json", "the --out folder")
     if args.pca:
@@ -175,7 +175,10 @@ def run(args) -> int:
         else:
             from flashdino.extract.runner import extract_to_dir, summary_line
 
-            label = str(args.weights) if args.weights else f"random (seed {args.seed})"
+            if args.weights:  # a local file is named absolutely: a rerun from another folder is the same run
+                label = str(Path(args.weights).resolve()) if Path(args.weights).exists() else str(args.weights)
+            else:
+                label = f"random (seed {args.seed})"
             try:
                 summary = extract_to_dir(model, pre, items, out, opts, dist_info, weights_label=label)
             except ExtractionStopped as exc:
@@ -319,7 +322,8 @@ def add_parser(sub) -> None:
     f.add_argument("--size", type=parse_size, default=None,
                    help="resize to SIZE x SIZE or HxW; 0 keeps each image's size (cropped to a patch multiple). "
                         "Default: the weights folder's preprocessor_config.json, else 224")
-    f.add_argument("--pca", default=None, metavar="OUT.png", help="also render a PCA visualisation of the patch features")
+    f.add_argument("--pca", default=None, metavar="OUT.png",
+                   help="also render a PCA visualisation of the patch features")
     f.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="architecture override, repeatable (e.g. --override depth=2)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -108,7 +108,10 @@ def pil_to_tensor(img) -> Tensor:
         t = torch.from_numpy(arr.astype(np.float32))
         return t[None].expand(3, -1, -1).contiguous()
     if mode != "RGB":
-        img = img.convert("RGB")
+        with warnings.catch_warnings():
+            # the reference pipelines drop palette transparency the same way; one warning per image is noise
+            warnings.filterwarnings("ignore", message="Palette images with Transparency")
+            img = img.convert("RGB")
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -392,7 +392,8 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
 def summary_line(s: dict) -> str:
     ips = s["images"] / s["seconds"] if s["seconds"] > 0 else float("nan")
     done_before = f", {s['skipped']} already done" if s.get("skipped") else ""
-    return (f"done: {s['images']} images ({s['images'] - s['failed']} with features, {s['failed']} failed{done_before}) "
+    good = s["images"] - s["failed"]
+    return (f"done: {s['images']} images ({good} with features, {s['failed']} failed{done_before}) "
             f"in {s['seconds']:.1f} s, {ips:.1f} images/s on {s.get('ranks', 1)} rank(s); "
             f"decode wait {s['decode_wait']:.1f} s, model {s['model']:.1f} s, writing {s.get('write', 0.0):.1f} s")
 

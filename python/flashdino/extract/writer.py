@@ -99,7 +99,8 @@ def clear_outputs(out_dir: Path) -> None:
     """Removes what an extraction wrote (only its own files: other files in the folder stay)."""
     out = Path(out_dir)
     shutil.rmtree(out / SHARDS, ignore_errors=True)
-    for name in [SETTINGS, MANIFEST, *(f"{c}.npy" for c in CONSOLIDATED), *glob.glob(str(out / "manifest.rank*.jsonl"))]:
+    logs = glob.glob(str(out / "manifest.rank*.jsonl"))
+    for name in [SETTINGS, MANIFEST, *(f"{c}.npy" for c in CONSOLIDATED), *logs]:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
 
@@ -264,5 +265,5 @@ def _merge(out_dir: Path, num_shards: int) -> dict:
     return {"images": n_good + n_failed, "good": n_good, "failed": n_failed}
 
 
-__all__ = ["FORMAT", "OutputDirError", "check_out_dir", "prepare_dir", "locked", "filesystem_errors", "read_settings", "write_shard",
-           "append_records", "merge", "shard_path", "shard_done", "clear_outputs"]
+__all__ = ["FORMAT", "OutputDirError", "check_out_dir", "prepare_dir", "locked", "filesystem_errors", "read_settings",
+           "write_shard", "append_records", "merge", "shard_path", "shard_done", "clear_outputs"]
