@@ -185,13 +185,16 @@ def render(info: dict, note: str) -> str:
              f"- date (UTC): {info['date']}", f"- command: `{info['command']}`",
              f"- machine: {m['cpu']} ({m['cpus']} logical CPUs, {m['isa']}, torch threads {m['torch_threads']}), "
              f"{m['platform']}",
-             f"- versions: flashdino {m['flashdino']}, torch {m['torch']}, Pillow {m['pillow']}, python {m['python']}",
+             f"- versions: flashdino {m['flashdino']}, torch {m['torch']}, Pillow {m['pillow']}, "
+             f"python {m['python']}",
              f"- load average (1/5/15 min): start {[round(v, 2) for v in info['load_start']]}, "
              f"end {[round(v, 2) for v in info['load_end']]}",
-             f"- inputs: {s['images']} JPEGs {s['jpeg']}; {s['model']}; batch {s['batch_size']}; store cls,patch (fp32)"]
+             f"- inputs: {s['images']} JPEGs {s['jpeg']}; {s['model']}; batch {s['batch_size']}; "
+             "store cls,patch (fp32)"]
     if note:
         lines.append(f"- **{note}**")
-    lines += ["", "## throughput", "", "| stage | images/s | vs model-only | decode wait (s) | model (s) | writing (s) |",
+    lines += ["", "## throughput", "",
+              "| stage | images/s | vs model-only | decode wait (s) | model (s) | writing (s) |",
               "|---|---|---|---|---|---|",
               f"| decode + preprocess only (1 process) | {r['decode_only_images_per_s']:.1f} | | | | |",
               f"| model only | {r['model_only_images_per_s']:.1f} | 1.00 | | | |"]
@@ -200,9 +203,11 @@ def render(info: dict, note: str) -> str:
                      f"{p['decode_wait_s']:.1f} | {p['model_s']:.1f} | {p['write_s']:.1f} |")
     if r["rss"]:
         lines += ["", f"## peak memory (ViT-S/16 with {s['rss_depth']} blocks, {s['rss_store']})", "",
-                  "| images | seconds | peak RSS main process (MiB) | peak RSS of a worker (MiB) |", "|---|---|---|---|"]
+                  "| images | seconds | peak RSS main process (MiB) | peak RSS of a worker (MiB) |",
+                  "|---|---|---|---|"]
         for x in r["rss"]:
-            lines.append(f"| {x['n']} | {x['seconds']:.1f} | {x['peak_rss_mib']:.0f} | {x['peak_rss_workers_mib']:.0f} |")
+            lines.append(f"| {x['n']} | {x['seconds']:.1f} | {x['peak_rss_mib']:.0f} | "
+                         f"{x['peak_rss_workers_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

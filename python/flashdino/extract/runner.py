@@ -157,6 +157,28 @@ def settings_for(model, pre, items: Sequence[Item], opts: ExtractOptions, weight
     }
 
 
+_LIBC_TRIM = None
+
+
+def release_freed_memory() -> None:
+    """Returns the heap's free pages to the OS (glibc only; elsewhere nothing to do).
+
+    A shard's buffers (tens of MB of patch tokens, freed once it is written) stay in glibc's heap,
+    and fragmentation there made a 2,000-image run end some 150 MB above a 200-image one; trimming
+    after each shard keeps memory flat however many images a rank processes.
+    """
+    global _LIBC_TRIM
+    if _LIBC_TRIM is None:
+        try:
+            import ctypes
+
+            _LIBC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC_TRIM = False
+    if _LIBC_TRIM:
+        _LIBC_TRIM(0)
+
+
 # -- the model step -------------------------------------------------------------------------------
 def run_model(model, x: torch.Tensor, opts: ExtractOptions) -> list[dict]:
     """Per-image dicts of CPU tensors for one equal-size batch (names as in the shards)."""
@@ -362,6 +384,8 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
                 t0 = time.perf_counter()
                 writer.write_shard(out, k, recs, stack_rows(rows, names, D, n_storage, pdt))
                 writer.append_records(out, dist_info.rank, recs)
+                del rows, records
+                release_freed_memory()
                 timings.write += time.perf_counter() - t0
             local_done += n_img
             local_failed += n_fail
