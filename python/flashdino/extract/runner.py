@@ -13,6 +13,7 @@ a rank waits there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -311,8 +312,6 @@ def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOpti
     out = Path(out_dir)
     parse_max_failures(opts.max_failures)
     settings = settings_for(model, pre, items, opts, weights_label)
-    import contextlib
-
     with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
         return _extract_locked(model, pre, items, out, opts, dist_info, settings, log)
 
@@ -351,7 +350,6 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
                disable=opts.quiet or dist_info.rank != 0, file=sys.stderr, dynamic_ncols=True)
     stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings)
     g_done = g_failed = 0.0
-    local_done = local_failed = 0
     t_start = time.perf_counter()
     try:
         pos = 0
@@ -387,8 +385,6 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
                 del rows, records
                 release_freed_memory()
                 timings.write += time.perf_counter() - t0
-            local_done += n_img
-            local_failed += n_fail
             d, f = dist_info.all_reduce([n_img, n_fail])
             g_done += d
             g_failed += f
