@@ -127,7 +127,8 @@ def dataset(tmp_path_factory):
 def _reference(model, path: Path, size=(32, 32)):
     """Features of one plain RGB file, computed without flashdino's decoder or preprocessor."""
     x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if size is not None:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     with torch.no_grad():
         return model.forward_features((x - MEAN) / STD)
 
@@ -508,3 +509,28 @@ def test_list_with_ids_and_missing_files(dataset, tmp_path):
     assert fs.index_of("bird") == 1 and fs.cls.shape == (2, 32)
     with pytest.raises(InputError, match="--list .*absent.csv: no such file"):
         collect_items([], list_file=tmp_path / "absent.csv")
+
+
+def test_native_sizes_wait_for_equal_sizes(tmp_path, monkeypatch):
+    from flashdino.extract import runner
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(12):  # alternating 32x48 and 48x32: consecutive batches never hold one size only
+        Image.fromarray(_rgb(rng, *((32, 48) if i % 2 == 0 else (48, 32)))).save(folder / f"{i:02d}.png")
+    calls = []
+    real = runner.run_model
+    monkeypatch.setattr(runner, "run_model", lambda m, x, o: calls.append(tuple(x.shape[::2])) or real(m, x, o))
+    out = tmp_path / "o"
+    assert cli.main(["features", str(folder), *TINY_ARGS, "--size", "0", "--quiet", "--workers", "0",
+                     "--batch-size", "4", "--shard-size", "12", "--out", str(out)]) == 0
+    assert calls == [(4, 32), (4, 48), (2, 32), (2, 48)]  # full batches of one size, the rest at the shard's end
+    fs = flashdino.read_features(out)
+    assert fs.ids == [str(folder / f"{i:02d}.png") for i in range(12)]
+    torch.manual_seed(0)
+    model = flashdino.create_model("dinov3_vits16", **TINY).eval()
+    for i in (0, 5, 11):
+        ref = _reference(model, folder / f"{i:02d}.png", size=None)
+        assert fs.grid(i) == ((2, 3) if i % 2 == 0 else (3, 2))
+        assert _rel(fs.patch(i), ref["x_norm_patchtokens"][0]) <= 1e-5

@@ -213,8 +213,8 @@ def _extract_in_memory(model, pre, items, opts, device) -> list:
                 i, reason = failures[0]
                 raise CliError(f"cannot read image {items[i].id}: {reason} (a folder --out records bad images "
                                "and goes on)")
-            for i in batch:
-                rows[i] = got[i]
+            for i, row in got.items():
+                rows[i] = row
             bar.update(len(batch))
     finally:
         bar.close()

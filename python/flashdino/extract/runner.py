@@ -249,27 +249,70 @@ class Timings:
 
 
 def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts: ExtractOptions, device: str,
-            timings: Timings):
-    """Yields (batch index list, {index: row dict}, [(index, reason)]) in the order of ``batches``."""
+            timings: Timings, flush_after: Optional[Sequence[int]] = None):
+    """Yields (batch index list, {index: row dict}, [(index, reason)]) for each of ``batches``, in order.
+
+    Images of one processed size wait (at most 4 x batch_size images in all) for more of their size,
+    so native-size inputs (``--size 0``) still run in full batches. ``flush_after``: positions in
+    ``batches`` after which nothing may wait (a shard's last batch; default: the last batch). A
+    batch's rows may therefore come with a later batch, never after the next flush point. With a
+    fixed size every loader batch is one model batch, exactly as it was decoded.
+    """
     dtype = PATCH_DTYPES[opts.dtype]
+    flush = {len(batches) - 1} if flush_after is None else set(flush_after)
     loader = make_loader(dataset, batches, workers=opts.workers, device=device)
     it = iter(loader)
     cuda = str(device).startswith("cuda")
-    for batch in batches:
+    waiting: dict = {}  # processed shape -> [(indices, x)], in arrival order
+    sizes: dict = {}
+    for pos, batch in enumerate(batches):
         t0 = time.perf_counter()
         b = next(it)
         t1 = time.perf_counter()
+        sizes.update(b["sizes"])
+        for indices, x in b["groups"]:
+            waiting.setdefault(tuple(x.shape[1:]), []).append((list(indices), x))
         rows: dict = {}
         with torch.inference_mode():
-            for indices, x in b["groups"]:
+            for indices, x in _model_batches(waiting, opts.batch_size, 4 * opts.batch_size, pos in flush):
                 x = x.to(device, non_blocking=cuda).to(dtype)
                 for i, row in zip(indices, run_model(model, x, opts)):
-                    row["size"] = b["sizes"][i]
+                    row["size"] = sizes.pop(i)
                     rows[i] = row
         t2 = time.perf_counter()
         timings.decode_wait += t1 - t0
         timings.model += t2 - t1
         yield batch, rows, b["failures"]
+
+
+def _model_batches(waiting: dict, batch_size: int, cap: int, flush: bool) -> list:
+    """Takes model batches out of ``waiting``: every full one; then the largest groups while more than
+    ``cap`` images wait, or everything at a flush point."""
+    def count(shape) -> int:
+        return sum(len(ix) for ix, _ in waiting[shape])
+
+    def take(shape, n: int):
+        chunks, idx, parts = waiting[shape], [], []
+        while chunks and len(idx) < n:
+            ix, x = chunks[0]
+            k = min(n - len(idx), len(ix))
+            idx += ix[:k]
+            parts.append(x[:k])  # a view: a whole pinned batch goes to the device as it came
+            if k == len(ix):
+                chunks.pop(0)
+            else:
+                chunks[0] = (ix[k:], x[k:])
+        if not chunks:
+            del waiting[shape]
+        return idx, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    out = []
+    for shape in list(waiting):
+        while shape in waiting and count(shape) >= batch_size:
+            out.append(take(shape, batch_size))
+    while waiting and (flush or sum(count(s) for s in waiting) > cap):
+        out.append(take(max(waiting, key=count), batch_size))
+    return out
 
 
 def shard_batches(start: int, end: int, batch_size: int) -> list[list[int]]:
@@ -348,7 +391,8 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
     timings = Timings()
     bar = tqdm(total=len(items), initial=skipped, desc=f"features ({model.cfg.name})", unit="img",
                disable=opts.quiet or dist_info.rank != 0, file=sys.stderr, dynamic_ncols=True)
-    stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings)
+    shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
+    stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends)
     g_done = g_failed = 0.0
     t_start = time.perf_counter()
     try:
@@ -363,9 +407,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
                     pos += 1
                     for i, reason in failures:
                         records[i] = {"error": reason}
-                    for i in batch:
-                        if i in got:
-                            records[i] = got[i]
+                    records.update(got)
                     n_img += len(batch)
                     n_fail += len(failures)
                     bar.update(len(batch) * dist_info.world)  # an estimate between rounds; set exactly below
