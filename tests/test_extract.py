@@ -12,6 +12,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
@@ -534,3 +536,35 @@ def test_native_sizes_wait_for_equal_sizes(tmp_path, monkeypatch):
         ref = _reference(model, folder / f"{i:02d}.png", size=None)
         assert fs.grid(i) == ((2, 3) if i % 2 == 0 else (3, 2))
         assert _rel(fs.patch(i), ref["x_norm_patchtokens"][0]) <= 1e-5
+
+
+def _seed_images() -> dict:
+    rng = np.random.default_rng(0)
+    out = {}
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, format=fmt)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+_SEEDS = _seed_images()
+
+
+@hypothesis.settings(max_examples=300, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(st.sampled_from(sorted(_SEEDS)),
+                  st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+                  st.integers(1, 10**6))
+def test_decoder_fuzz_only_decode_errors(fmt, edits, cut):
+    """Mutated and cut image files: a [3, H, W] image or a DecodeError naming a reason, nothing else."""
+    data = bytearray(_SEEDS[fmt])
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    data = bytes(data[: cut % len(data) + 1])
+    try:
+        x = decode_image(data, name="fuzzed")
+    except DecodeError as exc:
+        assert exc.reason and "\n" not in exc.reason
+    else:
+        assert x.dim() == 3 and x.shape[0] == 3 and x.dtype in (torch.uint8, torch.float32)

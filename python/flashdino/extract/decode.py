@@ -68,14 +68,17 @@ def _open(source: Source, name: str):
             # over MAX_IMAGE_PIXELS Pillow only warns (the error comes at twice that); callers that
             # care about size pass check_size, which sees the real dimensions before any decoding
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # oddities of readable headers (see decode_image)
             return Image.open(fp)
     except Image.DecompressionBombError as exc:
         raise DecodeError(name, f"decompression bomb refused by Pillow ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
                                 "only for files you trust") from None
     except UnidentifiedImageError:
         raise DecodeError(name, "not an image file Pillow can identify (corrupt or unsupported format)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DecodeError(name, f"{exc.__class__.__name__}: {exc}") from None
+    except PermissionError as exc:
+        raise DecodeError(name, f"cannot read the file ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - format plugins raise anything on hostile bytes (TypeError, struct.error)
+        raise DecodeError(name, f"corrupt image header ({exc.__class__.__name__}: {exc})") from None
 
 
 def upright_size(img) -> tuple[int, int]:
@@ -141,14 +144,19 @@ def decode_image(source: Source, *, name: Optional[str] = None,
             except ValueError as exc:
                 raise DecodeError(name, str(exc)) from None
         try:
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)  # animated: the first frame, as a still image viewer shows it
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            return pil_to_tensor(upright)
+            with warnings.catch_warnings():
+                # Pillow warns about oddities of files it still decodes; over a data set that is noise
+                warnings.simplefilter("ignore", UserWarning)
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)  # animated: the first frame, as a still image viewer shows it
+                img.load()
+                upright = ImageOps.exif_transpose(img)
+                return pil_to_tensor(upright)
         except Image.DecompressionBombError as exc:
             raise DecodeError(name, f"decompression bomb refused by Pillow ({exc})") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        except MemoryError:
+            raise DecodeError(name, "out of memory decoding it (a header claiming a huge image?)") from None
+        except Exception as exc:  # noqa: BLE001 - as above: any decoder failure is this image's failure
             text = str(exc) or exc.__class__.__name__
             raise DecodeError(name, f"corrupt or truncated image ({exc.__class__.__name__}: {text})") from None
     finally:
