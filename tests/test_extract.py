@@ -444,6 +444,8 @@ def test_layers_store_and_single_file(dataset, tmp_path):
     with pytest.raises(KeyError, match="no layer1.patch"):
         fs.patch(0, layer=1)
     assert cli.main([*args[:-2], "--layers", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert cli.main([*args[:-4], "--store", "cls", "--pca", str(tmp_path / "p.png"), "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()  # refused before any work
 
 
 # -- outputs (issue 16) -----------------------------------------------------------------------------

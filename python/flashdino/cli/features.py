@@ -143,6 +143,8 @@ def run(args) -> int:
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     opts = _options(args, default_workers(local_world) if args.workers is None else args.workers)
+    if args.pca and "patch" not in opts.store:
+        raise CliError("--pca needs the patch tokens: add patch to --store")
     items: list[Item] = collect_items(inputs, args.list)
     to_file = _is_file_output(args.out)
     out = Path(args.out)
@@ -190,7 +192,7 @@ def run(args) -> int:
                   f"(read it with flashdino.read_features({str(out)!r}); flashdino features-info {out})")
             shown = _rows_from_folder(out, items) if args.pca else []
         if args.pca and shown:
-            _render(args.pca, pre, items, shown, opts)
+            _render(args.pca, pre, items, shown)
     finally:
         if dist_info is not None:
             dist_info.close()
@@ -264,18 +266,14 @@ def _rows_from_folder(out: Path, items) -> list:
     from flashdino.extract.reader import read_features
 
     fs = read_features(out)
-    if "patch" not in fs.settings["store"]:
-        raise CliError("--pca needs the patch tokens: add patch to --store")
     pos = {it.id: i for i, it in enumerate(items)}
     return [(pos[fs.ids[j]], {"patch": fs.patch(j), "grid": fs.grid(j)}) for j in range(min(len(fs), PCA_MAX_IMAGES))]
 
 
-def _render(path, pre, items, shown, opts) -> None:
+def _render(path, pre, items, shown) -> None:
     """The PCA picture of the first images: decoded again (cheap for 8) and shown as the model saw them."""
     from flashdino.extract.dataset import ImageDataset
 
-    if "patch" not in opts.store:
-        raise CliError("--pca needs the patch tokens: add patch to --store")
     ds = ImageDataset(items, pre, max_pixels=None)
     images = [pre.denormalize(pre(ds.load(i)[0]))[0] for i, _ in shown]
     written = render_pca(images, [r["patch"].float() for _, r in shown], [tuple(r["grid"]) for _, r in shown], path)
