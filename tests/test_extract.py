@@ -570,3 +570,30 @@ def test_decoder_fuzz_only_decode_errors(fmt, edits, cut):
         assert exc.reason and "\n" not in exc.reason
     else:
         assert x.dim() == 3 and x.shape[0] == 3 and x.dtype in (torch.uint8, torch.float32)
+
+
+def test_sigterm_keeps_committed_shards_and_leaves_no_temp_files(dataset, tmp_path):
+    root, good, _ = dataset
+    plain = [g for g in good if "shard.tar" not in g][:12]
+    blocker = tmp_path / "pipe.png"
+    os.mkfifo(blocker)  # the run stalls on it in its second shard
+    lst = tmp_path / "l.txt"
+    lst.write_text("\n".join(plain[:7] + [str(blocker)] + plain[7:]) + "\n")
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "flashdino", "features", "--list", str(lst), *RUN_ARGS,
+                             "--shard-size", "5", "--workers", "0", "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "shards" / "000000.safetensors").exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.safetensors"]
+    assert not [p for p in out.rglob(".*tmp*")]
