@@ -51,9 +51,8 @@ def test_features_folder_batched_matches_model(tmp_path, capsys):
     paths = _write_images(tmp_path / "imgs", [(40, 60), (50, 50), (33, 47)])
     (tmp_path / "imgs" / "notes.txt").write_text("not an image: skipped in folders")
     out = tmp_path / "feats.safetensors"
-    torch.manual_seed(123)
     rc = cli.main(["features", str(tmp_path / "imgs"), "--model", "small", *TINY_ARGS, "--size", "32",
-                   "--batch-size", "2", "--out", str(out)])
+                   "--batch-size", "2", "--seed", "123", "--out", str(out)])
     assert rc == 0
     err = capsys.readouterr().err
     assert "RANDOM weights" in err and "3/3" in err  # the notice and the tqdm progress bar
@@ -64,7 +63,7 @@ def test_features_folder_batched_matches_model(tmp_path, capsys):
     assert json.loads(meta["files"]) == [str(p) for p in paths]
     assert json.loads(meta["grids"]) == [[2, 2]] * 3
     assert meta["model"] == "dinov3_vits16" and meta["weights"] == "random"
-    torch.manual_seed(123)
+    torch.manual_seed(123)  # random weights come from --seed, so every rank of a torchrun job builds the same model
     model = flashdino.create_model("dinov3_vits16", **TINY).eval()
     for i, p in enumerate(paths):
         ref = _manual(model, p, (32, 32))
@@ -129,7 +128,7 @@ def test_features_with_weights_file_and_hf_folder(tmp_path, capsys):
     proc_mod.DINOv3ViTImageProcessor(size={"height": 48, "width": 64}).save_pretrained(folder)
     assert cli.main(["features", str(img), "--model", "dinov3_vits16", "--override", "depth=1", "--override",
                      "embed_dim=64", "--override", "num_heads=4", "--override", "ffn_ratio=2.0",
-                     "--weights", str(folder), "--out", str(out), "--quiet"]) == 0
+                     "--weights", str(folder), "--out", str(out), "--overwrite", "--quiet"]) == 0
     # no --size: the folder's preprocessor_config.json (48 x 64) decides
     assert load_file(str(out))["patch_tokens"].shape == (1, 12, 64)
 

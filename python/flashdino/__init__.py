@@ -26,11 +26,13 @@ _LAZY = {
     "convert": ("loading", "convert"),
     "from_pretrained": ("factory", "from_pretrained"),
     "RandomWeightsWarning": ("factory", "RandomWeightsWarning"),
+    "read_features": ("extract.reader", "read_features"),
+    "FeatureSet": ("extract.reader", "FeatureSet"),
     "load_weights": ("loading", "load_weights"),
 }
 # Submodules reachable as attributes without an explicit `import flashdino.<name>` (as before).
 _SUBMODULES = ("ops", "models", "layers", "loading", "factory", "dispatch", "integrations", "bench",
-               "preprocess", "outputs", "info", "cli", "cuda_graphs", "triton_support")
+               "extract", "preprocess", "outputs", "info", "cli", "cuda_graphs", "triton_support")
 
 
 def list_models() -> list[str]:
@@ -53,7 +55,7 @@ def __getattr__(name: str):
 
 __all__ = ["__version__", "ops", "create_model", "list_models", "Aggregator", "DinoV2", "DinoV3", "DinoVisionTransformer",
            "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name",
-           "CheckpointError", "WeightsUnavailableError", "RandomWeightsWarning", "convert", "from_pretrained", "load_weights", *sorted(VARIANTS)]
+           "CheckpointError", "WeightsUnavailableError", "RandomWeightsWarning", "read_features", "FeatureSet", "convert", "from_pretrained", "load_weights", *sorted(VARIANTS)]
 
 
 def __dir__() -> list[str]:

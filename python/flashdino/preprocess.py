@@ -280,11 +280,9 @@ def center_crop(x: Tensor, h: int, w: int) -> Tensor:
 
 
 def _pil_to_tensor(img) -> Tensor:
-    import numpy as np
+    from .extract.decode import pil_to_tensor
 
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    return pil_to_tensor(img)
 
 
 def to_bchw(images, device=None) -> Tensor:
@@ -342,18 +340,17 @@ def to_bchw(images, device=None) -> Tensor:
 
 
 def load_image(path: Union[str, os.PathLike]) -> Tensor:
-    """Reads an image file as a uint8 [3, H, W] tensor; a clear error naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    """Reads an image file as a [3, H, W] tensor through flashdino's decoder (EXIF orientation applied).
+
+    uint8 for 8-bit images; float32 in [0, 1] for 16-bit / float images (the preprocessor takes
+    both). Raises FileNotFoundError for a missing file and ValueError naming the file otherwise.
+    """
+    from .extract.decode import decode_image
 
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return _pil_to_tensor(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from exc
+    return decode_image(path)
 
 
 def preprocess(images, *, variant: Optional[str] = None, config=None, size: SizeArg = 224, device=None,

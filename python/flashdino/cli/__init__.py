@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flashdino {flashdino.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     features.add_parser(sub)
+    features.add_info_parser(sub)
     convert.add_parser(sub)
     for name, help_text in PASSTHROUGH.items():
         p = sub.add_parser(name, help=help_text, add_help=False)

@@ -1,80 +1,99 @@
-"""``flashdino features``: CLS and patch features of images into a safetensors file."""
+"""``flashdino features``: CLS / patch features of images, into one file or streamed into a folder.
+
+    --out feats.safetensors   small jobs: everything in memory, one file at the end; any unreadable
+                              image is an error
+    --out feats/              data sets: shards streamed as they finish, resumable, bad images
+                              recorded and skipped, any number of ranks under torchrun
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from ._common import DEFAULT_MODEL, CliError, build_model, parse_size
-from .pca import PCA_MAX_IMAGES, render_pca
+from .features_info import add_parser as add_info_parser  # noqa: F401 - registered by cli.build_parser
+from .pca import PCA_MAX_IMAGES, PCA_SUFFIXES, render_pca
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Image files from files and folders (folders: their image files, sorted, not recursive)."""
-    files: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise CliError(f"no images found in folder {p} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise CliError(f"no such file or folder: {p}")
-    return files
+# single-file tensor names (kept from the first file format) for the pipeline's row names
+_FILE_NAMES = {"cls": "cls", "patch": "patch_tokens", "pooled": "pooled", "storage": "storage_tokens"}
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the image header; a clear error naming the file when it is unreadable."""
-    from PIL import Image, UnidentifiedImageError
+def collect_images(inputs) -> list[Path]:
+    """Image files of the inputs (files, folders searched recursively, sorted), as paths."""
+    from flashdino.extract.inputs import collect_items
 
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise CliError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
-    return h, w
+    return [Path(it.path) for it in collect_items(inputs) if not it.in_tar]
 
 
-def _batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i: i + size]
+def _is_file_output(out: str) -> bool:
+    p = Path(out)
+    if out.endswith(("/", "\\")) or p.is_dir():
+        return False
+    if p.suffix == ".safetensors":
+        return True
+    if p.suffix:
+        raise CliError(f"--out must end in .safetensors (one file) or name a folder (for shards), got {out}; "
+                       "end it with / to use a folder name with a dot")
+    return False
 
 
-def run(args) -> int:
-    import torch
-    from safetensors.torch import save_file
-    from tqdm import tqdm
+def _parse_list(text: str, allowed, flag: str) -> tuple:
+    items = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise CliError(f"{flag}: unknown value(s) {bad or [text]}; choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(items))
 
-    from flashdino.preprocess import Preprocessor, load_image
 
-    inputs = list(args.inputs or [])
-    if args.sample:
-        from flashdino.assets import sample_image_path
+def _options(args, workers: int):
+    from flashdino.extract.runner import STORE_KEYS, ExtractOptions, parse_max_failures
 
-        inputs.insert(0, str(sample_image_path()))
-    if not inputs:
-        raise CliError("no input images: pass image files or folders, or --sample for the packaged sample image")
-    files = collect_images(inputs)
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
-    out_path = Path(args.out)
-    if out_path.suffix != ".safetensors":
-        raise CliError(f"--out must end in .safetensors, got {out_path}")
-    if args.pca and Path(args.pca).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"):
-        raise CliError(f"--pca must name an image file (.png, .jpg, ...), got {args.pca}")
+    if args.shard_size < 1:
+        raise CliError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.workers is not None and args.workers < 0:
+        raise CliError(f"--workers must be >= 0, got {args.workers}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise CliError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    parse_max_failures(args.max_failures)
+    layers = ()
+    if args.layers:
+        try:
+            layers = tuple(sorted({int(v) for v in args.layers.split(",") if v.strip()}))
+        except ValueError:
+            raise CliError(f"--layers expects block indices like 3,7,11; got {args.layers!r}") from None
+    from flashdino.extract.dataset import DEFAULT_MAX_PIXELS
 
-    model, pre_cfg = build_model(args)
-    model = model.to(args.device).eval().requires_grad_(False)
+    return ExtractOptions(store=_parse_list(args.store, STORE_KEYS, "--store"), patch_dtype=args.patch_dtype,
+                          layers=layers, shard_size=args.shard_size, batch_size=args.batch_size, workers=workers,
+                          dtype=args.dtype, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                          max_failures=args.max_failures, overwrite=args.overwrite, quiet=args.quiet)
+
+
+def _notice_parents(path: Path, what: str) -> None:
+    from flashdino.outputs import missing_parents
+
+    created = missing_parents(path)
+    if created:
+        print(f"flashdino: notice: creating folder {created[-1]} for {what}", file=sys.stderr)
+
+
+def _build(args, device: str):
+    """(model, preprocessor) as the CLI always built them; random weights are seeded for every rank alike."""
+    import torch
+
+    from flashdino.preprocess import Preprocessor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model, pre_cfg = build_model(args)
+    model = model.to(device).eval().requires_grad_(False)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if dtype != torch.float32:
+        model = model.to(dtype)
     P = model.patch_size
     if pre_cfg is None and isinstance(getattr(model, "preprocessor_config", None), dict):
         pre_cfg = model.preprocessor_config  # set by the loaders for HF folders / hub ids
@@ -84,83 +103,226 @@ def run(args) -> int:
     else:
         size = 224 if args.size is None else (None if args.size == "native" else args.size)
         pre = Preprocessor.from_variant(model.cfg, size=size)
+    return model, pre
 
-    # read every header first (fails early, naming an unreadable file), decode the pixels per batch;
-    # batch images whose processed size agrees (all of them with a fixed --size)
-    order: dict = {}
-    for i, f in enumerate(files):
-        order.setdefault(pre.output_size(*image_size(f)), []).append(i)
-    cls = [None] * len(files)
-    patches = [None] * len(files)
-    grids = [None] * len(files)
-    shown = {} if args.pca else None  # the first PCA_MAX_IMAGES inputs, as the model saw them
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    bar = tqdm(total=len(files), desc=f"features ({model.cfg.name})", unit="img", disable=args.quiet,
-               file=sys.stderr)
-    with torch.inference_mode():
-        for idx in order.values():
-            for chunk in _batches(idx, args.batch_size):
-                # each image through the preprocessor on the device, then one batch
-                x = torch.cat([pre(load_image(files[i]), device=args.device) for i in chunk]).to(dtype)
-                out = model.forward_features(x)
-                h, w = x.shape[-2] // P, x.shape[-1] // P
-                for j, i in enumerate(chunk):
-                    cls[i] = out["x_norm_clstoken"][j].float().cpu()
-                    patches[i] = out["x_norm_patchtokens"][j].float().cpu()
-                    grids[i] = (h, w)
-                    if shown is not None and i < PCA_MAX_IMAGES:
-                        shown[i] = pre.denormalize(x[j: j + 1].float())[0].cpu()
-                bar.update(len(chunk))
-    bar.close()
 
-    tensors = {"cls": torch.stack(cls).contiguous()}
-    if len(set(grids)) == 1:
-        tensors["patch_tokens"] = torch.stack(patches).contiguous()
+def _check_model_options(model, pre, opts) -> None:
+    depth = len(model.blocks)
+    bad = [L for L in opts.layers if not 0 <= L < depth]
+    if bad:
+        raise CliError(f"--layers {bad}: {model.cfg.name} has blocks 0..{depth - 1}")
+    h, w = pre.output_size(10**4, 10**4)
+    fixed = (h, w) == pre.output_size(37, 5000)  # a fixed --size: every input comes out alike
+    max_pixels = opts.max_pixels
+    if fixed and h * w > max_pixels:
+        raise CliError(f"--size gives {w}x{h} = {h * w} pixels per image, over --max-pixels {max_pixels}; "
+                       "raise --max-pixels if that is intended")
+
+
+def run(args) -> int:
+    import torch
+
+    from flashdino.extract.dataset import default_workers
+    from flashdino.extract.inputs import Item, collect_items
+    from flashdino.extract.runner import ExtractionStopped, init_distributed
+    from flashdino.outputs import check_output_path
+
+    inputs = list(args.inputs or [])
+    if args.sample:
+        from flashdino.assets import sample_image_path
+
+        inputs.insert(0, str(sample_image_path()))
+    if not inputs and not args.list:
+        raise CliError("no input images: pass image files, folders or .tar shards, --list FILE, or --sample for "
+                       "the packaged sample image")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
+    if args.pca and Path(args.pca).suffix.lower() not in PCA_SUFFIXES:
+        raise CliError(f"--pca must name an image file (.png, .jpg, ...), got {args.pca}")
+    import os
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    opts = _options(args, default_workers(local_world) if args.workers is None else args.workers)
+    if args.pca and "patch" not in opts.store:
+        raise CliError("--pca needs the patch tokens: add patch to --store")
+    items: list[Item] = collect_items(inputs, args.list)
+    to_file = _is_file_output(args.out)
+    out = Path(args.out)
+    weights_input = [args.weights] if args.weights and Path(args.weights).exists() else []
+    # every output location is checked before the model is loaded or any image decoded
+    if to_file:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CliError("a single .safetensors --out is for one process; under torchrun give --out a folder")
+        check_output_path(out, overwrite=args.overwrite, inputs=weights_input + [it.path for it in items],
+                          what="--out")
+        _notice_parents(out, f"--out {out.name}")
     else:
-        for i, p in enumerate(patches):
-            tensors[f"patch_tokens.{i}"] = p.contiguous()
-    metadata = {
-        "files": json.dumps([str(f) for f in files]),
-        "grids": json.dumps([list(g) for g in grids]),
-        "model": model.cfg.name,
-        "weights": str(args.weights) if args.weights else "random",
-        "patch_size": str(P),
-        "format": "flashdino.features/1",
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_path), metadata=metadata)
-    D = tensors["cls"].shape[1]
-    layout = (f"patch_tokens {list(tensors['patch_tokens'].shape)}" if "patch_tokens" in tensors
-              else f"per-image patch_tokens.<i> (grids differ: {sorted(set(grids))})")
-    print(f"wrote {out_path}: cls [{len(files)}, {D}], {layout}")
+        from flashdino.extract.writer import check_out_dir
+
+        check_out_dir(out, inputs=weights_input + inputs + ([args.list] if args.list else []))
+        if not out.exists() and int(os.environ.get("RANK", "0")) == 0:
+            _notice_parents(out / "settings.json", "the --out folder")
     if args.pca:
-        keep = sorted(shown)
-        path = render_pca([shown[i] for i in keep], [patches[i] for i in keep], [grids[i] for i in keep], args.pca)
-        print(f"wrote {path}: PCA of the patch features (first 3 components as RGB)")
+        check_output_path(args.pca, overwrite=args.overwrite, inputs=weights_input + [args.out], what="--pca")
+
+    dist_info = init_distributed(args.device) if not to_file else None
+    device = dist_info.device if dist_info else args.device
+    try:
+        model, pre = _build(args, device)
+        _check_model_options(model, pre, opts)
+        if to_file:
+            rows = _extract_in_memory(model, pre, items, opts, device)
+            _write_file(out, items, rows, model, args, opts)
+            shown = [(i, rows[i]) for i in range(min(len(items), PCA_MAX_IMAGES))]
+        else:
+            from flashdino.extract.runner import extract_to_dir, summary_line
+
+            if args.weights:  # a local file is named absolutely: a rerun from another folder is the same run
+                label = str(Path(args.weights).resolve()) if Path(args.weights).exists() else str(args.weights)
+            else:
+                label = f"random (seed {args.seed})"
+            try:
+                summary = extract_to_dir(model, pre, items, out, opts, dist_info, weights_label=label)
+            except ExtractionStopped as exc:
+                raise CliError(str(exc)) from None
+            if dist_info.rank != 0:
+                return 0
+            print(summary_line(summary))
+            print(f"wrote {out}: {summary['total_good']} images, {summary['total_failed']} failed "
+                  f"(read it with flashdino.read_features({str(out)!r}); flashdino features-info {out})")
+            shown = _rows_from_folder(out, items) if args.pca else []
+        if args.pca and shown:
+            _render(args.pca, pre, items, shown)
+    finally:
+        if dist_info is not None:
+            dist_info.close()
     return 0
 
 
+def _extract_in_memory(model, pre, items, opts, device) -> list:
+    from flashdino.extract.dataset import ImageDataset
+    from flashdino.extract.runner import Timings, iterate, shard_batches
+
+    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels)
+    rows: list = [None] * len(items)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc=f"features ({model.cfg.name})", unit="img", disable=opts.quiet, file=sys.stderr)
+    try:
+        for batch, got, failures in iterate(model, dataset, shard_batches(0, len(items), opts.batch_size), opts,
+                                            device, Timings()):
+            if failures:
+                i, reason = failures[0]
+                raise CliError(f"cannot read image {items[i].id}: {reason} (a folder --out records bad images "
+                               "and goes on)")
+            for i, row in got.items():
+                rows[i] = row
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return rows
+
+
+def _write_file(out: Path, items, rows, model, args, opts) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from flashdino.outputs import atomic_write
+
+    grids = [tuple(r["grid"]) for r in rows]
+    tensors = {}
+    for name in rows[0]:
+        if name in ("grid", "size"):
+            continue
+        prefix, _, base = name.rpartition(".")
+        fname = (prefix + "." if prefix else "") + _FILE_NAMES[base]
+        if base == "patch" and len(set(grids)) > 1:
+            for i, r in enumerate(rows):
+                tensors[f"{fname}.{i}"] = r[name].contiguous()
+        else:
+            tensors[fname] = torch.stack([r[name] for r in rows]).contiguous()
+    metadata = {
+        "files": json.dumps([it.id for it in items]),
+        "grids": json.dumps([list(g) for g in grids]),
+        "sizes": json.dumps([list(r["size"]) for r in rows]),
+        "model": model.cfg.name,
+        "weights": str(args.weights) if args.weights else "random",
+        "seed": str(args.seed),
+        "patch_size": str(model.patch_size),
+        "store": ",".join(opts.store),
+        "layers": json.dumps(list(opts.layers)),
+        "format": "flashdino.features/1",
+    }
+    from flashdino.extract.writer import filesystem_errors
+
+    with filesystem_errors(out), atomic_write(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(tensors.items())[:4])
+    more = f", ... ({len(tensors)} tensors: grids differ: {sorted(set(grids))})" if len(tensors) > 4 else ""
+    print(f"wrote {out}: {shapes}{more}")
+
+
+def _rows_from_folder(out: Path, items) -> list:
+    from flashdino.extract.reader import read_features
+
+    fs = read_features(out)
+    pos = {it.id: i for i, it in enumerate(items)}
+    return [(pos[fs.ids[j]], {"patch": fs.patch(j), "grid": fs.grid(j)}) for j in range(min(len(fs), PCA_MAX_IMAGES))]
+
+
+def _render(path, pre, items, shown) -> None:
+    """The PCA picture of the first images: decoded again (cheap for 8) and shown as the model saw them."""
+    from flashdino.extract.dataset import ImageDataset
+
+    ds = ImageDataset(items, pre, max_pixels=None)
+    images = [pre.denormalize(pre(ds.load(i)[0]))[0] for i, _ in shown]
+    written = render_pca(images, [r["patch"].float() for _, r in shown], [tuple(r["grid"]) for _, r in shown], path)
+    print(f"wrote {written}: PCA of the patch features (first 3 components as RGB)")
 
 
 def add_parser(sub) -> None:
-    f = sub.add_parser("features", help="extract CLS and patch features of images into a safetensors file",
-                       description="Extract CLS and patch features of images (files or folders) into a safetensors file.")
-    f.add_argument("inputs", nargs="*", metavar="IMAGES_OR_FOLDERS")
+    f = sub.add_parser(
+        "features", help="extract CLS / patch features of images (one file, or shards in a folder)",
+        description="Extract features of images (files, folders, .tar shards, --list) into one .safetensors "
+                    "file or, for data sets, into a folder of shards (resumable; torchrun for many GPUs).")
+    f.add_argument("inputs", nargs="*", metavar="IMAGES_FOLDERS_OR_TARS")
+    f.add_argument("--list", default=None, metavar="FILE",
+                   help="text file (one path per line, optional TAB id) or CSV (path[,id]) of images")
     f.add_argument("--sample", action="store_true", help="add the packaged sample image to the inputs")
     f.add_argument("--model", default=DEFAULT_MODEL, help=f"variant name or alias (default {DEFAULT_MODEL})")
     f.add_argument("--weights", default=None, help="checkpoint file, Hugging Face folder or hub id (default: random)")
-    f.add_argument("--out", default="features.safetensors", help="output .safetensors file (default features.safetensors)")
-    f.add_argument("--batch-size", type=int, default=8)
-    f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    f.add_argument("--seed", type=int, default=0, help="seed of random weights (without --weights; default 0)")
+    f.add_argument("--out", default="features.safetensors",
+                   help="FILE.safetensors (small jobs, all in memory) or a FOLDER (shards streamed, resumable); "
+                        "default features.safetensors")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file / a folder made with other settings")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes decoding images (default: from the CPU count, up to 8; 0 = in the "
+                        "main process)")
+    f.add_argument("--shard-size", type=int, default=1000, help="images per shard with a folder --out (default 1000)")
+    f.add_argument("--store", default="cls,patch",
+                   help="what to keep, comma-separated from cls, pooled (mean patch token), patch, storage "
+                        "(register tokens); default cls,patch")
+    f.add_argument("--patch-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of stored patch tokens (default float32; float16 halves the disk)")
+    f.add_argument("--layers", default=None, metavar="I,J,...",
+                   help="also store these intermediate blocks (0-based), as layer<I>.cls / layer<I>.patch ...")
+    f.add_argument("--max-failures", default=None, metavar="N|P%",
+                   help="stop when more than N images (or P%% of those processed) failed; default: never")
+    f.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse images whose processed size exceeds this many pixels (default 2048*2048; "
+                        "matters with --size 0)")
+    f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu; under torchrun: "
+                                                   "cuda means cuda:LOCAL_RANK)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     f.add_argument("--size", type=parse_size, default=None,
                    help="resize to SIZE x SIZE or HxW; 0 keeps each image's size (cropped to a patch multiple). "
                         "Default: the weights folder's preprocessor_config.json, else 224")
-    f.add_argument("--pca", default=None, metavar="OUT.png", help="also render a PCA visualisation of the patch features")
+    f.add_argument("--pca", default=None, metavar="OUT.png",
+                   help="also render a PCA visualisation of the patch features")
     f.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="architecture override, repeatable (e.g. --override depth=2)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=run)
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PCA_MAX_IMAGES = 8  # rows of the --pca picture
+PCA_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def pca_rgb(features, grids, n_components: int = 3):
@@ -54,9 +55,11 @@ def render_pca(images, features, grids, path, max_images: int = PCA_MAX_IMAGES):
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     canvas = np.concatenate(rows, axis=0)
+    from flashdino.outputs import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    with atomic_write(path) as tmp:  # the temporary name keeps the suffix, which tells PIL the format
+        Image.fromarray(canvas).save(tmp)
     return path
 
 

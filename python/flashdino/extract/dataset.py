@@ -1,0 +1,106 @@
+"""Decoding and preprocessing off the critical path: a map-style Dataset for a DataLoader.
+
+Each worker decodes (``decode.decode_image``) and preprocesses (the model's ``Preprocessor``, on the
+CPU) one image; the collate function groups a batch by processed size so that every group is one
+model call (with a fixed ``--size`` that is the whole batch; with native sizes, equal sizes).
+A bad image never raises: it comes back as a failure with its reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .decode import DecodeError, decode_image
+from .inputs import Item
+
+# Native-size inputs above this many pixels are refused per image (an 8000 x 8000 photo at --size 0
+# is 250k tokens: hours of attention on a CPU, an out-of-memory error on most GPUs).
+DEFAULT_MAX_PIXELS = 2048 * 2048
+
+
+class ImageDataset(Dataset):
+    """``dataset[i]`` -> dict(index, x [3, h, w] float32 or None, size (H, W) or None, error or None)."""
+
+    def __init__(self, items: Sequence[Item], preprocessor, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+        self.items = items
+        self.pre = preprocessor
+        self.max_pixels = max_pixels
+        self.patch = preprocessor.patch_size or 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _check(self, h: int, w: int) -> None:
+        oh, ow = self.pre.output_size(h, w)
+        if oh < self.patch or ow < self.patch:
+            raise ValueError(f"too small: {w}x{h} pixels give a {ow}x{oh} input, less than one "
+                             f"{self.patch}x{self.patch} patch")
+        if self.max_pixels is not None and oh * ow > self.max_pixels:
+            raise ValueError(f"too large: {w}x{h} pixels give a {ow}x{oh} input = {oh * ow} pixels, over "
+                             f"--max-pixels {self.max_pixels}; pass a fixed --size (e.g. 224) or raise --max-pixels")
+
+    def load(self, index: int):
+        """(pixels [3, H, W] as decoded, (H, W)); raises DecodeError."""
+        item = self.items[index]
+        try:
+            source = item.read_bytes() if item.in_tar else item.path
+        except OSError as exc:
+            raise DecodeError(item.id, f"cannot read ({exc})") from None
+        img = decode_image(source, name=item.id, check_size=self._check)
+        return img, tuple(img.shape[-2:])
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            img, size = self.load(index)
+            x = self.pre(img)[0]
+        except DecodeError as exc:
+            return {"index": index, "x": None, "size": None, "error": exc.reason}
+        except Exception as exc:  # noqa: BLE001 - one image must not end a million-image run; the reason is kept
+            return {"index": index, "x": None, "size": None, "error": f"{exc.__class__.__name__}: {exc}"}
+        return {"index": index, "x": x, "size": size, "error": None}
+
+
+def collate_by_size(samples: list) -> dict:
+    """A batch as groups of equal processed size: {"groups": [(indices, x [n, 3, h, w])], ...}."""
+    groups: dict = {}
+    failures, sizes = [], {}
+    for s in samples:
+        if s["x"] is None:
+            failures.append((s["index"], s["error"]))
+            continue
+        sizes[s["index"]] = s["size"]
+        groups.setdefault(tuple(s["x"].shape), []).append(s)
+    return {
+        "groups": [([s["index"] for s in g], torch.stack([s["x"] for s in g])) for g in groups.values()],
+        "failures": failures,
+        "sizes": sizes,
+    }
+
+
+def _worker_init(_worker_id: int) -> None:
+    # one thread per worker: N workers x all cores each would oversubscribe the CPU that also runs the model
+    torch.set_num_threads(1)
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """Workers per rank: the cores left after the ranks themselves, at most 8 (decoding scales no further)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, local_world_size) - 1))
+
+
+def make_loader(dataset: ImageDataset, batches: Sequence[Sequence[int]], *, workers: int, device: str,
+                prefetch: int = 4) -> DataLoader:
+    """A DataLoader yielding ``collate_by_size`` batches in the given order (``batches``: index lists)."""
+    cuda = str(device).startswith("cuda")
+    kwargs = {}
+    if workers > 0:
+        kwargs.update(prefetch_factor=prefetch, worker_init_fn=_worker_init)
+    return DataLoader(dataset, batch_sampler=list(batches), num_workers=workers, collate_fn=collate_by_size,
+                      pin_memory=cuda, **kwargs)
+
+
+__all__ = ["ImageDataset", "collate_by_size", "make_loader", "default_workers", "DEFAULT_MAX_PIXELS"]
