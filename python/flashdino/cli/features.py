@@ -207,7 +207,8 @@ def _extract_in_memory(model, pre, items, opts, device) -> list:
     rows: list = [None] * len(items)
     from tqdm import tqdm
 
-    bar = tqdm(total=len(items), desc=f"features ({model.cfg.name})", unit="img", disable=opts.quiet, file=sys.stderr)
+    bar = tqdm(total=len(items), desc=f"features ({model.cfg.name})", unit="img", disable=opts.quiet, file=sys.stderr,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     try:
         for batch, got, failures in iterate(model, dataset, shard_batches(0, len(items), opts.batch_size), opts,
                                             device, Timings()):

@@ -390,7 +390,8 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
     pdt = PATCH_DTYPES[opts.patch_dtype]
     timings = Timings()
     bar = tqdm(total=len(items), initial=skipped, desc=f"features ({model.cfg.name})", unit="img",
-               disable=opts.quiet or dist_info.rank != 0, file=sys.stderr, dynamic_ncols=True)
+               disable=opts.quiet or dist_info.rank != 0, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
     stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends)
     g_done = g_failed = 0.0
