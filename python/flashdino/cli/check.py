@@ -4,6 +4,7 @@
                                          without a GPU: says so and runs the compile audit
     flashdino check --audit sm_80,sm_90  compile every selectable Triton configuration for these
                                          architectures (no GPU needed) [--json FILE] [--default-only]
+                                         [--quick: bf16 only]
 
 Exit status: 0 healthy; 1 a probe failed / a default configuration spills or overflows shared
 memory; 3 the audit cannot compile here (no usable Triton).
@@ -22,14 +23,15 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the audit (or probe) results as JSON")
     p.add_argument("--default-only", action="store_true",
                    help="audit only the configurations selectable by default (faster)")
+    p.add_argument("--quick", action="store_true", help="audit bf16 configurations only (what CI runs)")
     p.set_defaults(func=run)
 
 
-def _audit(archs: str, json_path, default_only: bool) -> int:
+def _audit(archs: str, json_path, default_only: bool, quick: bool = False) -> int:
     from flashdino.check import audit
 
     names = tuple(a.strip() for a in archs.split(",") if a.strip())
-    return audit.main(names, json_path, default_only)
+    return audit.main(names, json_path, default_only, quick=quick)
 
 
 def _probes(json_path) -> int:
@@ -73,13 +75,13 @@ def _probes(json_path) -> int:
 
 def run(args) -> int:
     if args.audit is not None:
-        return _audit(args.audit, args.json, args.default_only)
+        return _audit(args.audit, args.json, args.default_only, args.quick)
     import torch
 
     if not torch.cuda.is_available():
         print("flashdino check: no CUDA GPU here, so no kernel can be probed; running the compile audit "
               "instead (flashdino check --audit).", flush=True)
-        return _audit("sm_80,sm_86,sm_89,sm_90", args.json, args.default_only)
+        return _audit("sm_80,sm_86,sm_89,sm_90", args.json, args.default_only, args.quick)
     return _probes(args.json)
 
 
