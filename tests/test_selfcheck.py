@@ -166,3 +166,30 @@ def test_probes_exist_for_every_op_and_pass_on_the_interpreter(monkeypatch):
         reason, err, variant = selfcheck.run_probe(op, "triton", cpu, call)
         assert reason is None and err < 1e-4, (op, variant, reason)
     assert seen == set(fast_ops)
+
+
+@pytest.mark.gpu
+def test_gpu_full_probe_set_passes():
+    """``flashdino check`` on a real GPU: every fast backend agrees with the reference."""
+    import time
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    start = time.perf_counter()
+    rows = selfcheck.run_all(device)
+    failed = [r for r in rows if r["result"].startswith("FAIL")]
+    assert not failed, failed
+    assert any(r["result"] == "ok" for r in rows)
+    assert time.perf_counter() - start < 120  # cold Triton cache included; the target is < 60 s
+
+
+@pytest.mark.gpu
+def test_gpu_first_use_check_runs_once_and_passes(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHDINO_SELFCHECK", "1")
+    monkeypatch.setenv("FLASHDINO_SELFCHECK_CACHE", str(tmp_path / "selfcheck.json"))
+    selfcheck.reset()
+    x = torch.randn(2, 9, 1024, device="cuda", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ops.residual_layernorm(x, x, None, None, None, 1e-6)
+    assert dispatch.last_backend(OP) == "triton"
+    assert "ok" in json.loads((tmp_path / "selfcheck.json").read_text())[selfcheck.fingerprint(x.device)].values()

@@ -328,16 +328,21 @@ def verify(op: str, backend: str, device: torch.device, call) -> Optional[str]:
     if getattr(_ACTIVE, "on", False):
         return None
     dkey = _device_key(device)
+    dtype = getattr(call, "dtype", None)
+    key = (op, backend, dkey, str(dtype), _call_key(call))
+    # Hot path (every dispatch on a GPU): a known result needs no lock and no CUDA query.
+    if (op, backend, dkey) in _DISABLED:
+        return f"disabled by the self-check on this GPU: {_DISABLED[(op, backend, dkey)]}"
+    if key in _RESULTS and _RESULTS[key] is None:
+        return None
     with _LOCK:
         if (op, backend, dkey) in _DISABLED:
             return f"disabled by the self-check on this GPU: {_DISABLED[(op, backend, dkey)]}"
-        if _tracing(device):  # no kernels run while tracing / capturing; checked at the next eager call
-            return None
-        dtype = getattr(call, "dtype", None)
-        key = (op, backend, dkey, str(dtype), _call_key(call))
         if key in _RESULTS:
             reason = _RESULTS[key]
             return None if reason is None else _disable(op, backend, device, dtype, reason)
+        if _tracing(device):  # no kernels run while tracing / capturing; checked at the next eager call
+            return None
         fp = fingerprint(device)
         disk_key = f"{op} | {backend} | {dtype} | {_call_key(call)}"
         cached = _load_cache().get(fp, {}).get(disk_key)
