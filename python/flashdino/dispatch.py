@@ -17,6 +17,9 @@ Selection for one call, first match wins:
 4. on CUDA tensors, the op's preference order, skipping backends that are missing or do not
    support the call; anywhere else the "torch" reference.
 
+On CUDA a backend must also suit the GPU (``flashdino.check.device``: Triton needs sm_80+, ``_C``
+a GPU it was built for) and pass its first-use self-check (``flashdino.check.selfcheck``).
+
 Non-CUDA tensors run only on "torch", except "triton" under ``TRITON_INTERPRET=1`` (tests).
 :func:`last_backend` reports the backend of the last eager call of an op.
 """
