@@ -17,6 +17,9 @@ How K (and Q) get rotated, ``k_rotation`` (``FLASHDINO_ROPE_ATTN_K_ROTATION``, d
   load inside the inner loop (cos/sin recomputed per tile).
 * ``"table"``: like "inline" but cos/sin come from the fp32 ``[2, tokens_per_frame, d]`` table.
 
+"inline" and "table" are opt-in (not selected by default); ``flashdino check --audit`` compiles
+them too and reports them as non-default configurations.
+
 The backward always uses the prepass buffers (recomputed, not saved: memory stays qkv + out +
 logsumexp, like SDPA). Without RoPE and qk_norm, q/k/v are read from qkv directly and dq/dk
 written directly (no pre- or post-pass).
