@@ -234,7 +234,8 @@ def _rope_runner(tra, d, heads, dtype, mode, norm, k_rotation, bwd):
         B = 2
         qkv = _meta(B, n, 3 * heads * d, dtype=dtype)
         freqs = _meta(d // 4, dtype=torch.float32) if mode != "none" else None
-        cos_sin = _meta(2, n_prefix + H * W, d, dtype=torch.float32) if k_rotation == "table" and mode != "none" else None
+        table = k_rotation == "table" and mode != "none"
+        cos_sin = _meta(2, n_prefix + H * W, d, dtype=torch.float32) if table else None
         qw = qb = kw = kb = None
         if norm:
             qw, qb, kw, kb = (_meta(d, dtype=dtype) for _ in range(4))
@@ -536,9 +537,7 @@ def run_audit(archs=DEFAULT_ARCHS, default_only: bool = False, progress=None, qu
         entry = distinct.setdefault(launch.key(), dict(launch=launch, sc=sc, default=False, notes=set(), n=0))
         entry["default"] |= sc.default
         entry["n"] += 1
-        if sc.note and not sc.default:
-            entry["notes"].add(sc.note)
-        if sc.note and sc.default:
+        if sc.note:
             entry["notes"].add(sc.note)
     rows = []
     for arch in archs:
@@ -554,9 +553,9 @@ def run_audit(archs=DEFAULT_ARCHS, default_only: bool = False, progress=None, qu
             elif res["shared"] > limit:
                 status = "SMEM"
             notes = "" if entry["default"] else "; ".join(sorted(entry["notes"])) or "non-default"
-            rows.append(Row(f"{sc.op}.{launch.kernel.strip('_').removesuffix('_kernel')}", arch, sc.label,
-                            launch.tile(), res["regs"], res["spill"], res["stack"], res["shared"], limit, entry["default"],
-                            notes, entry["n"], res["error"], status))
+            kernel = f"{sc.op}.{launch.kernel.strip('_').removesuffix('_kernel')}"
+            rows.append(Row(kernel, arch, sc.label, launch.tile(), res["regs"], res["spill"], res["stack"],
+                            res["shared"], limit, entry["default"], notes, entry["n"], res["error"], status))
             if progress:
                 progress(arch, i + 1, len(distinct))
     return rows

@@ -75,7 +75,8 @@ def backend_rule(backend: str, device: torch.device) -> Optional[str]:
     try:
         cc = capability(device)
     except Exception as exc:  # no driver / no such device: the reference raises its own, clearer error
-        return f"cannot query the CUDA device ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"cannot query the CUDA device ({exc.__class__.__name__}: {first})"
     if backend == "triton" and tuple(cc) < MIN_TRITON_CAPABILITY:
         return (f"compute capability {cc[0]}.{cc[1]} ({_sm(cc)}): flashdino's Triton kernels need sm_80 or newer "
                 f"(bf16 / TF32 tensor cores; audited for sm_80-sm_90)")

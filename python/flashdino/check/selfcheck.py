@@ -212,7 +212,8 @@ def _grads(fn, args) -> list:
             for g, a in zip(torch.autograd.grad(loss, leaves, allow_unused=True), leaves)]
 
 
-def run_probe(op: str, backend: str, device: torch.device, call, backward: bool = False) -> tuple[Optional[str], float, str]:
+def run_probe(op: str, backend: str, device: torch.device, call,
+              backward: bool = False) -> tuple[Optional[str], float, str]:
     """(None or the failure, max relative error, probe variant): ``backend`` vs the reference.
 
     The bound adapts to the probe: a fast kernel may differ from the reference by up to three

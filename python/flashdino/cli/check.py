@@ -17,8 +17,10 @@ import sys
 
 
 def add_parser(sub) -> None:
+    import argparse
+
     p = sub.add_parser("check", help="self-check the kernels on this GPU, or audit their compiled resources",
-                       description=__doc__.split("\n\n", 1)[1], formatter_class=__import__("argparse").RawTextHelpFormatter)
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--audit", metavar="ARCHS", nargs="?", const="sm_80,sm_86,sm_89,sm_90", default=None,
                    help="compile audit for these architectures (default sm_80,sm_86,sm_89,sm_90)")
     p.add_argument("--json", metavar="FILE", help="also write the audit (or probe) results as JSON")
