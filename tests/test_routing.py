@@ -275,3 +275,32 @@ def test_expert_launch_override_is_validated(monkeypatch):
         monkeypatch.setenv("FLASHDINO_ROPE_ATTN_FWD_CFG", bad)
         with pytest.raises(ValueError, match="FLASHDINO_ROPE_ATTN_FWD_CFG"):
             tra._parse_env_cfg("FLASHDINO_ROPE_ATTN_FWD_CFG")
+
+
+@needs_triton
+def test_routing_traces_under_torch_compile_fullgraph(monkeypatch):
+    """torch.compile reads the routing while tracing: the device rules and the self-check hook must
+    trace without a graph break (no probe, lock or device query inside traced code)."""
+    _gpu(monkeypatch, (9, 0))
+    monkeypatch.setenv("FLASHDINO_SELFCHECK", "1")
+    from flashdino.check import selfcheck
+
+    monkeypatch.setattr(selfcheck, "run_probe", lambda *a, **k: pytest.fail("a probe ran while tracing"))
+    call = ResidualLayerNormCall(torch.bfloat16, torch.bfloat16, 1024)
+    seen = []
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        _, name, _ = dispatch.select("residual_layernorm", call, CUDA)
+        seen.append(name)
+        return x + 1
+
+    torch._dynamo.reset()
+    assert f(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert seen == ["triton"]
+    # a backend the self-check disabled stays refused in traced code
+    monkeypatch.setitem(selfcheck._DISABLED_OPS, ("residual_layernorm", "triton"), "output 1: max error 1e-01")
+    seen.clear()
+    torch._dynamo.reset()
+    f(torch.ones(3))
+    assert seen == ["torch"]

@@ -137,7 +137,7 @@ def test_never_inside_compile_tracing(monkeypatch, cpu_selfcheck):
     monkeypatch.setattr(selfcheck, "run_probe", lambda *a, **k: pytest.fail("probe ran while tracing"))
     assert selfcheck.verify(OP, "triton", torch.device("cpu"), call) is None
     # a backend that already failed stays refused while tracing
-    selfcheck._DISABLED[(OP, "triton", "cpu")] = "output 1: max error 1e-01"
+    monkeypatch.setitem(selfcheck._DISABLED_OPS, (OP, "triton"), "output 1: max error 1e-01")
     assert "disabled by the self-check" in selfcheck.verify(OP, "triton", torch.device("cpu"), call)
 
 

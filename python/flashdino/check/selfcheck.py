@@ -43,6 +43,8 @@ ENV_CACHE = "FLASHDINO_SELFCHECK_CACHE"
 _RESULTS: dict[tuple, Optional[str]] = {}
 # (op, backend, device key) -> reason: backends disabled for the process.
 _DISABLED: dict[tuple, str] = {}
+# (op, backend) -> reason, device-free: what traced code (torch.compile) consults.
+_DISABLED_OPS: dict[tuple, str] = {}
 _LOCK = threading.RLock()
 _ACTIVE = threading.local()  # re-entrancy guard: a probe never checks itself
 # Test-only hook: device types, besides "cuda", on which the self-check runs (e.g. {"cpu"} under
@@ -335,6 +337,7 @@ def _device_key(device: torch.device) -> str:
 
 def _disable(op: str, backend: str, device: torch.device, dtype, reason: str) -> str:
     key = (op, backend, _device_key(device))
+    _DISABLED_OPS.setdefault((op, backend), reason)
     if key not in _DISABLED:
         _DISABLED[key] = reason
         warnings.warn(
@@ -347,7 +350,14 @@ def _disable(op: str, backend: str, device: torch.device, dtype, reason: str) ->
 
 def verify(op: str, backend: str, device: torch.device, call) -> Optional[str]:
     """None when ``backend`` may run ``op`` on ``device``; else the reason (it failed its probe)."""
-    if backend == "torch" or not enabled() or op not in PROBES:
+    if backend == "torch" or op not in PROBES:
+        return None
+    if torch.compiler.is_compiling():
+        # Traced code (torch.compile) runs no probe, takes no lock and queries no device: a
+        # backend that already failed stays refused, anything else is checked at the next eager call.
+        reason = _DISABLED_OPS.get((op, backend))
+        return None if reason is None else f"disabled by the self-check on this GPU: {reason}"
+    if not enabled():
         return None
     if device.type != "cuda" and device.type not in EXTRA_DEVICE_TYPES:
         return None
@@ -367,7 +377,7 @@ def verify(op: str, backend: str, device: torch.device, call) -> Optional[str]:
         if key in _RESULTS:
             reason = _RESULTS[key]
             return None if reason is None else _disable(op, backend, device, dtype, reason)
-        if _tracing(device):  # no kernels run while tracing / capturing; checked at the next eager call
+        if _tracing(device):  # no kernels run while capturing a CUDA graph; checked at the next eager call
             return None
         fp = fingerprint(device)
         disk_key = f"{op} | {backend} | {dtype} | {_call_key(call)}"
@@ -403,6 +413,7 @@ def reset() -> None:
     with _LOCK:
         _RESULTS.clear()
         _DISABLED.clear()
+        _DISABLED_OPS.clear()
 
 
 def disabled() -> dict[tuple, str]:
