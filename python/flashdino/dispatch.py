@@ -17,6 +17,9 @@ Selection for one call, first match wins:
 4. on CUDA tensors, the op's preference order, skipping backends that are missing or do not
    support the call; anywhere else the "torch" reference.
 
+On CUDA a backend must also suit the GPU (``flashdino.check.device``: Triton needs sm_80+, ``_C``
+a GPU it was built for) and pass its first-use self-check (``flashdino.check.selfcheck``).
+
 Non-CUDA tensors run only on "torch", except "triton" under ``TRITON_INTERPRET=1`` (tests).
 :func:`last_backend` reports the backend of the last eager call of an op.
 """
@@ -158,7 +161,36 @@ def _why_not(op: str, backend: str, device: torch.device, call) -> Optional[str]
         interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
         if not interpreted:
             return f"tensors are on {device.type}, the {backend} kernels need CUDA"
-    return impls[backend].supports(call)
+    why = impls[backend].supports(call) or _device_rule(backend, device)
+    if why is None and backend != "torch":
+        why = _first_use_check(op, backend, device, call)
+    return why
+
+
+# -- GPU safety (flashdino.check): device rules and the first-use self-check ----------------------
+
+
+def _device_rule(backend: str, device: torch.device) -> Optional[str]:
+    """Architecture rules of a backend on a CUDA device (compute capability, ``_C``'s build archs)."""
+    if device.type != "cuda" or backend == "torch":
+        return None
+    from .check import device as _device  # lazy: flashdino.check imports this module
+
+    return _device.backend_rule(backend, device)
+
+
+def _first_use_check(op: str, backend: str, device: torch.device, call) -> Optional[str]:
+    """None, or why ``backend`` is disabled for ``op`` after failing its first-use self-check."""
+    from .check import selfcheck
+
+    return selfcheck.verify(op, backend, device, call)
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The registered function of ``backend`` for ``op`` (the self-check probes call it directly)."""
+    if op not in _REGISTRY or backend not in _REGISTRY[op]:
+        raise ValueError(f"no {backend} implementation of {op!r}")
+    return _REGISTRY[op][backend].fn
 
 
 def _choose(op: str, call, device: torch.device, backend: Optional[str]) -> tuple[Impl, str, str]:

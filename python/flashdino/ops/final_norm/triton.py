@@ -10,6 +10,7 @@ backward pass reuses the LayerNorm-backward kernel of ``residual_layernorm/trito
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -70,6 +71,78 @@ def _final_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
+@triton.jit
+def _final_norm_nchw_kernel(
+    X, W, B, PW, PB, PRE, PAT, MEAN, RSTD, N, D, n_prefix, HW, n_patch_tiles, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, UNTIED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The [B, D, H, W] layout with coalesced writes: a program owns BLOCK_T consecutive tokens
+    of one image and walks the channels in BLOCK_C chunks (mean, then variance, then normalise
+    and store), so each store of a chunk writes BLOCK_T consecutive patches of every channel.
+    The row-tile kernel above would write one element per channel and token, HW apart.
+
+    Programs [0, n_patch_tiles) take patches; the next ones take the prefix tokens (to PRE)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    is_patch = pid < n_patch_tiles
+    if is_patch:
+        p = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # patch index: contiguous, so the stores coalesce
+        tmask = p < HW
+        t = n_prefix + p
+    else:
+        t = (pid - n_patch_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = t < n_prefix
+        p = t
+    row = b * N + t
+    xrow = X + row[:, None] * D
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = tmask[:, None] & (c < D)[None, :]
+        acc += tl.sum(tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32), axis=1)
+    mean = acc / D
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = tmask[:, None] & (c < D)[None, :]
+        xc = tl.where(m, tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None], 0.0)
+        acc += tl.sum(xc * xc, axis=1)
+    rstd = tl.rsqrt(acc / D + eps)
+    for c0 in range(0, D, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < D
+        m = tmask[:, None] & cmask[None, :]
+        y = (tl.load(xrow + c[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        if is_patch:
+            if HAS_W:
+                y = y * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                y = y + tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            offs = b * D * HW + c[None, :].to(tl.int64) * HW + p[:, None]
+            tl.store(PAT + offs, y.to(PAT.dtype.element_ty), mask=m)
+        else:
+            if HAS_W:
+                if UNTIED:
+                    y = y * tl.load(PW + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    y = y * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                if UNTIED:
+                    y = y + tl.load(PB + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    y = y + tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            offs = (b * n_prefix + p[:, None]) * D + c[None, :]
+            tl.store(PRE + offs, y.to(PRE.dtype.element_ty), mask=m)
+    tl.store(MEAN + row, mean, mask=tmask)
+    tl.store(RSTD + row, rstd, mask=tmask)
+
+
+# (BLOCK_T tokens, BLOCK_C channels, num_warps) of the [B, D, H, W] kernel: 64 consecutive patches
+# make 128-byte bf16 segments per channel; 64x64 fp32 values are 32 per thread with 4 warps.
+NCHW_TILE = (64, 64, 4)
+
+
 def _out_shapes(x: Tensor, n_prefix: int, grid_h: int, grid_w: int, nchw: bool):
     B, N, D = x.shape
     pat = (B, D, grid_h, grid_w) if nchw else (B, N - n_prefix, D)
@@ -98,6 +171,18 @@ def final_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     def c(t):
         return t.contiguous() if t is not None else dummy
 
+    if nchw and B <= 65535:  # images on grid axis 1 (CUDA caps it); beyond, the row kernel below
+        block_t, block_c, warps = (16, 16, 1) if os.environ.get("TRITON_INTERPRET") == "1" else NCHW_TILE
+        HW = N - n_prefix
+        n_patch_tiles = triton.cdiv(HW, block_t)
+        grid = (n_patch_tiles + triton.cdiv(n_prefix, block_t), B)
+        _final_norm_nchw_kernel[grid](
+            xr, c(weight), c(bias), c(prefix_weight), c(prefix_bias), prefix, patches, mean, rstd,
+            N, D, n_prefix, HW, n_patch_tiles, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None, UNTIED=untied,
+            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
+        )
+        return prefix, patches, mean, rstd
     _final_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         xr, c(weight), c(bias), c(prefix_weight), c(prefix_bias), prefix, patches, mean, rstd,
         M, N, D, n_prefix, N - n_prefix, eps,

@@ -12,6 +12,7 @@ small copy. Inference only: the op falls back to the reference when a gradient i
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Callable, Optional
 
@@ -138,7 +139,7 @@ def _tiles(device: torch.device, D: int) -> tuple[int, int, int, int, int]:
     64x128x32 with 8 warps compiles for sm_90 without register spills (4 warps spill in the
     epilogue; checked with ptxas / cuobjdump). Not yet tuned on a GPU.
     """
-    if device.type != "cuda":  # interpreter: large tiles, few programs
+    if os.environ.get("TRITON_INTERPRET") == "1":  # interpreter: large tiles, few programs
         return 32, 64, 64, 4, 1
     return 64, 128 if D >= 128 else 64, 32, 8, 3
 
@@ -191,7 +192,8 @@ def patch_embed_tokens_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls
     mt = mask_token.reshape(-1).contiguous() if masks is not None else bt
     precision = None  # half-precision operands: the default (tensor cores)
     if conv_dtype == torch.float32:  # fp32: TF32 exactly when the eager (cuDNN) conv would use it
-        precision = "tf32" if torch.backends.cudnn.allow_tf32 and x.device.type == "cuda" else "ieee"
+        # (the CPU interpreter computes IEEE fp32; a meta tensor is the compile audit's GPU stand-in)
+        precision = "tf32" if torch.backends.cudnn.allow_tf32 and x.device.type != "cpu" else "ieee"
     bm, bn, bk, warps, stages = _tiles(x.device, D)
     # Patch rows run on grid axis 1, which CUDA caps at 65535 programs: launch in chunks of rows
     # (a batch of > 65535 * BLOCK_M patches, e.g. 3064 images of 518 px, failed to launch).

@@ -127,7 +127,10 @@ def rope_attention(
     "triton", "cuda"); ``ValueError`` if it cannot run the call.
     """
     head_dim = _check(qkv, num_heads, rope, q_norm, k_norm)
-    call = RopeAttentionCall(dtype=qkv.dtype, head_dim=head_dim, n_tokens=qkv.shape[1], token_stride=qkv.stride(1),
+    # The token stride the kernels will index with: a qkv without a unit channel stride is made
+    # contiguous first (so its int32 offset guard must look at the contiguous stride).
+    token_stride = qkv.stride(1) if qkv.stride(-1) == 1 else qkv.shape[-1]
+    call = RopeAttentionCall(dtype=qkv.dtype, head_dim=head_dim, n_tokens=qkv.shape[1], token_stride=token_stride,
                              rope=rope, qk_norm=q_norm is not None or k_norm is not None)
     fn, _, _ = dispatch.select(OP, call, qkv.device, backend)
     return fn(qkv, num_heads, rope, q_norm, k_norm, norm_eps, scale)

@@ -17,12 +17,16 @@ How K (and Q) get rotated, ``k_rotation`` (``FLASHDINO_ROPE_ATTN_K_ROTATION``, d
   load inside the inner loop (cos/sin recomputed per tile).
 * ``"table"``: like "inline" but cos/sin come from the fp32 ``[2, tokens_per_frame, d]`` table.
 
+"inline" and "table" are opt-in (not selected by default); ``flashdino check --audit`` compiles
+them too and reports them as non-default configurations.
+
 The backward always uses the prepass buffers (recomputed, not saved: memory stays qkv + out +
 logsumexp, like SDPA). Without RoPE and qk_norm, q/k/v are read from qkv directly and dq/dk
 written directly (no pre- or post-pass).
 
-Launch configurations: ``FLASHDINO_ROPE_ATTN_FWD_CFG`` / ``FLASHDINO_ROPE_ATTN_BWD_CFG`` =
-``"BLOCK_M,BLOCK_N,num_warps,num_stages"`` override the defaults below.
+Launch configurations: the per-head-dim / precision tables ``FWD_CONFIGS`` / ``BWD_CONFIGS`` below,
+audited by ``flashdino check --audit``. ``FLASHDINO_ROPE_ATTN_FWD_CFG`` / ``_BWD_CFG`` =
+``"BLOCK_M,BLOCK_N,num_warps,num_stages"`` override them for experts (validated, not audited).
 """
 
 from __future__ import annotations
@@ -55,38 +59,79 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _env_cfg(name: str, default: tuple) -> tuple:
-    """FLASHDINO_ROPE_ATTN_{FWD,BWD}_CFG="BLOCK_M,BLOCK_N,num_warps,num_stages" for GPU sweeps."""
+# Launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), by (precision, head_dim).
+# "half" is fp16 / bf16 on tensor cores; "tf32" is fp32 qkv with TF32 dots, routed here only when
+# the user allowed TF32 (``torch.backends.cuda.matmul.allow_tf32``). Every entry compiles without
+# register spills and within the shared memory of sm_80, sm_86, sm_89 and sm_90, for every
+# K-rotation mode, RoPE mode and qk-norm combination the dispatch can select: ``flashdino check
+# --audit`` proves it (benchmarks/results/audit_triton.json, tests/test_audit.py). Not yet tuned
+# for speed on a GPU. d=128 was BLOCK_N=32 (shared-memory bound); 128x64 with 8 warps and two
+# stages fits 96 KiB, under the 99 KiB of sm_86 / sm_89.
+FWD_CONFIGS = {
+    ("half", 16): (128, 64, 4, 3),
+    ("half", 32): (128, 64, 4, 3),
+    ("half", 64): (128, 64, 4, 3),
+    ("half", 128): (128, 64, 8, 2),
+    ("tf32", 16): (64, 32, 4, 2),
+    ("tf32", 32): (64, 32, 4, 2),
+    ("tf32", 64): (64, 32, 4, 2),
+    ("tf32", 128): (64, 32, 8, 2),
+}
+BWD_CONFIGS = {
+    ("half", 16): (64, 64, 4, 2),
+    ("half", 32): (64, 64, 4, 2),
+    ("half", 64): (64, 64, 4, 2),
+    ("half", 128): (64, 64, 8, 2),
+    ("tf32", 16): (32, 64, 4, 2),
+    ("tf32", 32): (32, 64, 4, 2),
+    ("tf32", 64): (32, 64, 4, 2),
+    ("tf32", 128): (32, 32, 8, 2),
+}
+# (BLOCK_T tokens, num_warps) of the element-wise kernels (prepass, delta, post-pass) by head dim.
+ELEM_CONFIGS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (32, 4)}
+_INTERPRETER_CFG = (16, 16, 1, 1)  # small tiles keep the CPU interpreter fast
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "half" if dtype in (torch.float16, torch.bfloat16) else "tf32"
+
+
+def _parse_env_cfg(name: str) -> Optional[tuple]:
+    """``FLASHDINO_ROPE_ATTN_{FWD,BWD}_CFG="BLOCK_M,BLOCK_N,num_warps,num_stages"``: an expert
+    override for GPU sweeps. It is validated (a malformed value raises, naming the variable) but
+    not audited: a tile that spills or overflows shared memory is the user's choice."""
     value = os.environ.get(name)
-    return tuple(int(v) for v in value.split(",")) if value else default
+    if not value:
+        return None
+    try:
+        cfg = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        cfg = ()
+    pow2 = lambda v: v > 0 and v & (v - 1) == 0  # noqa: E731
+    if (len(cfg) != 4 or not all(pow2(v) and 16 <= v <= 256 for v in cfg[:2]) or cfg[2] not in (1, 2, 4, 8, 16)
+            or not 1 <= cfg[3] <= 6):
+        raise ValueError(f"{name}={value!r}: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages' with BLOCK_M and "
+                         f"BLOCK_N powers of two in [16, 256], num_warps in 1, 2, 4, 8, 16 and num_stages in "
+                         f"1..6 (unset it to use the audited defaults)")
+    return cfg
 
 
 def _fwd_config(head_dim: int, dtype: torch.dtype) -> tuple:
     if _interpreting():
-        return (16, 16, 1, 1)
-    # Not yet tuned on a GPU (FA2-style starting points for sm80/sm90; fp32 tiles are smaller so
-    # that the pipelined tiles fit the shared memory of sm80 too).
-    if dtype == torch.float32:
-        default = (64, 32, 4, 2)
-    else:
-        default = (128, 64, 4, 3) if head_dim <= 64 else (128, 32, 8, 3)  # d=128: no spills at BLOCK_N=32 (ptxas)
-    return _env_cfg("FLASHDINO_ROPE_ATTN_FWD_CFG", default)
+        return _INTERPRETER_CFG
+    return _parse_env_cfg("FLASHDINO_ROPE_ATTN_FWD_CFG") or FWD_CONFIGS[(_precision(dtype), head_dim)]
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple:
     if _interpreting():
-        return (16, 16, 1, 1)
-    if dtype == torch.float32:
-        default = (32, 64, 4, 2)
-    else:
-        default = (64, 64, 4, 2) if head_dim <= 64 else (64, 64, 8, 2)
-    return _env_cfg("FLASHDINO_ROPE_ATTN_BWD_CFG", default)
+        return _INTERPRETER_CFG
+    return _parse_env_cfg("FLASHDINO_ROPE_ATTN_BWD_CFG") or BWD_CONFIGS[(_precision(dtype), head_dim)]
 
 
 def _elem_block(head_dim: int) -> tuple:
     if _interpreting():
         return 16, 1
-    return (64, 4) if head_dim <= 64 else (32, 4)
+    return ELEM_CONFIGS[head_dim]
 
 
 def _geometry(qkv: Tensor, num_heads: int, mode: str, height: int, width: int, n_prefix: int):
@@ -101,7 +146,11 @@ def _half_group(mode: str, head_dim: int) -> int:
 
 
 def _dot_prec(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """Dot precision: fp16/bf16 run on tensor cores whatever this says; fp32 uses TF32 only when
+    the user allowed it for matmuls (what SDPA's fp32 path would then do), else IEEE fp32."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _prepass(qkv, freqs, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, denom_h, denom_w, eps):
@@ -181,8 +230,12 @@ def _forward(qkv, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_pr
         source = 3 if mode != "none" else 2
         cs = cos_sin.contiguous() if mode != "none" else None
     bm, bn, warps, stages = _fwd_config(D, qkv.dtype)
-    if source == 3:  # the fp32 cos/sin tiles are pipelined too: 3 stages need 192 KiB smem at d=128
-        stages = min(stages, 2)
+    if source == 3:  # the fp32 cos/sin tiles are pipelined too: 3 stages need 192 KiB smem at d=128,
+        # 2 stages 144 KiB (over the 99 KiB of sm_86 / sm_89): one stage at d=128 (flashdino check --audit)
+        stages = min(stages, 2 if D < 128 else 1)
+    # With stored tiles (SOURCE 0 / 1) the RoPE / norm constexprs are dead code: pass neutral values
+    # so that every mode shares one compiled kernel (and the audit's list of variants is exact).
+    inline = source >= 2
     dummy = qkv
     _fwd_kernel[(triton.cdiv(N, bm), B * num_heads)](
         qkv, rqk if rqk is not None else dummy, freqs if freqs is not None else dummy,
@@ -191,8 +244,9 @@ def _forward(qkv, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_pr
         kw if kw is not None else dummy, kb if kb is not None else dummy, out, lse,
         qkv.stride(0), qkv.stride(1), N, num_heads, B, tpf, n_prefix, width, denom_h, denom_w, eps,
         scale * 1.4426950408889634,
-        D=D, BLOCK_M=bm, BLOCK_N=bn, SOURCE=source, ROPE=_MODES[mode], NORM_Q=qw is not None,
-        HAS_BQ=qb is not None, NORM_K=kw is not None, HAS_BK=kb is not None, HALF_G=_half_group(mode, D),
+        D=D, BLOCK_M=bm, BLOCK_N=bn, SOURCE=source, ROPE=_MODES[mode] if inline else 0,
+        NORM_Q=inline and qw is not None, HAS_BQ=inline and qb is not None, NORM_K=inline and kw is not None,
+        HAS_BK=inline and kb is not None, HALF_G=_half_group(mode, D) if inline else 1,
         DOT_PREC=_dot_prec(qkv.dtype), num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -204,7 +258,10 @@ def _backward(grad_out, qkv, out, lse, freqs, qw, qb, kw, kb, num_heads, height,
     if grad_out.shape != out.shape:
         raise ValueError(f"rope_attention_triton_bwd: grad_out {tuple(grad_out.shape)} != out {tuple(out.shape)}")
     qkv = _prepare(qkv)
-    if grad_out.stride(-1) != 1:
+    # The kernels address a token of grad_out as ``tok * stride`` in int32 (like qkv, whose span
+    # supports() bounds): a gradient view with a larger token stride is made contiguous, whose span
+    # (N * h * d) is below qkv's (N * 3 * h * d).
+    if grad_out.stride(-1) != 1 or grad_out.shape[1] * max(grad_out.stride(1), 1) >= 2**31:
         grad_out = grad_out.contiguous()
     grad_out = grad_out.to(qkv.dtype)
     B, N, D, tpf = _geometry(qkv, num_heads, mode, height, width, n_prefix)
@@ -389,4 +446,11 @@ def supports(call) -> Optional[str]:
             return f"RoPE mode {rope.mode!r}"
         if rope.mode == "dinov3" and rope.normalize not in ("separate", "min", "max"):
             return f"RoPE normalisation {rope.normalize!r}"
+    # fp32 q/k/v: IEEE fp32 dots have no tensor cores and spill (~29 KB per thread at d=128), so
+    # fp32 runs here only as TF32, when the user allowed TF32 for matmuls (SDPA's fp32 path would
+    # then use it too); otherwise the reference (SDPA) is both faster and exact. The CPU
+    # interpreter (tests) computes fp32 exactly and has no registers to spill.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+        return ("fp32 qkv without TF32 (the SDPA path is faster; set torch.backends.cuda.matmul.allow_tf32 = True "
+                "to run the TF32 kernel, or use bf16 / fp16)")
     return None

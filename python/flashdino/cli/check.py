@@ -1,0 +1,100 @@
+"""``flashdino check``: is this GPU safe for flashdino's kernels?
+
+    flashdino check                      the full self-check probe set on the current GPU (< 1 min);
+                                         without a GPU: says so and runs the compile audit of the
+                                         default bf16 configurations
+    flashdino check --audit sm_80,sm_90  compile every selectable Triton configuration for these
+                                         architectures (no GPU needed) [--json FILE] [--default-only]
+                                         [--quick: bf16 only]
+
+Exit status: 0 healthy; 1 a probe failed / a default configuration spills or overflows shared
+memory; 3 the audit cannot compile here (no usable Triton).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("check", help="self-check the kernels on this GPU, or audit their compiled resources",
+                       description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--audit", metavar="ARCHS", nargs="?", const="sm_80,sm_86,sm_89,sm_90", default=None,
+                   help="compile audit for these architectures (default sm_80,sm_86,sm_89,sm_90)")
+    p.add_argument("--json", metavar="FILE", help="also write the audit (or probe) results as JSON")
+    p.add_argument("--default-only", action="store_true",
+                   help="audit only the configurations selectable by default (faster)")
+    p.add_argument("--quick", action="store_true", help="audit bf16 configurations only (what CI runs)")
+    p.set_defaults(func=run)
+
+
+def _audit(archs: str, json_path, default_only: bool, quick: bool = False) -> int:
+    from flashdino.check import audit
+
+    names = tuple(a.strip() for a in archs.split(",") if a.strip())
+    return audit.main(names, json_path, default_only, quick=quick)
+
+
+def _probes(json_path) -> int:
+    import json
+    import time
+
+    import torch
+
+    import flashdino.ops  # noqa: F401  (registers the backends)
+    from flashdino import dispatch
+    from flashdino.check import selfcheck
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    print(f"flashdino check on {selfcheck.fingerprint(device)}")
+    unavailable = dispatch.unavailable()
+    for backend, why in unavailable.items():
+        print(f"  {backend}: {why}")
+    start = time.perf_counter()
+    rows = selfcheck.run_all(device)
+    seconds = time.perf_counter() - start
+    head = ("op", "backend", "dtype", "probe", "max err", "ms", "result")
+    body = [(r["op"], r["backend"], r["dtype"], r["variant"], "-" if r["error"] is None else f"{r['error']:.1e}",
+             f"{r['ms']:.0f}", r["result"]) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join("-" * w for w in widths))
+    for b in body:
+        print("  ".join(c.ljust(w) for c, w in zip(b, widths)))
+    failed = [r for r in rows if r["result"].startswith("FAIL")]
+    ran = [r for r in rows if r["result"] == "ok" or r["result"].startswith("FAIL")]
+    print(f"\n{len(ran)} probes in {seconds:.1f} s: {len(ran) - len(failed)} passed, {len(failed)} failed, "
+          f"{len(rows) - len(ran)} skipped (backend not applicable on this GPU).")
+    if failed:
+        print("A failing backend is disabled automatically at first use; FLASHDINO_BACKEND=torch runs the "
+              "PyTorch reference everywhere. Please report the table and `flashdino info`.")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(dict(device=selfcheck.fingerprint(device), seconds=seconds, rows=rows), f, indent=1)
+    return 1 if failed else 0
+
+
+def run(args) -> int:
+    if args.audit is not None:
+        return _audit(args.audit, args.json, args.default_only, args.quick)
+    import torch
+
+    if not torch.cuda.is_available():
+        # The short form (default configurations, bf16) keeps this to a minute or two of CPU;
+        # `--audit` alone compiles everything.
+        print("flashdino check: no CUDA GPU here, so no kernel can be probed; running the compile audit of the "
+              "default bf16 configurations instead (`flashdino check --audit` compiles every configuration).",
+              flush=True)
+        return _audit("sm_80,sm_86,sm_89,sm_90", args.json, True, True)
+    return _probes(args.json)
+
+
+def main(argv=None) -> int:  # pragma: no cover - convenience
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="flashdino")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["check", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
