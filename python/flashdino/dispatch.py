@@ -17,7 +17,7 @@ Selection for one call, first match wins:
 4. on CUDA tensors, the op's preference order, skipping backends that are missing or do not
    support the call; anywhere else the "torch" reference.
 
-On CUDA a backend must also suit the GPU (``flashdino.check.device``: Triton needs sm_80+, ``_C``
+On CUDA a backend must also suit the GPU (rules installed by ``flashdino.ops`` from ``flashdino.check.device``: Triton needs sm_80+, ``_C``
 a GPU it was built for) and pass its first-use self-check (``flashdino.check.selfcheck``).
 
 Non-CUDA tensors run only on "torch", except "triton" under ``TRITON_INTERPRET=1`` (tests).
@@ -167,23 +167,34 @@ def _why_not(op: str, backend: str, device: torch.device, call) -> Optional[str]
     return why
 
 
-# -- GPU safety (flashdino.check): device rules and the first-use self-check ----------------------
+# -- GPU safety: device rules and the first-use self-check -----------------------------------------
+# Installed by ``flashdino.ops`` from ``flashdino.check`` (``device.backend_rule`` and
+# ``selfcheck.verify``) as hooks, so that this module imports nothing of flashdino.
+_GPU_RULES: dict[str, Optional[Callable]] = {"device_rule": None, "first_use_check": None}
+
+
+def set_gpu_rules(*, device_rule: Optional[Callable[[str, torch.device], Optional[str]]] = None,
+                  first_use_check: Optional[Callable[..., Optional[str]]] = None) -> None:
+    """Installs the rules a non-reference backend must pass on a CUDA device.
+
+    ``device_rule(backend, device)`` returns None or why the GPU cannot run that backend;
+    ``first_use_check(op, backend, device, call)`` returns None or why the backend was disabled.
+    """
+    _GPU_RULES.update(device_rule=device_rule, first_use_check=first_use_check)
 
 
 def _device_rule(backend: str, device: torch.device) -> Optional[str]:
     """Architecture rules of a backend on a CUDA device (compute capability, ``_C``'s build archs)."""
-    if device.type != "cuda" or backend == "torch":
+    rule = _GPU_RULES["device_rule"]
+    if device.type != "cuda" or backend == "torch" or rule is None:
         return None
-    from .check import device as _device  # lazy: flashdino.check imports this module
-
-    return _device.backend_rule(backend, device)
+    return rule(backend, device)
 
 
 def _first_use_check(op: str, backend: str, device: torch.device, call) -> Optional[str]:
     """None, or why ``backend`` is disabled for ``op`` after failing its first-use self-check."""
-    from .check import selfcheck
-
-    return selfcheck.verify(op, backend, device, call)
+    check = _GPU_RULES["first_use_check"]
+    return None if check is None else check(op, backend, device, call)
 
 
 def implementation(op: str, backend: str) -> Callable:

@@ -11,4 +11,10 @@ from .patch_embed import patch_embed_tokens, patch_grid
 from .residual_layernorm import residual_layernorm
 from .rope_attention import RopeGrid, rope_attention
 
+from .. import dispatch as _dispatch
+from ..check import device as _device, selfcheck as _selfcheck
+
+# On a GPU every fast backend must also suit the device and pass its first-use self-check.
+_dispatch.set_gpu_rules(device_rule=_device.backend_rule, first_use_check=_selfcheck.verify)
+
 __all__ = ["RopeGrid", "rope_attention", "residual_layernorm", "final_norm", "patch_embed_tokens", "patch_grid"]
