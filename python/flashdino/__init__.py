@@ -13,10 +13,20 @@ from .loading import CheckpointError, WeightsUnavailableError, convert, from_pre
 globals().update(ENTRY_POINTS)  # flashdino.dinov3_vitl16(...), flashdino.dinov2_vitb14_reg(...), ...
 
 
+def __getattr__(name):
+    # Deployment helpers load on first use (they register an export op and read optional packages).
+    if name in ("export_onnx", "optimize"):
+        from . import deploy
+
+        return getattr(deploy, name)
+    raise AttributeError(f"module 'flashdino' has no attribute {name!r}")
+
+
 def list_models() -> list[str]:
     return sorted(VARIANTS)
 
 
 __all__ = ["__version__", "ops", "create_model", "list_models", "Aggregator", "DinoV2", "DinoV3", "DinoVisionTransformer",
            "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name",
-           "CheckpointError", "WeightsUnavailableError", "convert", "from_pretrained", "load_weights", *sorted(ENTRY_POINTS)]
+           "CheckpointError", "WeightsUnavailableError", "convert", "from_pretrained", "load_weights", "export_onnx",
+           "optimize", *sorted(ENTRY_POINTS)]

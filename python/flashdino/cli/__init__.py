@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     features.add_parser(sub)
     convert.add_parser(sub)
+    __import__("flashdino.cli.export", fromlist=["add_parser"]).add_parser(sub)  # issue 13: flashdino export
     for name, help_text in PASSTHROUGH.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

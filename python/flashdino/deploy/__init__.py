@@ -6,7 +6,7 @@ them; a missing one raises :class:`MissingExtraError` naming the pip extra.
 
 from ._extras import MissingExtraError
 from .onnx_export import ExportError, export_onnx, read_metadata
-from .optimize import RUNTIMES, OptimizedModel, choose_runtime, installed_runtimes, optimize
+from .optimized import RUNTIMES, OptimizedModel, choose_runtime, installed_runtimes, optimize
 
 __all__ = ["export_onnx", "read_metadata", "ExportError", "MissingExtraError", "optimize", "OptimizedModel",
            "RUNTIMES", "choose_runtime", "installed_runtimes"]

@@ -7,12 +7,9 @@ graph from H and W:
 
 - DINOv3: the RoPE coordinates and angles (``torch.arange`` over the patch grid); a bottom/right
   remainder that is not a multiple of the patch is dropped by the strided conv, as in PyTorch.
-- DINOv2: the bicubic resize of the learned position table. ``torch.export`` turns the
-  scale factor of the non-register models ((H + 0.1) / 37) into a constant of the example size,
-  so the resize goes through a small custom op whose ONNX translation is a ``Resize`` with the
-  scales computed from H and W, exactly the reference's coordinate mapping (half-pixel, cubic
-  a = -0.75, borders clamped). The reference skips the resize for the native grid; the graph
-  uses scale 1 there, which reproduces the table exactly.
+- DINOv2: the bicubic resize of the learned position table (scale (H + 0.1) / 37 for the
+  plain models, antialiased resize to (H, W) for the register models, no resize for the native
+  grid), as two interpolation matrices built from H and W (:func:`pos_embed_in_graph`).
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from ._extras import require
 
 INPUT_NAME = "pixel_values"
 ONNX_2GB = 2 * 1024**3
-DEFAULT_OPSET = 18  # Resize with antialias needs 18; ONNX Runtime and OpenVINO both run it.
+DEFAULT_OPSET = 18  # the dynamo exporter's well-tested opset; ONNX Runtime and OpenVINO both run it
 _LAYER = re.compile(r"^layer_(\d+)$")
 
 PathLike = Union[str, os.PathLike]
@@ -45,51 +42,80 @@ class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message says why and what to change."""
 
 
-# -- the DINOv2 position table as one traceable op ---------------------------------------------------
+# -- the DINOv2 position table, resized inside the graph ----------------------------------------------
 
-@torch.library.custom_op("flashdino_deploy::pos_embed", mutates_args=())
-def _pos_embed_op(pos_embed: Tensor, height: int, width: int, offset: float, antialias: bool) -> Tensor:
-    from ..models.vision_transformer import interpolate_pos_embed
-
-    out = interpolate_pos_embed(pos_embed, height, width, offset, antialias)
-    return out.clone() if out is pos_embed else out  # a custom op may not return its input
+def _size_tensor(n) -> Tensor:
+    """A size as a float64 tensor computed in the graph (a Python float of a symbolic size would be
+    frozen to the traced value by torch.export)."""
+    return torch.ones(n, dtype=torch.float64).sum()
 
 
-@_pos_embed_op.register_fake
-def _(pos_embed, height, width, offset, antialias):
-    return pos_embed.new_empty(1, 1 + height * width, pos_embed.shape[-1])
+def _cubic_weights(n_out, n_in: int, offset: float, native: Tensor) -> Tensor:
+    """[n_out, n_in] matrix of PyTorch's bicubic (a = -0.75, half-pixel, clamped borders) with
+    ``scale_factor = (n_out + offset) / n_in``; the identity where ``native`` (scale 1)."""
+    scale = (n_in / (_size_tensor(n_out) + offset)).float()  # 1 / scale_factor, rounded like ATen's
+    scale = torch.where(native, torch.ones_like(scale), scale)
+    dst = torch.arange(n_out, dtype=torch.float32)
+    real = scale * (dst + 0.5) - 0.5
+    base = torch.floor(real)
+    t = real - base
+    A = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+
+    coeffs = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    cols = torch.arange(n_in, dtype=torch.float32)
+    out = torch.zeros_like(real[:, None] * cols[None, :])
+    for k, c in enumerate(coeffs):
+        idx = torch.clamp(base + (k - 1), 0, n_in - 1)
+        out = out + (cols[None, :] == idx[:, None]).to(torch.float32) * c[:, None]
+    return out
 
 
-def _pos_embed_onnx(pos_embed, height, width, offset: float = 0.0, antialias: bool = False):
-    """ONNX for ``interpolate_pos_embed``: Resize with scales or sizes computed from H and W."""
-    from onnxscript import opset18 as op
+def _antialiased_cubic_weights(n_out, n_in: int) -> Tensor:
+    """[n_out, n_in] matrix of PyTorch's antialiased bicubic (PIL's filter, a = -0.5): the support
+    widens with the downscale factor, taps outside the image are dropped, rows are renormalised."""
+    scale = (n_in / _size_tensor(n_out)).float()
+    one = torch.ones_like(scale)
+    down = scale >= 1
+    support = torch.where(down, 2.0 * scale, 2.0 * one)
+    invscale = torch.where(down, 1.0 / scale, one)
+    center = scale * (torch.arange(n_out, dtype=torch.float32) + 0.5)
+    xmin = torch.clamp(torch.floor(center - support + 0.5), min=0)
+    xmax = torch.clamp(torch.floor(center + support + 0.5), max=n_in)
+    cols = torch.arange(n_in, dtype=torch.float32)
+    x = ((cols[None, :] - center[:, None] + 0.5) * invscale).abs()
+    a = -0.5
+    w = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
+    w = w * ((cols[None, :] >= xmin[:, None]) & (cols[None, :] < xmax[:, None])).to(torch.float32)
+    return w / w.sum(dim=1, keepdim=True)
 
+
+def pos_embed_in_graph(pos_embed: Tensor, H, W, offset: float, antialias: bool) -> Tensor:
+    """``interpolate_pos_embed`` written as two interpolation matrices built from H and W.
+
+    ONNX ``Resize`` cannot carry it: OpenVINO ignores its ``antialias`` attribute (measured: 2.0
+    absolute error on a 37 -> 16 downscale), and the exporter freezes a Python scale factor. The
+    matrices reproduce ATen's weights, so the table equals the reference to float rounding
+    (checked against ``F.interpolate`` in tests/test_export.py), on every runtime.
+    """
     n_grid = pos_embed.shape[1] - 1
-    M = int(math.isqrt(n_grid))
-    D = pos_embed.shape[2]
-    cls_pos = op.Slice(pos_embed, [0], [1], [1])
-    grid = op.Transpose(op.Reshape(op.Slice(pos_embed, [1], [1 + M * M], [1]), [1, M, M, D]), perm=[0, 3, 1, 2])
-    h64, w64 = op.Reshape(height, [1]), op.Reshape(width, [1])
-    if offset:
-        # scale_factor = (H + offset) / M, like F.interpolate(scale_factor=...); the reference skips
-        # the resize for the native M x M grid, which scale 1 reproduces.
-        native = op.And(op.Equal(h64, op.Constant(value_ints=[M])), op.Equal(w64, op.Constant(value_ints=[M])))
-        one = op.Constant(value_floats=[1.0])
-
-        def scale(n):
-            s = op.Div(op.Add(op.Cast(n, to=1), op.Constant(value_floats=[float(offset)])),
-                       op.Constant(value_floats=[float(M)]))
-            return op.Where(native, one, s)
-
-        scales = op.Concat(op.Constant(value_floats=[1.0, 1.0]), scale(h64), scale(w64), axis=0)
-        out = op.Resize(grid, None, scales, mode="cubic", cubic_coeff_a=-0.75,
-                        coordinate_transformation_mode="half_pixel", antialias=int(antialias))
+    M = math.isqrt(n_grid)
+    D = pos_embed.shape[-1]
+    pos = pos_embed.float()
+    grid = pos[0, 1:].reshape(M, M, D)
+    if antialias:
+        rows, cols = _antialiased_cubic_weights(H, M), _antialiased_cubic_weights(W, M)
     else:
-        sizes = op.Concat(op.Constant(value_ints=[1, D]), h64, w64, axis=0)
-        out = op.Resize(grid, None, None, sizes, mode="cubic", cubic_coeff_a=-0.75,
-                        coordinate_transformation_mode="half_pixel", antialias=int(antialias))
-    out = op.Reshape(op.Transpose(out, perm=[0, 2, 3, 1]), [1, -1, D])
-    return op.Concat(cls_pos, out, axis=1)
+        native = (_size_tensor(H) == M) & (_size_tensor(W) == M)
+        rows, cols = _cubic_weights(H, M, offset, native), _cubic_weights(W, M, offset, native)
+    table = torch.einsum("wj,hjd->hwd", cols, torch.einsum("hi,ijd->hjd", rows, grid))
+    return torch.cat([pos[:, :1], table.reshape(1, -1, D)], dim=1).to(pos_embed.dtype)
 
 
 # -- the exported graph -----------------------------------------------------------------------------
@@ -156,7 +182,7 @@ class _ExportMode:
     """Traceable choices on the model for the duration of an export, undone afterwards.
 
     The reference backend runs (the Triton / CUDA kernels are opaque to the exporter), and
-    DINOv2's position table goes through the custom op above.
+    DINOv2's position table is resized by :func:`pos_embed_in_graph`.
     """
 
     def __init__(self, model):
@@ -171,8 +197,8 @@ class _ExportMode:
             cfg = m.cfg
 
             def interpolated(H, W, dtype, m=m):
-                return _pos_embed_op(m.pos_embed, H, W, float(cfg.interpolate_offset),
-                                     bool(cfg.interpolate_antialias)).to(dtype)
+                return pos_embed_in_graph(m.pos_embed, H, W, float(cfg.interpolate_offset),
+                                          bool(cfg.interpolate_antialias)).to(dtype)
 
             m.interpolated_pos_embed = interpolated  # instance attribute shadows the method
         return self
@@ -231,12 +257,16 @@ def export_onnx(model, path: PathLike, *, dynamic: bool = True, outputs: Optiona
     patch tokens. ``dynamic=True`` leaves batch, height and width free; otherwise the graph is
     fixed to ``batch_size`` x ``static_size`` (an int or (H, W); default the model's img_size).
     ``external_data`` stores the weights in ``<path>.data`` (default: only above 2 GB, ONNX's limit).
-    The VGGT ``Aggregator`` is exported by :func:`export_aggregator_onnx`.
+    A VGGT ``Aggregator`` goes to :func:`export_aggregator_onnx` (``outputs``: layer indices).
     """
     from ..models import Aggregator
 
     if isinstance(model, Aggregator):
-        return export_aggregator_onnx(model, path, dynamic=dynamic, opset=opset, overwrite=overwrite, check=check)
+        layers = None if outputs is None else [int(_LAYER.match(str(o)).group(1)) if _LAYER.match(str(o)) else int(o)
+                                               for o in outputs]
+        return export_aggregator_onnx(model, path, dynamic=dynamic, layers=layers, opset=opset,
+                                      static_size=static_size, external_data=external_data, overwrite=overwrite,
+                                      check=check)
     from ..models import DinoVisionTransformer
 
     if not isinstance(model, DinoVisionTransformer):
@@ -278,7 +308,6 @@ def export_onnx(model, path: PathLike, *, dynamic: bool = True, outputs: Optiona
             program = torch.onnx.export(
                 graph, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=names,
                 dynamic_shapes=dynamic_shapes, opset_version=opset or DEFAULT_OPSET,
-                custom_translation_table={torch.ops.flashdino_deploy.pos_embed.default: _pos_embed_onnx},
                 verbose=False)
     except Exception as exc:
         raise ExportError(f"export_onnx: torch.onnx (dynamo) could not export {model.cfg.name}: "
@@ -319,10 +348,87 @@ def read_metadata(path: PathLike) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, opset: Optional[int] = None,
-                           overwrite: bool = True, check: bool = True) -> Path:
-    raise ExportError("export_onnx: the VGGT Aggregator export is not implemented yet")
+class AggregatorGraph(nn.Module):
+    """``images [B, S, 3, H, W] -> (layer_<i> [B, S, P_tok, 2C], ...)`` for the kept layers."""
+
+    def __init__(self, aggregator, layers: Sequence[int]):
+        super().__init__()
+        self.aggregator = aggregator
+        self.layers = list(layers)
+
+    def forward(self, images: Tensor):
+        out, _ = self.aggregator(images, intermediate_layer_idx=self.layers)
+        return tuple(out[i] for i in self.layers)
 
 
-__all__ = ["export_onnx", "read_metadata", "resolve_outputs", "default_outputs", "ExportGraph", "ExportError",
+def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, layers: Optional[Sequence[int]] = None,
+                           opset: Optional[int] = None, static_size=None, frames: int = 2,
+                           external_data: Optional[bool] = None, overwrite: bool = True, check: bool = True) -> Path:
+    """The VGGT ``Aggregator`` as ONNX: input ``images`` [B, S, 3, H, W] in [0, 1] (the aggregator
+    normalises them), outputs ``layer_<i>`` [B, S, 5 + H/P * W/P, 2C] for the layers kept
+    (``layers``, default the model's ``intermediate_layer_idx``, else every layer). With ``dynamic``
+    batch, frames, height and width are free (frame 0 gets its own camera / register tokens, as in
+    VGGT); the patch tokens start at index ``patch_start_idx`` (metadata)."""
+    import flashdino
+
+    require("onnxscript", "export_onnx")
+    onnx = require("onnx", "export_onnx")
+    out = check_output_path(path, overwrite=overwrite, what="ONNX file")
+    P = model.patch_size
+    if layers is None:
+        layers = model.intermediate_layer_idx if model.intermediate_layer_idx is not None else range(model.depth)
+    layers = model._normalise_layers(list(layers))
+    names = [f"layer_{i}" for i in layers]
+    h, w = _parse_static(static_size, P) or ((model.img_size // P) * P, (model.img_size // P) * P)
+    if dynamic and static_size is None:
+        h, w = P * 5, P * 6  # a small trace size that is not the native grid
+    example = torch.rand(1, frames, 3, h, w)
+    dynamic_shapes = None
+    if dynamic:
+        dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("frames", min=1),
+                                     3: torch.export.Dim("height", min=P), 4: torch.export.Dim("width", min=P)}}
+    vit = model.patch_embed if isinstance(model.patch_embed, nn.Module) and hasattr(model.patch_embed, "cfg") else model
+    rope_cache = getattr(model.rope, "_grids", None)
+    saved = dict(rope_cache) if rope_cache is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        with _ExportMode(vit), torch.no_grad():
+            program = torch.onnx.export(AggregatorGraph(model, layers).eval(), (example,), None, dynamo=True,
+                                        input_names=["images"], output_names=names, dynamic_shapes=dynamic_shapes,
+                                        opset_version=opset or DEFAULT_OPSET, verbose=False)
+    except Exception as exc:
+        raise ExportError(f"export_onnx: torch.onnx (dynamo) could not export the Aggregator: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        model.train(was_training)
+        if saved is not None:  # tracing may have cached a grid of symbolic sizes
+            rope_cache.clear()
+            rope_cache.update(saved)
+    props = {
+        "flashdino_version": flashdino.__version__,
+        "model": "vggt_aggregator",
+        "patch_embed": str(model.patch_embed_name),
+        "patch_size": str(P),
+        "embed_dim": str(model.embed_dim),
+        "depth": str(model.depth),
+        "patch_start_idx": str(model.patch_start_idx),
+        "image_mean": json.dumps([0.485, 0.456, 0.406]),
+        "image_std": json.dumps([0.229, 0.224, 0.225]),
+        "weights_source": str(getattr(model, "weights_source", None) or "random initialisation (no weights loaded)"),
+        "input": "images [B, S, 3, H, W] float32 in [0, 1] (normalised inside the graph)",
+        "outputs": json.dumps(names),
+        "dynamic_shapes": "batch, frames, height, width" if dynamic else "none",
+        "torch_version": torch.__version__,
+    }
+    for key, value in props.items():
+        program.model.metadata_props[key] = value
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    _save(program.model, out, external_data if external_data is not None else size > ONNX_2GB * 0.9)
+    if check:
+        onnx.checker.check_model(str(out), full_check=False)
+    return out
+
+
+__all__ = ["export_onnx", "export_aggregator_onnx", "read_metadata", "resolve_outputs", "default_outputs", "ExportGraph", "ExportError",
            "INPUT_NAME"]

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..outputs import atomic_write
-from . import measured
+from .measured import ranked as measured_ranking
 from ._extras import available, require, version
 from .onnx_export import DEFAULT_OPSET, INPUT_NAME, ExportGraph, export_onnx
 
@@ -79,7 +79,7 @@ def choose_runtime(device: torch.device = torch.device("cpu")) -> str:
     if device.type != "cpu":
         return "eager"  # flashdino's own kernels are the fast path on GPUs
     installed = installed_runtimes()
-    return next(name for name in measured.ranked() if name in installed)
+    return next(name for name in measured_ranking() if name in installed)
 
 
 def weights_sha256(model: nn.Module) -> str:
