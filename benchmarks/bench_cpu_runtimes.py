@@ -94,7 +94,10 @@ def min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1).min().item()
 
 
-def contestants(hf, fd, x, work: Path, reduced: bool, notes: list) -> dict:
+TARGET_RUNTIMES = ("HF eager", "flashdino eager", "OpenVINO (direct, f32 hint)", 'optimize(runtime="auto")')
+
+
+def contestants(hf, fd, x, work: Path, reduced: bool, notes: list, only=None) -> dict:
     """name -> (callable x -> (cls, patches), precision label, setup seconds)."""
     import flashdino
     from flashdino.deploy import export_onnx, installed_runtimes
@@ -103,6 +106,8 @@ def contestants(hf, fd, x, work: Path, reduced: bool, notes: list) -> dict:
     out: dict = {}
 
     def add(name, precision, make):
+        if only is not None and name not in only:
+            return
         t0 = time.perf_counter()
         try:
             fn = make()
@@ -121,7 +126,8 @@ def contestants(hf, fd, x, work: Path, reduced: bool, notes: list) -> dict:
 
     add("HF eager", "fp32", lambda: hf_call)
     add("flashdino eager", "fp32", lambda: from_dict(fd))
-    add("torch.compile(flashdino)", "fp32", lambda: from_dict(torch.compile(fd)))
+    if only is None:
+        add("torch.compile(flashdino)", "fp32", lambda: from_dict(torch.compile(fd)))
     add("compile + freezing (optimize inductor)", "fp32",
         lambda: from_dict(flashdino.optimize(fd, runtime="inductor", cache_dir=work)))
     add("oneDNN eager (optimize onednn)", "fp32", lambda: from_dict(flashdino.optimize(fd, runtime="onednn", cache_dir=work)))
@@ -137,6 +143,8 @@ def contestants(hf, fd, x, work: Path, reduced: bool, notes: list) -> dict:
 
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # no busy-waiting threads after a call: they would slow the next runtime in the round
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             s = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
             return lambda x: tuple(torch.from_numpy(a) for a in s.run(["x_norm_clstoken", "x_norm_patchtokens"],
                                                                       {"pixel_values": x.numpy()}))
@@ -171,14 +179,14 @@ def contestants(hf, fd, x, work: Path, reduced: bool, notes: list) -> dict:
     return out
 
 
-def run_case(name: str, rounds: int, reduced: bool) -> dict:
+def run_case(name: str, rounds: int, reduced: bool, only=None) -> dict:
     case = CASES[name]
     hf, fd = build_pair(case)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(case["batch"], 3, case["size"], case["size"], generator=g)
     notes: list = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        runs = contestants(hf, fd, x, Path(tmp), reduced, notes)
+        runs = contestants(hf, fd, x, Path(tmp), reduced, notes, only)
         ref_cls, ref_patch = runs["flashdino eager"][0](x)
         names = list(runs)
         times = {n: [] for n in names}
@@ -197,6 +205,13 @@ def run_case(name: str, rounds: int, reduced: bool) -> dict:
                          "times_ms": [round(1e3 * t, 2) for t in times[n]], "setup_s": round(setup, 2),
                          "rel_diff_cls": rel(cls, ref_cls), "rel_diff_patch": rel(patch, ref_patch),
                          "cos_cls": min_cos(cls, ref_cls), "cos_patch": min_cos(patch, ref_patch)})
+    # Per-round ratios: each round runs every runtime back to back, so a ratio within a round
+    # cancels most of the load that other jobs put on a shared machine.
+    ov_name = "OpenVINO (direct, f32 hint)"
+    for r in rows:
+        for ref_name, key in (("HF eager", "round_ratio_vs_hf_eager"), (ov_name, "round_ratio_vs_openvino_direct")):
+            if ref_name in times:
+                r[key] = statistics.median(a / b for a, b in zip(times[ref_name], times[r["runtime"]]))
     base = {r["runtime"]: r["median_ms"] for r in rows}
     for r in rows:
         r["x_vs_flashdino_eager"] = base["flashdino eager"] / r["median_ms"]
@@ -215,15 +230,18 @@ def to_markdown(data: dict) -> str:
              f"{m['load_end']} at end (the machine was shared with other jobs: ratios come from interleaved calls "
              f"in one process, medians). Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
     for c in data["cases"].values():
-        lines += [f"## {c['case']} (batch {c['batch']}, {c['size']}x{c['size']}, median of {c['rounds']} rounds)", "",
+        load = f"; load average {c['load_average']} at end" if c.get("load_average") else ""
+        lines += [f"## {c['case']} (batch {c['batch']}, {c['size']}x{c['size']}, median of {c['rounds']} rounds{load})", "",
                   "| runtime | precision | median ms | x flashdino eager | x HF eager | x OpenVINO direct | "
-                  "max rel diff patch | max rel diff CLS | min cos patch | min cos CLS |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "median of per-round ratio to OpenVINO direct | max rel diff patch | max rel diff CLS | "
+                  "min cos patch | min cos CLS |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in c["rows"]:
             def f(v, fmt):
                 return "" if v is None else format(v, fmt)
             lines.append(f"| {r['runtime']} | {r['precision']} | {r['median_ms']:.1f} | {f(r['x_vs_flashdino_eager'], '.2f')}x"
                          f" | {f(r['x_vs_hf_eager'], '.2f')}x | {f(r['x_vs_openvino_direct'], '.2f')}x"
+                         f" | {f(r.get('round_ratio_vs_openvino_direct'), '.2f')}x"
                          f" | {r['rel_diff_patch']:.1e} | {r['rel_diff_cls']:.1e} | {r['cos_patch']:.6f} | {r['cos_cls']:.6f} |")
         for note in c["notes"]:
             lines.append(f"\nNote: {note}")
@@ -236,6 +254,9 @@ def main(argv=None) -> int:
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="case(s) to run (default vits16@224xb8)")
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per runtime (median; >= 5)")
     parser.add_argument("--no-reduced", action="store_true", help="skip the bf16 / int8 options")
+    parser.add_argument("--target", action="store_true",
+                        help="only the issue-13 target check (HF eager, flashdino eager, OpenVINO direct, optimize auto), "
+                             "stored as '<case>:target'")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_runtimes.json")
     args = parser.parse_args(argv)
     if args.rounds < 5:
@@ -245,14 +266,18 @@ def main(argv=None) -> int:
     load_start = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     for name in args.case or ["vits16@224xb8"]:
         print(f"{name} ...", file=sys.stderr)
-        data["cases"][name] = run_case(name, args.rounds, not args.no_reduced)
+        key = f"{name}:target" if args.target else name
+        data["cases"][key] = run_case(name, args.rounds, not args.no_reduced and not args.target,
+                                      TARGET_RUNTIMES if args.target else None)
+        data["cases"][key]["case"] = key
+        data["cases"][key]["load_average"] = f"{load_start} at start, " + ", ".join(f"{v:.1f}" for v in os.getloadavg())
         data["machine"] = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
                            "load_start": load_start, "load_end": ", ".join(f"{v:.1f}" for v in os.getloadavg()),
                            "versions": _versions()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1))
         path.with_suffix(".md").write_text(to_markdown(data))
-        print(to_markdown({"machine": data["machine"], "cases": {name: data["cases"][name]}}))
+        print(to_markdown({"machine": data["machine"], "cases": {key: data["cases"][key]}}))
     return 0
 
 

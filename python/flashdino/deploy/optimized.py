@@ -272,6 +272,8 @@ def _onnxruntime(model, names, precision, entry_root, threads):
     entry.get([fname], build)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle ONNX Runtime threads otherwise spin after each call and slow whatever PyTorch runs next.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:
