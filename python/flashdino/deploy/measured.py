@@ -10,11 +10,13 @@ list that is installed. Only runtimes whose numbers match flashdino eager to flo
 from __future__ import annotations
 
 # speed relative to flashdino eager (higher is faster), ViT-S/16 @ 224, batch 8, fp32, median of 7
+# rounds on a shared machine. OpenVINO > ONNX Runtime > the PyTorch runtimes held in every run; the
+# order of "inductor" and "onednn" changed between runs (within the noise of the loaded machine).
 CPU_SPEEDUP = {
-    "openvino": 4.01,  # optimize(runtime="openvino"); OpenVINO direct on a static export: 4.10
-    "onnxruntime": 2.73,
-    "onednn": 1.94,
-    "inductor": 1.16,  # freezing packs fp32 weights for MKL, which is the slow GEMM on this AMD CPU
+    "openvino": 5.49,  # optimize(runtime="openvino"); OpenVINO direct on a static export: 5.59
+    "onnxruntime": 4.64,
+    "inductor": 1.69,  # freezing packs fp32 weights for MKL's GEMM (slow on this AMD CPU), not oneDNN's
+    "onednn": 1.40,
     "eager": 1.0,
 }
 MEASURED_ON = "AMD EPYC, 2 cores, AVX-512 (avx512_bf16, no AMX); torch 2.14.1, onnxruntime 1.32.0, openvino 2026.4.1"
