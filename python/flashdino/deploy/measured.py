@@ -2,7 +2,7 @@
 
 Source: ``benchmarks/bench_cpu_runtimes.py`` -> ``benchmarks/results/cpu_runtimes.json``, case
 ``vitb16@224xb1`` (float32, one process, calls interleaved, median of 5 rounds), the run with the
-steadiest per-round times (load average 0.7 on a machine shared with other jobs). The ViT-S/16
+steadiest per-round times (1-minute load average 2.0 -> 1.6 on a machine shared with other jobs). The ViT-S/16
 batch-8 runs, noisier, give the same first choice (OpenVINO, then ONNX Runtime ~ oneDNN eager).
 Re-run the benchmark on new hardware and update this table from its output; "auto" takes the
 first runtime of the list that is installed. Only runtimes whose numbers match flashdino eager to
