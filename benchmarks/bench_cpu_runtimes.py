@@ -228,19 +228,21 @@ def to_markdown(data: dict) -> str:
     lines = [f"# CPU runtimes (benchmarks/bench_cpu_runtimes.py)", "",
              f"{m['cpu']}, {m['threads']} threads, {m['date']}, load average {m['load_start']} at start, "
              f"{m['load_end']} at end (the machine was shared with other jobs: ratios come from interleaved calls "
-             f"in one process, medians). Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
+             f"in one process, medians; 'per-round ratio' is the median over rounds of the ratio within a round, "
+             f"which cancels most of the load of other jobs). Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
     for c in data["cases"].values():
         load = f"; load average {c['load_average']} at end" if c.get("load_average") else ""
         lines += [f"## {c['case']} (batch {c['batch']}, {c['size']}x{c['size']}, median of {c['rounds']} rounds{load})", "",
                   "| runtime | precision | median ms | x flashdino eager | x HF eager | x OpenVINO direct | "
-                  "median of per-round ratio to OpenVINO direct | max rel diff patch | max rel diff CLS | "
-                  "min cos patch | min cos CLS |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "per-round ratio x HF eager | per-round ratio x OpenVINO direct | max rel diff patch | "
+                  "max rel diff CLS | min cos patch | min cos CLS |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in c["rows"]:
             def f(v, fmt):
                 return "" if v is None else format(v, fmt)
             lines.append(f"| {r['runtime']} | {r['precision']} | {r['median_ms']:.1f} | {f(r['x_vs_flashdino_eager'], '.2f')}x"
                          f" | {f(r['x_vs_hf_eager'], '.2f')}x | {f(r['x_vs_openvino_direct'], '.2f')}x"
+                         f" | {f(r.get('round_ratio_vs_hf_eager'), '.2f')}x"
                          f" | {f(r.get('round_ratio_vs_openvino_direct'), '.2f')}x"
                          f" | {r['rel_diff_patch']:.1e} | {r['rel_diff_cls']:.1e} | {r['cos_patch']:.6f} | {r['cos_cls']:.6f} |")
         for note in c["notes"]:
