@@ -393,7 +393,9 @@ def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, layer
     was_training = model.training
     model.eval()
     try:
-        with _ExportMode(vit), torch.no_grad():
+        with _ExportMode(vit), torch.no_grad(), warnings.catch_warnings():
+            # the RoPE grid cache is written while tracing; it is restored below
+            warnings.filterwarnings("ignore", message=".*side effects happened.*")
             program = torch.onnx.export(AggregatorGraph(model, layers).eval(), (example,), None, dynamo=True,
                                         input_names=["images"], output_names=names, dynamic_shapes=dynamic_shapes,
                                         opset_version=opset or DEFAULT_OPSET, verbose=False)
