@@ -29,10 +29,12 @@ _LAZY = {
     "read_features": ("extract.reader", "read_features"),
     "FeatureSet": ("extract.reader", "FeatureSet"),
     "load_weights": ("loading", "load_weights"),
+    "export_onnx": ("deploy", "export_onnx"),
+    "optimize": ("deploy", "optimize"),
 }
 # Submodules reachable as attributes without an explicit `import flashdino.<name>` (as before).
 _SUBMODULES = ("ops", "models", "layers", "loading", "factory", "dispatch", "integrations", "bench",
-               "extract", "preprocess", "outputs", "info", "cli", "cuda_graphs", "triton_support")
+               "extract", "deploy", "check", "preprocess", "outputs", "info", "cli", "cuda_graphs", "triton_support")
 
 
 def list_models() -> list[str]:
@@ -55,7 +57,8 @@ def __getattr__(name: str):
 
 __all__ = ["__version__", "ops", "create_model", "list_models", "Aggregator", "DinoV2", "DinoV3", "DinoVisionTransformer",
            "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name",
-           "CheckpointError", "WeightsUnavailableError", "RandomWeightsWarning", "read_features", "FeatureSet", "convert", "from_pretrained", "load_weights", *sorted(VARIANTS)]
+           "CheckpointError", "WeightsUnavailableError", "RandomWeightsWarning", "read_features", "FeatureSet", "convert", "from_pretrained", "load_weights", "export_onnx", "optimize",
+           *sorted(VARIANTS)]
 
 
 def __dir__() -> list[str]:

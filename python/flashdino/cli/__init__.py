@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from . import check, convert, features
+from . import check, convert, export, features
 from ._common import CliError
 from .features import collect_images
 from .pca import pca_rgb, render_pca
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_info_parser(sub)
     convert.add_parser(sub)
     check.add_parser(sub)
+    export.add_parser(sub)
     for name, help_text in PASSTHROUGH.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

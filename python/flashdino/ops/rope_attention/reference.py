@@ -50,7 +50,8 @@ def _rotate_half_per_half(x: Tensor) -> Tensor:
 
 def _frame_tables(grid: RopeGrid, n_tokens: int, head_dim: int, dtype, device):
     cos, sin = grid.tables(head_dim, dtype, device)
-    frames, rem = divmod(n_tokens, grid.tokens_per_frame)
+    # not divmod(): it is undefined on the symbolic sizes of an ONNX (dynamo) export
+    frames, rem = n_tokens // grid.tokens_per_frame, n_tokens % grid.tokens_per_frame
     if rem or frames == 0:
         raise ValueError(
             f"RoPE grid {grid.height}x{grid.width} with {grid.n_prefix} prefix tokens "
