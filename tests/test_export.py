@@ -399,3 +399,22 @@ def test_other_architectures_export(name, tmp_path):
     ref = _eager(model, x, [])
     for out, arr in zip(session.get_outputs(), session.run(None, {"pixel_values": x.numpy()})):
         assert _rel(torch.from_numpy(arr), ref[out.name]) <= TOL, out.name
+
+
+def test_features_cli_runtime_matches_eager(tmp_path):
+    """`flashdino features --runtime onnxruntime` gives the eager features (≤1e-5 relative)."""
+    from safetensors.torch import load_file
+
+    from flashdino import cli
+
+    common = ["features", "--sample", "--model", "dinov3_vits16", "--override", "depth=1", "--override", "embed_dim=64",
+              "--override", "num_heads=2", "--size", "64", "--quiet"]
+    assert cli.main(common + ["--out", str(tmp_path / "eager.safetensors")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "ort.safetensors"), "--runtime", "onnxruntime"]) == 0
+    eager, fast = load_file(str(tmp_path / "eager.safetensors")), load_file(str(tmp_path / "ort.safetensors"))
+    assert eager.keys() == fast.keys()
+    for key in eager:
+        scale = eager[key].abs().max()
+        assert ((fast[key] - eager[key]).abs().max() / scale) <= 1e-5, key
+    assert cli.main(common + ["--out", str(tmp_path / "x.safetensors"), "--runtime", "onnxruntime",
+                              "--layers", "0"]) == 2

@@ -102,6 +102,7 @@ def _main(argv: list) -> int:
         parser.print_help(sys.stderr)
         return 2
     from flashdino.integrations.config import ConfigError
+    from flashdino.deploy._extras import MissingExtraError
     from flashdino.loading import CheckpointError, WeightsUnavailableError
     from flashdino.outputs import OutputPathError
     from flashdino.preprocess import PreprocessorConfigError
@@ -110,7 +111,7 @@ def _main(argv: list) -> int:
         return args.func(args)
     try:
         return args.func(args)
-    except (CliError, CheckpointError, WeightsUnavailableError, ConfigError, PreprocessorConfigError,
+    except (CliError, CheckpointError, WeightsUnavailableError, ConfigError, PreprocessorConfigError, MissingExtraError,
             OutputPathError, FileNotFoundError, ValueError) as exc:
         print(f"flashdino: error: {exc}", file=sys.stderr)
         return 2

@@ -170,8 +170,9 @@ def run(args) -> int:
     try:
         model, pre = _build(args, device)
         _check_model_options(model, pre, opts)
+        fast = _runtime_forward(model, args, opts, device)
         if to_file:
-            rows = _extract_in_memory(model, pre, items, opts, device)
+            rows = _extract_in_memory(model, pre, items, opts, device, fast)
             _write_file(out, items, rows, model, args, opts)
             shown = [(i, rows[i]) for i in range(min(len(items), PCA_MAX_IMAGES))]
         else:
@@ -182,7 +183,8 @@ def run(args) -> int:
             else:
                 label = f"random (seed {args.seed})"
             try:
-                summary = extract_to_dir(model, pre, items, out, opts, dist_info, weights_label=label)
+                summary = extract_to_dir(model, pre, items, out, opts, dist_info, weights_label=label,
+                                         forward_features=fast)
             except ExtractionStopped as exc:
                 raise CliError(str(exc)) from None
             if dist_info.rank != 0:
@@ -199,7 +201,27 @@ def run(args) -> int:
     return 0
 
 
-def _extract_in_memory(model, pre, items, opts, device) -> list:
+def _runtime_forward(model, args, opts, device: str):
+    """``forward_features`` of ``flashdino.optimize(model, runtime)`` for ``--runtime``; None for eager.
+
+    The runtimes give flashdino's numbers to ~1e-6, so the choice is not part of a folder's settings
+    (a run may resume with another runtime).
+    """
+    if args.runtime == "eager":
+        return None
+    if not str(device).startswith("cpu"):
+        raise CliError(f"--runtime {args.runtime} is for CPU inference; on {device} leave --runtime eager")
+    if opts.layers:
+        raise CliError(f"--runtime {args.runtime} computes the final outputs only; --layers needs --runtime eager")
+    if opts.dtype != "float32":
+        raise CliError(f"--runtime {args.runtime} runs float32 models; drop --dtype {opts.dtype} "
+                       "(reduced precision: flashdino.optimize(model, precision=...))")
+    from flashdino.deploy import optimize
+
+    return optimize(model, runtime=args.runtime).forward_features
+
+
+def _extract_in_memory(model, pre, items, opts, device, forward_features=None) -> list:
     from flashdino.extract.dataset import ImageDataset
     from flashdino.extract.runner import Timings, iterate, shard_batches
 
@@ -211,7 +233,7 @@ def _extract_in_memory(model, pre, items, opts, device) -> list:
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     try:
         for batch, got, failures in iterate(model, dataset, shard_batches(0, len(items), opts.batch_size), opts,
-                                            device, Timings()):
+                                            device, Timings(), forward_features=forward_features):
             if failures:
                 i, reason = failures[0]
                 raise CliError(f"cannot read image {items[i].id}: {reason} (a folder --out records bad images "
@@ -318,6 +340,9 @@ def add_parser(sub) -> None:
     f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu; under torchrun: "
                                                    "cuda means cuda:LOCAL_RANK)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    f.add_argument("--runtime", default="eager", choices=["eager", "auto", "openvino", "onnxruntime", "inductor", "onednn"],
+                   help="CPU runtime (flashdino.optimize): auto picks the fastest installed one "
+                        "(needs the [onnx] / [openvino] extras for those); default eager PyTorch")
     f.add_argument("--size", type=parse_size, default=None,
                    help="resize to SIZE x SIZE or HxW; 0 keeps each image's size (cropped to a patch multiple). "
                         "Default: the weights folder's preprocessor_config.json, else 224")

@@ -181,8 +181,12 @@ def release_freed_memory() -> None:
 
 
 # -- the model step -------------------------------------------------------------------------------
-def run_model(model, x: torch.Tensor, opts: ExtractOptions) -> list[dict]:
-    """Per-image dicts of CPU tensors for one equal-size batch (names as in the shards)."""
+def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Optional[Callable] = None) -> list[dict]:
+    """Per-image dicts of CPU tensors for one equal-size batch (names as in the shards).
+
+    ``forward_features``: another implementation of ``model.forward_features`` (e.g. the object
+    ``flashdino.optimize(model)`` returns, for ONNX Runtime / OpenVINO on CPU); same outputs.
+    """
     P = model.patch_size
     grid = (x.shape[-2] // P, x.shape[-1] // P)
     depth = len(model.blocks)
@@ -197,7 +201,7 @@ def run_model(model, x: torch.Tensor, opts: ExtractOptions) -> list[dict]:
             if L == depth - 1:
                 outs[f"layer{L}."] = outs[""]
     else:
-        o = model.forward_features(x)
+        o = (forward_features or model.forward_features)(x)
         outs[""] = (o["x_norm_clstoken"], o[model.extra_tokens_key], o["x_norm_patchtokens"])
     pdt = PATCH_DTYPES[opts.patch_dtype]
     rows = [{"grid": grid} for _ in range(x.shape[0])]
@@ -249,7 +253,8 @@ class Timings:
 
 
 def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts: ExtractOptions, device: str,
-            timings: Timings, flush_after: Optional[Sequence[int]] = None):
+            timings: Timings, flush_after: Optional[Sequence[int]] = None,
+            forward_features: Optional[Callable] = None):
     """Yields (batch index list, {index: row dict}, [(index, reason)]) for each of ``batches``, in order.
 
     Images of one processed size wait (at most 4 x batch_size images in all) for more of their size,
@@ -276,7 +281,7 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
         with torch.inference_mode():
             for indices, x in _model_batches(waiting, opts.batch_size, 4 * opts.batch_size, pos in flush):
                 x = x.to(device, non_blocking=cuda).to(dtype)
-                for i, row in zip(indices, run_model(model, x, opts)):
+                for i, row in zip(indices, run_model(model, x, opts, forward_features)):
                     row["size"] = sizes.pop(i)
                     rows[i] = row
         t2 = time.perf_counter()
@@ -350,7 +355,8 @@ def _over_limit(limit, failed: float, seen: float, total: int) -> bool:
 
 
 def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOptions, dist_info: Dist, *,
-                   weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
+                   weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                   forward_features: Optional[Callable] = None) -> dict:
     """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary."""
     out = Path(out_dir)
     parse_max_failures(opts.max_failures)
@@ -393,7 +399,8 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> d
                disable=opts.quiet or dist_info.rank != 0, file=sys.stderr, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
-    stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends)
+    stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends,
+                     forward_features=forward_features)
     g_done = g_failed = 0.0
     t_start = time.perf_counter()
     try:
