@@ -458,3 +458,9 @@ def test_004_dinov2_stream_matches_hf_and_document_bug_is_caught(tmp_path):
         adapter(mast3r_features, dinov2_features)
     fmap = patch_tokens_to_map(dinov2_features["x_norm_patchtokens"], 4, 4)
     assert adapter(mast3r_features, fmap).shape == (2, 48, 8, 8)
+
+
+def test_never_released_names_get_the_recipe_at_every_entry_point():
+    for call in (lambda: flashdino.create_model("dinov3_vitg16"), lambda: flashdino.get_config("dinov3_vitl14")):
+        with pytest.raises(ValueError, match="was never released.*override"):
+            call()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -237,6 +238,31 @@ ALIASES: dict[str, str] = {
 }
 
 
+# DINOv3 names with a 14-pixel patch or the code's ViT-g: architectures without released weights.
+_UNRELEASED = re.compile(r"dinov3_vit(7b|[a-z])(14|16)(plus)?(_reg)?")
+_VITG = {"embed_dim": 1536, "depth": 40, "num_heads": 24}
+
+
+def unreleased_hint(name: str) -> Optional[str]:
+    m = _UNRELEASED.fullmatch(name.strip().lower())
+    if m is None:
+        return None
+    size, patch, plus = m.group(1), m.group(2), m.group(3) or ""
+    if size == "g":
+        fix = ", ".join(f"{k}={v}" for k, v in _VITG.items())
+        return (f"{name!r} was never released: DINOv3 published no ViT-g weights. Did you mean 'dinov3_vith16plus' "
+                f"(alias 'giant', the largest below 7B) or 'dinov3_vit7b16'? To build the DINOv3 code's ViT-g with "
+                f"random weights, take 'dinov3_vitl16' with the overrides {fix}"
+                + (", patch_size=14" if patch == "14" else "") + ".")
+    standard = f"dinov3_vit{size}16{plus}"
+    if patch != "14" or standard not in VARIANTS:
+        return None
+    return (f"{name!r} was never released: DINOv3 ViTs use 16-pixel patches. Did you mean {standard!r}? To build "
+            f"that architecture with 14-pixel patches (random weights, none exist), take {standard!r} with the "
+            f"override patch_size=14 (YAML: `patch_size: 14` next to the name; Python: "
+            f"IntegratedModel({standard!r}, patch_size=14) or create_model({standard!r}, patch_size=14)).")
+
+
 def resolve_name(name: str) -> str:
     """Canonical variant name for a name or alias; a clear error with suggestions otherwise."""
     key = name.strip()
@@ -244,6 +270,9 @@ def resolve_name(name: str) -> str:
         return key
     if key.lower() in ALIASES:
         return ALIASES[key.lower()]
+    hint = unreleased_hint(key)
+    if hint is not None:
+        raise ValueError(hint)
     choices = sorted(VARIANTS) + sorted(ALIASES)
     close = difflib.get_close_matches(key, choices, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -110,42 +109,11 @@ def _dtype(value) -> Optional[torch.dtype]:
     return table[key]
 
 
-# DINOv3 names with a 14-pixel patch or the code's ViT-g: architectures without released weights.
-_UNRELEASED = re.compile(r"dinov3_vit(7b|[a-z])(14|16)(plus)?(_reg)?")
-_VITG = {"embed_dim": 1536, "depth": 40, "num_heads": 24}
-
-
-def _unreleased_hint(name: str) -> Optional[str]:
-    m = _UNRELEASED.fullmatch(name.strip().lower())
-    if m is None:
-        return None
-    size, patch, plus = m.group(1), m.group(2), m.group(3) or ""
-    if size == "g":
-        fix = ", ".join(f"{k}={v}" for k, v in _VITG.items())
-        return (f"{name!r} was never released: DINOv3 published no ViT-g weights. Did you mean 'dinov3_vith16plus' "
-                f"(alias 'giant', the largest below 7B) or 'dinov3_vit7b16'? To build the DINOv3 code's ViT-g with "
-                f"random weights, take 'dinov3_vitl16' with the overrides {fix}"
-                + (", patch_size=14" if patch == "14" else "") + ".")
-    standard = f"dinov3_vit{size}16{plus}"
-    if patch != "14" or standard not in VARIANTS:
-        return None
-    return (f"{name!r} was never released: DINOv3 ViTs use 16-pixel patches. Did you mean {standard!r}? To build "
-            f"that architecture with 14-pixel patches (random weights, none exist), take {standard!r} with the "
-            f"override patch_size=14 (YAML: `patch_size: 14` next to the name; Python: "
-            f"IntegratedModel({standard!r}, patch_size=14) or create_model({standard!r}, patch_size=14)).")
-
-
 def resolve_model_name(name: str) -> str:
     """:func:`flashdino.variants.resolve_name`, with a recipe for names that were never released."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    try:
-        return resolve_name(name)
-    except ValueError:
-        hint = _unreleased_hint(name)
-        if hint is None:
-            raise
-        raise ValueError(hint) from None
+    return resolve_name(name)  # names that were never released get their recipe there
 
 
 def select_variant(model_name: str, prefer_plus: bool = False, satellite: bool = False) -> list[str]:
