@@ -416,5 +416,9 @@ def test_features_cli_runtime_matches_eager(tmp_path):
     for key in eager:
         scale = eager[key].abs().max()
         assert ((fast[key] - eager[key]).abs().max() / scale) <= 1e-5, key
+    # the shard-folder path (resumable extraction) takes the same runtime
+    assert cli.main(common + ["--out", str(tmp_path / "shards"), "--runtime", "onnxruntime"]) == 0
+    shards = flashdino.read_features(tmp_path / "shards")
+    assert ((shards.cls - eager["cls"]).abs().max() / eager["cls"].abs().max()) <= 1e-5
     assert cli.main(common + ["--out", str(tmp_path / "x.safetensors"), "--runtime", "onnxruntime",
                               "--layers", "0"]) == 2

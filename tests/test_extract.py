@@ -525,7 +525,7 @@ def test_native_sizes_wait_for_equal_sizes(tmp_path, monkeypatch):
         Image.fromarray(_rgb(rng, *((32, 48) if i % 2 == 0 else (48, 32)))).save(folder / f"{i:02d}.png")
     calls = []
     real = runner.run_model
-    monkeypatch.setattr(runner, "run_model", lambda m, x, o: calls.append(tuple(x.shape[::2])) or real(m, x, o))
+    monkeypatch.setattr(runner, "run_model", lambda m, x, o, f=None: calls.append(tuple(x.shape[::2])) or real(m, x, o, f))
     out = tmp_path / "o"
     assert cli.main(["features", str(folder), *TINY_ARGS, "--size", "0", "--quiet", "--workers", "0",
                      "--batch-size", "4", "--shard-size", "12", "--out", str(out)]) == 0

@@ -362,10 +362,10 @@ def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOpti
     parse_max_failures(opts.max_failures)
     settings = settings_for(model, pre, items, opts, weights_label)
     with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
-        return _extract_locked(model, pre, items, out, opts, dist_info, settings, log)
+        return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features)
 
 
-def _extract_locked(model, pre, items, out, opts, dist_info, settings, log) -> dict:
+def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features=None) -> dict:
     from tqdm import tqdm
 
     limit = parse_max_failures(opts.max_failures)
