@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -146,9 +150,15 @@ def test_env_switch_with_a_bad_value_names_the_variable(monkeypatch):
 
 def test_env_switch_for_an_unknown_op_is_an_error(monkeypatch):
     monkeypatch.setenv("FLASHDINO_BACKEND_PATCH_EMBED_TOKENS", "torch")  # the op's name before 0.2
-    with pytest.raises(ValueError, match="FLASHDINO_BACKEND_PATCH_EMBED_TOKENS names no flashdino op.*"
-                                         "FLASHDINO_BACKEND_PATCH_EMBED"):
-        ops.residual_layernorm(*_norm_inputs())
+    message = "FLASHDINO_BACKEND_PATCH_EMBED_TOKENS names no flashdino op.*FLASHDINO_BACKEND_PATCH_EMBED"
+    with pytest.raises(ValueError, match=message):
+        dispatch.check_environment()
+    with pytest.raises(ValueError, match=message):
+        dispatch.explain()  # what `flashdino info` shows
+    # set before the process starts (the usual case), it stops the import of the ops
+    env = dict(os.environ, FLASHDINO_BACKEND_PATCH_EMBED_TOKENS="torch", PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", "import flashdino.ops"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and re.search(message, run.stderr), run.stderr
 
 
 def test_explicit_backend_beats_use():

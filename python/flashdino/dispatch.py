@@ -110,8 +110,10 @@ def _check_backend(value: str, source: str) -> str:
     return lowered
 
 
-def _check_env_op_names() -> None:
-    """A misspelt or outdated ``FLASHDINO_BACKEND_<OP>`` must not be ignored silently."""
+def check_environment() -> None:
+    """Raises on a ``FLASHDINO_BACKEND_<OP>`` that names no op (misspelt or outdated), which would
+    otherwise be ignored silently. Run once when ``flashdino.ops`` is imported and by
+    :func:`explain`, not per call: it scans the whole environment."""
     for key in os.environ:
         if key.startswith("FLASHDINO_BACKEND_") and key[len("FLASHDINO_BACKEND_"):].lower() not in _REGISTRY:
             known = ", ".join(f"FLASHDINO_BACKEND_{op.upper()}" for op in sorted(_REGISTRY))
@@ -119,7 +121,6 @@ def _check_env_op_names() -> None:
 
 
 def _env_choice(op: str) -> Optional[str]:
-    _check_env_op_names()
     for name in (f"FLASHDINO_BACKEND_{op.upper()}", "FLASHDINO_BACKEND"):
         value = os.environ.get(name)
         if value:
@@ -254,6 +255,7 @@ def last_backend(op: str) -> Optional[str]:
 
 def explain(device: Optional[torch.device] = None) -> dict[str, tuple[str, str]]:
     """Backend and reason per op for the op's typical call on ``device`` (``flashdino info``)."""
+    check_environment()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for op in ops():

@@ -16,5 +16,6 @@ from ..check import device as _device, selfcheck as _selfcheck
 
 # On a GPU every fast backend must also suit the device and pass its first-use self-check.
 _dispatch.set_gpu_rules(device_rule=_device.backend_rule, first_use_check=_selfcheck.verify)
+_dispatch.check_environment()  # every op is declared now: a FLASHDINO_BACKEND_<OP> naming none is an error
 
 __all__ = ["RopeGrid", "rope_attention", "residual_layernorm", "final_norm", "patch_embed_tokens", "patch_grid"]
