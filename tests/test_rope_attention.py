@@ -372,7 +372,7 @@ def test_bad_inputs():
         ops.rope_attention(qkv, heads, RopeGrid("dinov3", 3, 4, 1, periods=_periods(d).to("meta")),
                            backend="triton")
     (qw, qb), _ = _norms(d)
-    with pytest.raises(ValueError, match="q_norm on"):
+    with pytest.raises(ValueError, match="q_norm weight on meta, qkv on cpu"):
         ops.rope_attention(qkv, heads, rope, q_norm=(qw.to("meta"), qb), backend="triton")
     with pytest.raises(ValueError, match="q_norm bias"):
         ops.rope_attention(qkv, heads, rope, q_norm=(qw, qb.to("meta")), backend="triton")

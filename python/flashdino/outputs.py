@@ -57,17 +57,25 @@ def check_output_path(path: PathLike, *, overwrite: bool = False, inputs: Iterab
         if not overwrite:
             raise OutputPathError(f"{what} {out} already exists; pass {overwrite_flag} to replace it, "
                                   "or choose another path")
-    parent = out.parent if str(out.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputPathError(f"cannot create the folder for {what} {out}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write {what} {out}: no write permission in {existing}")
+    why = folder_problem(out.parent if str(out.parent) else Path("."))
+    if why:
+        raise OutputPathError(f"cannot write {what} {out}: {why}")
     if out.exists() and not os.access(out.resolve().parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot replace {what} {out}: no write permission in {out.resolve().parent}")
     return out
+
+
+def folder_problem(folder: PathLike) -> Optional[str]:
+    """Why ``folder`` cannot be written or created (its nearest existing ancestor is a file or not
+    writable), or None."""
+    existing = Path(folder).expanduser()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no write permission in {existing}"
+    return None
 
 
 def missing_parents(path: PathLike) -> list[Path]:
@@ -126,4 +134,4 @@ def atomic_write(path: PathLike, *, suffix: Optional[str] = None) -> Iterator[Pa
         raise
 
 
-__all__ = ["OutputPathError", "check_output_path", "missing_parents", "atomic_write"]
+__all__ = ["OutputPathError", "check_output_path", "folder_problem", "missing_parents", "atomic_write"]

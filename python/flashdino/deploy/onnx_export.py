@@ -272,7 +272,7 @@ def export_onnx(model, path: PathLike, *, dynamic: bool = True, outputs: Optiona
     if not isinstance(model, DinoVisionTransformer):
         raise TypeError(f"export_onnx: expected a flashdino backbone (flashdino.create_model(...)), got {type(model).__name__}")
     require("onnxscript", "export_onnx")
-    onnx = require("onnx", "export_onnx")
+    require("onnx", "export_onnx")  # fails early, naming the extra, before any tracing
     out = check_output_path(path, overwrite=overwrite, what="ONNX file")
     names = resolve_outputs(model, outputs)
     P = model.patch_size
@@ -314,7 +314,14 @@ def export_onnx(model, path: PathLike, *, dynamic: bool = True, outputs: Optiona
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:
         model.train(was_training)
-    for key, value in metadata(model, names, dynamic, dtype).items():
+    return _finish(program, model, metadata(model, names, dynamic, dtype), out, external_data, check)
+
+
+def _finish(program, model, props: dict, out: Path, external_data: Optional[bool], check: bool) -> Path:
+    """Metadata into the graph, the file written (with external weights above ~2 GB), checked."""
+    import onnx
+
+    for key, value in props.items():
         program.model.metadata_props[key] = value
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     _save(program.model, out, external_data if external_data is not None else size > ONNX_2GB * 0.9)
@@ -372,7 +379,7 @@ def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, layer
     import flashdino
 
     require("onnxscript", "export_onnx")
-    onnx = require("onnx", "export_onnx")
+    require("onnx", "export_onnx")  # fails early, naming the extra, before any tracing
     out = check_output_path(path, overwrite=overwrite, what="ONNX file")
     P = model.patch_size
     if layers is None:
@@ -423,13 +430,7 @@ def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, layer
         "dynamic_shapes": "batch, frames, height, width" if dynamic else "none",
         "torch_version": torch.__version__,
     }
-    for key, value in props.items():
-        program.model.metadata_props[key] = value
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    _save(program.model, out, external_data if external_data is not None else size > ONNX_2GB * 0.9)
-    if check:
-        onnx.checker.check_model(str(out), full_check=False)
-    return out
+    return _finish(program, model, props, out, external_data, check)
 
 
 __all__ = ["export_onnx", "export_aggregator_onnx", "read_metadata", "resolve_outputs", "default_outputs", "ExportGraph", "ExportError",

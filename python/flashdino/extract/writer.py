@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from ..outputs import OutputPathError, atomic_write
+from ..outputs import OutputPathError, atomic_write, folder_problem
 
 FORMAT = "flashdino.features/2"
 SHARD_FORMAT = "flashdino.features.shard/2"
@@ -74,13 +74,9 @@ def check_out_dir(out_dir, *, inputs: Sequence = ()) -> Path:
     for src in inputs:
         if src is not None and out.resolve() == Path(src).expanduser().resolve():
             raise OutputDirError(f"--out {out} is also an input; choose another folder")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputDirError(f"cannot create --out {out}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputDirError(f"cannot write --out {out}: no write permission in {existing}")
+    why = folder_problem(out)
+    if why:
+        raise OutputDirError(f"cannot write --out {out}: {why}")
     return out
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ... import dispatch
 from . import reference
+from .._validate import check_vector
 
 OP = "final_norm"
 
@@ -44,16 +45,6 @@ else:
     dispatch.register(OP, "triton", _triton.final_norm, _triton.supports)
 
 
-def _check_vector(name: str, t: Optional[Tensor], D: int, x: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor) or t.shape != (D,):
-        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"final_norm: {name} must be a [{D}] tensor, got {shape}")
-    if t.device != x.device:
-        raise ValueError(f"final_norm: {name} on {t.device}, x on {x.device}")
-
-
 def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, *,
                prefix_norm: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
                patch_grid: Optional[tuple[int, int]] = None,
@@ -74,13 +65,13 @@ def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optiona
     n_prefix = int(n_prefix)
     if not 0 <= n_prefix <= N:
         raise ValueError(f"final_norm: n_prefix {n_prefix} is outside [0, N={N}]")
-    _check_vector("weight", weight, D, x)
-    _check_vector("bias", bias, D, x)
+    check_vector(OP, "weight", weight, D, x)
+    check_vector(OP, "bias", bias, D, x)
     if prefix_norm is not None:
         if len(prefix_norm) != 2:
             raise ValueError("final_norm: prefix_norm must be a (weight, bias) pair")
-        _check_vector("prefix_norm weight", prefix_norm[0], D, x)
-        _check_vector("prefix_norm bias", prefix_norm[1], D, x)
+        check_vector(OP, "prefix_norm weight", prefix_norm[0], D, x)
+        check_vector(OP, "prefix_norm bias", prefix_norm[1], D, x)
     if patch_grid is not None:
         H, W = (int(v) for v in patch_grid)
         if H <= 0 or W <= 0 or H * W != N - n_prefix:

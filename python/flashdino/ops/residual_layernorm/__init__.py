@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ... import dispatch
 from . import reference
+from .._validate import check_vector
 
 OP = "residual_layernorm"
 
@@ -43,18 +44,6 @@ else:
     dispatch.register(OP, "triton", _triton.residual_layernorm, _triton.supports)
 
 
-def _check_vector(name: str, t: Optional[Tensor], D: int, x: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor) or t.shape != (D,):
-        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"residual_layernorm: {name} must be a [{D}] tensor, got {shape}")
-    if t.device != x.device:
-        raise ValueError(f"residual_layernorm: {name} on {t.device}, x on {x.device}")
-    if not t.is_floating_point():
-        raise TypeError(f"residual_layernorm: {name} must be floating point, got {t.dtype}")
-
-
 def residual_layernorm(x: Tensor, branch: Tensor, gamma: Optional[Tensor], weight: Optional[Tensor],
                        bias: Optional[Tensor], eps: float, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Returns ``(x + gamma * branch, layer_norm(x + gamma * branch))`` (LayerNorm over the last dim).
@@ -74,7 +63,7 @@ def residual_layernorm(x: Tensor, branch: Tensor, gamma: Optional[Tensor], weigh
         raise ValueError(f"residual_layernorm: branch on {branch.device}, x on {x.device}")
     D = x.shape[-1]
     for name, t in (("gamma", gamma), ("weight", weight), ("bias", bias)):
-        _check_vector(name, t, D, x)
+        check_vector(OP, name, t, D, x)
     call = ResidualLayerNormCall(dtype=x.dtype, branch_dtype=branch.dtype, dim=D)
     fn, _, _ = dispatch.select(OP, call, x.device, backend)
     return fn(x, branch, gamma, weight, bias, eps)

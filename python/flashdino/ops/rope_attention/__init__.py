@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ... import dispatch
 from . import reference
+from .._validate import check_vector
 from .grid import MODES, NORMALIZATIONS, RopeGrid
 
 OP = "rope_attention"
@@ -93,17 +94,8 @@ def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm
             raise ValueError(f"rope_attention: 2D RoPE needs head_dim divisible by 4, got {head_dim}")
     for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
         if norm is not None:
-            weight = norm[0]
-            if weight.shape != (head_dim,):
-                raise ValueError(f"rope_attention: {name} weight must be [{head_dim}], got {tuple(weight.shape)}")
-            if weight.device != qkv.device:
-                raise ValueError(f"rope_attention: {name} on {weight.device}, qkv on {qkv.device}")
-            bias = norm[1] if len(norm) > 1 else None
-            if bias is not None:
-                if bias.shape != (head_dim,):
-                    raise ValueError(f"rope_attention: {name} bias must be [{head_dim}], got {tuple(bias.shape)}")
-                if bias.device != qkv.device:
-                    raise ValueError(f"rope_attention: {name} bias on {bias.device}, qkv on {qkv.device}")
+            check_vector(OP, f"{name} weight", norm[0], head_dim, qkv, "qkv")
+            check_vector(OP, f"{name} bias", norm[1] if len(norm) > 1 else None, head_dim, qkv, "qkv")
     return head_dim
 
 
