@@ -26,14 +26,10 @@ def forced_backend(name: Optional[str]) -> Iterator[None]:
         yield
 
 
-def _ops() -> list[str]:
-    return sorted(dispatch.explain(torch.device("cpu")))
-
-
 def backends_ran() -> Optional[dict[str, str]]:
     """{op: backend of its last eager call in this process} for the ops that ran."""
     out = {}
-    for op in _ops():
+    for op in dispatch.ops():
         name = dispatch.last_backend(op)
         if name is not None:
             out[op] = name if isinstance(name, str) else str(name)
