@@ -34,3 +34,18 @@ def test_unwritable(tmp_path):
     if os.access(d, os.W_OK): pytest.skip("root ignores permissions")
     with pytest.raises(OutputPathError, match="no write permission"):
         check_output_path(d / "x" / "y.bin")
+
+
+def test_no_clobber_publish_refuses_a_file_that_appeared_meanwhile(tmp_path):
+    """Two runs racing to one new output: the second does not silently replace the first's file."""
+    f = tmp_path / "out.safetensors"
+    with pytest.raises(OutputPathError, match="appeared while this run was writing"):
+        with atomic_write(f, overwrite=False) as t:
+            t.write_bytes(b"mine")
+            f.write_bytes(b"the other run's")  # the other run published first
+    assert f.read_bytes() == b"the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]  # no temporary left
+    g = tmp_path / "new.bin"
+    with atomic_write(g, overwrite=False) as t:
+        t.write_bytes(b"ok")
+    assert g.read_bytes() == b"ok" and sorted(p.name for p in tmp_path.iterdir()) == ["new.bin", "out.safetensors"]

@@ -98,6 +98,21 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _publish_new(tmp: Path, dest: Path) -> None:
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise OutputPathError(f"{dest} appeared while this run was writing it (another run with the same output?); "
+                              "it was left alone: pass --overwrite to replace it, or choose another path") from None
+    except OSError:  # a filesystem without hard links: a last check, then the rename
+        if dest.exists():
+            raise OutputPathError(f"{dest} appeared while this run was writing it (another run with the same "
+                                  "output?); it was left alone: pass --overwrite to replace it") from None
+        os.replace(tmp, dest)
+        return
+    tmp.unlink()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -105,12 +120,14 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: PathLike, *, suffix: Optional[str] = None) -> Iterator[Path]:
+def atomic_write(path: PathLike, *, suffix: Optional[str] = None, overwrite: bool = True) -> Iterator[Path]:
     """Yields a fresh temporary path next to ``path``; on success it replaces ``path`` atomically.
 
     The caller writes the whole file to the yielded path (by name: safetensors, torch, ONNX writers
     all take a path). The temporary name keeps the destination's suffix unless ``suffix`` is given,
-    since some writers look at it.
+    since some writers look at it. With ``overwrite=False`` the file is published only if ``path``
+    still does not exist (a hard link, which fails on an existing name), so of two runs racing to
+    the same new output one fails with :class:`OutputPathError` instead of silently losing its work.
     """
     dest = Path(path).expanduser()
     if dest.is_symlink():
@@ -126,7 +143,10 @@ def atomic_write(path: PathLike, *, suffix: Optional[str] = None) -> Iterator[Pa
             os.fsync(fh.fileno())
         # mkstemp creates 0600; give the file the mode an ordinary open() would (or keep the old one)
         os.chmod(tmp, dest.stat().st_mode & 0o7777 if dest.exists() else 0o666 & ~_umask())
-        os.replace(tmp, dest)
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            _publish_new(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(OSError):

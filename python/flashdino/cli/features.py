@@ -278,7 +278,7 @@ def _write_file(out: Path, items, rows, model, args, opts) -> None:
     }
     from flashdino.extract.writer import filesystem_errors
 
-    with filesystem_errors(out), atomic_write(out) as tmp:
+    with filesystem_errors(out), atomic_write(out, overwrite=args.overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(tensors.items())[:4])
     more = f", ... ({len(tensors)} tensors: grids differ: {sorted(set(grids))})" if len(tensors) > 4 else ""

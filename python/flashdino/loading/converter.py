@@ -81,7 +81,7 @@ def convert(source, out_path: Union[str, os.PathLike], model: Union[None, str, n
     metadata = {"format": FLASHDINO_FORMAT, "flashdino_format_version": "1", "variant": cfg.name,
                 "source_format": ckpt.canonical.format, "config": config_to_json(cfg),
                 "flashdino_version": __version__}
-    with atomic_write(out) as tmp:
+    with atomic_write(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out
 
