@@ -39,3 +39,23 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_working_directory(tmp_path_factory):
+    """Module- and session-scoped fixtures (set up before any test's own folder) start in a temp folder too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("session-cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory, monkeypatch):
+    """Every test starts in an empty folder of its own.
+
+    A command run with its default output (``flashdino features`` writes ``features.safetensors``)
+    then lands there, never in the checkout, and no test sees a file that another test, or a user
+    who ran the README's main command in the checkout, left in the working directory.
+    """
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    yield

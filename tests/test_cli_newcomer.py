@@ -65,7 +65,7 @@ def test_help_lists_every_command(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: flashdino ")
-    for command in ("features", "convert", "info", "bench"):
+    for command in ("features", "convert", "info", "bench", "models", "check"):
         assert f"\n    {command} " in out, f"`flashdino --help` does not list {command}:\n{out}"
 
 
@@ -100,3 +100,31 @@ def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'dinov3_vits17'"):
         flashdino.dinov3_vits17  # noqa: B018
     assert not hasattr(flashdino, "not_a_thing")
+
+
+def test_check_without_a_gpu_says_so_in_one_line(monkeypatch, capsys):
+    import torch
+
+    import flashdino.check.audit as audit
+
+    def no_audit(*args, **kwargs):
+        raise AssertionError("`flashdino check` without a GPU must not start the compile audit")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(audit, "main", no_audit)
+    rc = cli.main(["check"])
+    out, err = capsys.readouterr()
+    assert rc == 3  # nothing was checked: `flashdino check && deploy` must not pass here
+    lines = (out + err).strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "flashdino check --audit" in lines[0], lines
+
+
+def test_each_test_runs_in_an_empty_folder_of_its_own(tmp_path):
+    # tests/conftest.py moves every test out of the checkout: a file a user's earlier run left in the
+    # working directory (the README's main command writes features.safetensors and pca.png there)
+    # cannot change a test's outcome, and a test's default outputs never land in the checkout.
+    cwd = Path.cwd().resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    assert cwd != checkout and checkout not in cwd.parents
+    assert list(cwd.iterdir()) == []
+    assert cwd != tmp_path.resolve()  # the test's own tmp_path stays empty for it too
