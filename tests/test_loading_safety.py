@@ -148,6 +148,32 @@ def test_override_types_name_field_value_and_type():
         flashdino.create_model("small", depth=100_000)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("depth", 0), ("depth", -2), ("embed_dim", 0), ("num_heads", 0), ("patch_size", 0), ("patch_size", -16),
+    ("in_chans", 0), ("img_size", 0), ("n_storage_tokens", -1), ("ffn_ratio", 0.0), ("ffn_ratio", -4.0),
+    ("layer_norm_eps", 0.0), ("rope_base", 0.0), ("swiglu_align", 0),
+])
+def test_sizes_that_build_no_model_are_refused_with_the_fix(field, value):
+    # One rule in the variant table: the Python entry points and `--override` (tests/test_cli.py) share it.
+    import re
+
+    pattern = rf"dinov3_vits16: {field} = {re.escape(repr(value))} .*; set {field} to a value"
+    with pytest.raises(ValueError, match=pattern):
+        flashdino.get_config("small", **{field: value})
+    with pytest.raises(ValueError, match=pattern):
+        flashdino.dinov3_vits16(**{field: value})
+
+
+def test_derived_sizes_that_build_no_model_are_refused():
+    with pytest.raises(ValueError, match="ffn_ratio 0.001 gives an MLP of 0 hidden units.*raise ffn_ratio"):
+        flashdino.get_config("small", ffn_ratio=0.001)
+    with pytest.raises(ValueError, match="img_size 10 is smaller than patch_size 14.*set img_size >= 14"):
+        flashdino.get_config("dinov2_vits14", img_size=10)
+    with pytest.raises(ValueError, match="not divisible by num_heads 6; set embed_dim to a multiple of num_heads"):
+        flashdino.get_config("small", embed_dim=64)
+    assert flashdino.get_config("small", depth=1, n_storage_tokens=0).depth == 1  # the smallest sizes still build
+
+
 def test_missing_weights_are_reported_before_the_model_is_built(monkeypatch):
     no_build(monkeypatch)
     monkeypatch.setenv("FLASHDINO_OFFLINE", "1")

@@ -162,12 +162,13 @@ def test_dinov2_rejects_non_multiples(v2):
 
 
 def test_dinov2_token_order_and_position_embedding():
-    """[CLS + pos0, registers (no pos), patches + pos] computed by hand for a depth-0 model."""
-    model = _randomize(flashdino.dinov2_vits14_reg(depth=0, img_size=28))
+    """[CLS + pos0, registers (no pos), patches + pos] computed by hand: the tokens the first block gets."""
+    model = _randomize(flashdino.dinov2_vits14_reg(depth=1, img_size=28))
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        tokens = model.forward_features(x)["x_prenorm"]
+        tokens, _, grid = model.prepare_tokens_with_masks(x)
         patches = model.patch_embed(x)
+    assert grid == (2, 2)
     pos = model.pos_embed
     torch.testing.assert_close(tokens[:, 0], model.cls_token[:, 0] + pos[:, 0])
     torch.testing.assert_close(tokens[:, 1:5], model.register_tokens.expand(1, -1, -1))
@@ -177,7 +178,7 @@ def test_dinov2_token_order_and_position_embedding():
 @pytest.mark.parametrize("reg", [False, True])
 def test_dinov2_interpolation_follows_the_official_parameters(reg):
     name = "dinov2_vits14_reg" if reg else "dinov2_vits14"
-    model = _randomize(flashdino.create_model(name, depth=0, img_size=56))
+    model = _randomize(flashdino.create_model(name, depth=1, img_size=56))
     H, W = 3, 6
     table = model.interpolated_pos_embed(H, W, torch.float32)
     grid = model.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2).float()

@@ -86,9 +86,17 @@ class VitConfig:
         for f in dataclasses.fields(self):
             check_field(self.name, f.name, getattr(self, f.name))
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"{self.name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+                             "set embed_dim to a multiple of num_heads (or change num_heads)")
         if self.uses_rope and self.head_dim % 4:
-            raise ValueError(f"{self.name}: 2D RoPE needs a head dim divisible by 4, got {self.head_dim}")
+            raise ValueError(f"{self.name}: 2D RoPE needs a head dim (embed_dim / num_heads) divisible by 4, got "
+                             f"{self.head_dim}; change embed_dim or num_heads")
+        if self.ffn_hidden < 1:
+            raise ValueError(f"{self.name}: ffn_ratio {self.ffn_ratio} gives an MLP of {self.ffn_hidden} hidden units "
+                             f"at embed_dim {self.embed_dim}; raise ffn_ratio (released models use 3 to 6)")
+        if self.family == "dinov2" and self.img_size < self.patch_size:
+            raise ValueError(f"{self.name}: img_size {self.img_size} is smaller than patch_size {self.patch_size}, "
+                             f"so the DINOv2 position table would be empty; set img_size >= {self.patch_size}")
         if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
             raise ValueError(f"{self.name}: image_mean / image_std need {self.in_chans} values (in_chans)")
         return self
@@ -116,11 +124,22 @@ ARCHITECTURE_FIELDS = ("family", "embed_dim", "depth", "num_heads", "ffn", "ffn_
                        "untie_cls_and_patch_norms")
 
 # Bounds far beyond every released model, so that a hostile or mistyped config is refused before
-# it allocates memory (a 1e9-block model, a 65536-wide one). (low, high), inclusive.
-LIMITS = {"embed_dim": (1, 16384), "depth": (0, 256), "num_heads": (1, 512), "patch_size": (1, 256),
+# it allocates memory (a 1e9-block model, a 65536-wide one), and sizes that build no model (0
+# blocks, 0 heads, a 0-pixel patch) are refused where they are set. (low, high), inclusive;
+# _POSITIVE fields must also be > 0.
+LIMITS = {"embed_dim": (1, 16384), "depth": (1, 256), "num_heads": (1, 512), "patch_size": (1, 256),
           "n_storage_tokens": (0, 256), "in_chans": (1, 64), "img_size": (1, 16384), "swiglu_align": (1, 1024),
           "ffn_ratio": (0.0, 64.0), "layer_norm_eps": (0.0, 1.0), "layerscale_init": (0.0, 1e3),
           "drop_path_rate": (0.0, 1.0), "rope_base": (0.0, 1e12), "interpolate_offset": (0.0, 1.0)}
+_POSITIVE = ("ffn_ratio", "layer_norm_eps", "rope_base")
+# What each bounded field is, for the error that refuses a value (the fix names the range).
+_MEANING = {"embed_dim": "the token width", "depth": "the number of transformer blocks",
+            "num_heads": "the number of attention heads", "patch_size": "the patch side in pixels",
+            "n_storage_tokens": "the number of storage (register) tokens", "in_chans": "the number of image channels",
+            "img_size": "the training image side in pixels", "swiglu_align": "the SwiGLU hidden-size multiple",
+            "ffn_ratio": "the MLP hidden size / embed_dim", "layer_norm_eps": "the LayerNorm epsilon",
+            "layerscale_init": "the LayerScale initial value", "drop_path_rate": "the stochastic-depth rate",
+            "rope_base": "the RoPE period base", "interpolate_offset": "the position-table interpolation offset"}
 _CHOICES = {"family": ("dinov2", "dinov3"), "ffn": ("mlp", "swiglu", "swiglu_fused"),
             "rope_normalize_coords": ("separate", "min", "max")}
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -144,9 +163,11 @@ def check_field(cfg_name: str, name: str, value) -> None:
     if name in LIMITS:
         low, high = LIMITS[name]
         if not (low <= value <= high) or (isinstance(value, float) and value != value):
-            raise ValueError(f"{cfg_name}: {name} = {value!r} is outside the supported range [{low}, {high}]")
-    if name in ("ffn_ratio", "layer_norm_eps") and value <= 0:
-        raise ValueError(f"{cfg_name}: {name} = {value!r} must be positive")
+            raise ValueError(f"{cfg_name}: {name} = {value!r} is outside the supported range [{low}, {high}] "
+                             f"({_MEANING[name]}); set {name} to a value in that range")
+    if name in _POSITIVE and value <= 0:
+        raise ValueError(f"{cfg_name}: {name} = {value!r} must be positive ({_MEANING[name]}); "
+                         f"set {name} to a value above 0")
 
 
 _FIELD_KINDS = {f.name: {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple, "dict": dict}.get(
@@ -276,7 +297,9 @@ def resolve_name(name: str) -> str:
     choices = sorted(VARIANTS) + sorted(ALIASES)
     close = difflib.get_close_matches(key, choices, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"Unknown model name {name!r}.{hint} Known models: {', '.join(sorted(VARIANTS))}.")
+    # the closest names only: the full list (30 names with aliases) would bury the suggestion
+    raise ValueError(f"Unknown model name {name!r}.{hint} `flashdino models` lists all {len(VARIANTS)} models and "
+                     "their aliases (Python: flashdino.list_models()).")
 
 
 def get_config(name: str, **overrides) -> VitConfig:
