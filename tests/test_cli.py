@@ -143,6 +143,9 @@ def test_features_with_weights_file_and_hf_folder(tmp_path, capsys):
     (["features", "--sample", "--weights", "{tmp}/missing.pth"], "missing.pth"),
     (["features", "--sample", "--override", "depth"], "--override expects KEY=VALUE"),
     (["features", "--sample", "--override", "dpeth=2"], "dpeth"),
+    (["features", "--sample", "--override", "depth=0"], r"--override depth=0: depth = 0 is outside the supported "
+                                                         r"range \[1, 256\] \(the number of transformer blocks\); set depth"),
+    (["features", "--sample", "--override", "patch_size=-16"], "patch_size = -16 is outside the supported range"),
     (["features", "--sample", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["features", "--sample", "--pca", "{tmp}/pca.txt"], "--pca must name an image file"),
 ])
@@ -157,6 +160,60 @@ def test_features_errors(tmp_path, capsys, argv, match):
     err = capsys.readouterr().err
     assert rc == 2
     assert re.search("flashdino: error: .*" + match, err), err
+
+
+@pytest.mark.parametrize("mistake, match", [
+    (["--model", "dinov3_vitb61"], "Unknown model name 'dinov3_vitb61'"),
+    (["--override", "dpeth=2"], "dpeth"),
+    (["--override", "depth=0"], "depth = 0"),
+    (["--weights", "missing/dir/w.pth"], "no such file or folder: missing/dir/w.pth"),
+])
+def test_argument_mistakes_are_reported_before_an_existing_out(capsys, mistake, match):
+    # The README's main command leaves features.safetensors behind; a rerun with a typo must name
+    # the typo, not "--out features.safetensors already exists".
+    earlier = Path("features.safetensors")  # the default --out, in this test's own working folder
+    earlier.write_bytes(b"an earlier run's output")
+    assert cli.main(["features", "--sample", *mistake, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "already exists" not in err, err
+    assert cli.main(["features", "--sample", *TINY_ARGS, "--quiet"]) == 2  # no mistake: now the --out check speaks
+    assert "--out features.safetensors already exists" in capsys.readouterr().err
+    assert earlier.read_bytes() == b"an earlier run's output"
+
+
+def test_unknown_model_suggests_first_and_lists_on_request(capsys):
+    assert cli.main(["features", "--sample", "--model", "dinov3_vitb61", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("flashdino: error: Unknown model name 'dinov3_vitb61'. Did you mean 'dinov3_vitb16'")
+    assert "dinov2_vitg14_reg" not in err and "`flashdino models`" in err  # no list of every name, a pointer
+    assert cli.main(["models"]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert set(rows) == set(flashdino.VARIANTS)
+    for alias, target in flashdino.ALIASES.items():
+        assert alias in rows[target], (alias, target)
+    assert rows["dinov3_vitl16"].split()[1:6] == ["dinov3", "1024", "24", "16", "16"]
+
+
+def test_every_features_option_states_its_default():
+    import argparse
+
+    from flashdino.cli import features as features_command
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    features_command.add_parser(sub)
+    features = sub.choices["features"]
+    checked = 0
+    for action in features._actions:
+        if not action.option_strings or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            continue
+        checked += 1
+        assert "default" in action.help and str(action.default) in action.help, (action.option_strings, action.help)
+    assert checked >= 10  # --model, --out, --batch-size, --dtype, --device, --runtime, --store, ...
+    helps = {a.option_strings[0]: a.help for a in features._actions if a.option_strings}
+    assert "default 32" in helps["--batch-size"] and "default float32" in helps["--dtype"]
 
 
 def test_info_dispatches_to_info_module(monkeypatch, capsys):

@@ -4,6 +4,7 @@
                        [--batch-size N] [--device cpu|cuda] [--size 224] [--pca OUT.png]
     flashdino features --sample --model dinov3_vits16 --out sample.safetensors --pca sample_pca.png
     flashdino info
+    flashdino models
     flashdino convert SRC OUT [--model NAME]
     flashdino bench ...
 
@@ -20,7 +21,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from . import check, convert, export, features
+from . import check, convert, export, features, models
 from ._common import CliError
 from .features import collect_images
 from .pca import pca_rgb, render_pca
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     check.add_parser(sub)
     export.add_parser(sub)
+    models.add_parser(sub)
     for name, help_text in PASSTHROUGH.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -105,6 +105,25 @@ def cli_errors(func):
     return run
 
 
+def check_model_args(args) -> tuple:
+    """(variant name, overrides) of ``--model`` / ``--override``, and a local ``--weights`` path that exists.
+
+    A command calls this before it looks at its output paths, so that a misspelt model is reported
+    first (and not hidden behind "--out already exists"). Nothing is imported beyond the variant table.
+    """
+    from flashdino.variants import resolve_name
+
+    try:
+        name = resolve_name(getattr(args, "model", None) or DEFAULT_MODEL)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    overrides = parse_overrides(args.override)
+    check_overrides(name, overrides)
+    if args.weights is not None:
+        check_source(str(args.weights), "--weights")
+    return name, overrides
+
+
 def build_model(args):
     """(model, path of the weights folder's preprocessor_config.json or None).
 
@@ -113,15 +132,9 @@ def build_model(args):
     be given to insist on a variant (the configuration must then agree with it).
     """
     import flashdino
-    from flashdino.variants import resolve_name
 
     requested = getattr(args, "model", None)
-    try:
-        name = resolve_name(requested or DEFAULT_MODEL)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    overrides = parse_overrides(args.override)
-    check_overrides(name, overrides)
+    name, overrides = check_model_args(args)
     if args.weights is None:
         print(f"flashdino: notice: no --weights given: {name} uses RANDOM weights, so the features are "
               "meaningless (fine for a smoke test). Pass --weights CHECKPOINT|HF_FOLDER|HUB_ID for real features.",
@@ -130,7 +143,6 @@ def build_model(args):
             warnings.simplefilter("ignore", flashdino.RandomWeightsWarning)
             return flashdino.create_model(name, **overrides), None
     weights = str(args.weights)
-    check_source(weights, "--weights")
     w = Path(weights).expanduser()
     pre_cfg = w / "preprocessor_config.json" if w.is_dir() and (w / "preprocessor_config.json").is_file() else None
     if carries_config(weights) and (requested is None or name == DEFAULT_MODEL):

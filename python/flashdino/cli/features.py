@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._common import DEFAULT_MODEL, CliError, build_model, parse_size
+from ._common import DEFAULT_MODEL, CliError, build_model, check_model_args, parse_size
 from .features_info import add_parser as add_info_parser  # noqa: F401 - registered by cli.build_parser
 from .pca import PCA_MAX_IMAGES, PCA_SUFFIXES, render_pca
 
@@ -146,6 +146,7 @@ def run(args) -> int:
     if args.pca and "patch" not in opts.store:
         raise CliError("--pca needs the patch tokens: add patch to --store")
     items: list[Item] = collect_items(inputs, args.list)
+    check_model_args(args)  # a misspelt --model or --override is reported before "--out exists"
     to_file = _is_file_output(args.out)
     out = Path(args.out)
     weights_input = [args.weights] if args.weights and Path(args.weights).exists() else []
@@ -320,7 +321,7 @@ def add_parser(sub) -> None:
                         "default features.safetensors")
     f.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file / a folder made with other settings")
-    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     f.add_argument("--workers", type=int, default=None,
                    help="DataLoader processes decoding images (default: from the CPU count, up to 8; 0 = in the "
                         "main process)")
@@ -339,7 +340,8 @@ def add_parser(sub) -> None:
                         "matters with --size 0)")
     f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu; under torchrun: "
                                                    "cuda means cuda:LOCAL_RANK)")
-    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model runs in (default float32; bfloat16 on GPUs that have it)")
     f.add_argument("--runtime", default="eager", choices=["eager", "auto", "openvino", "onnxruntime", "inductor", "onednn"],
                    help="CPU runtime (flashdino.optimize): auto picks the fastest installed one "
                         "(needs the [onnx] / [openvino] extras for those); default eager PyTorch")
