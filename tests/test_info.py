@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashdino
-from flashdino import dispatch, info
+from flashdino import dispatch, info, ops  # noqa: F401  (importing ops registers every op in dispatch)
 
 PYTHON_DIR = str(Path(flashdino.__file__).resolve().parents[1])
 
@@ -98,3 +98,14 @@ def test_environment_switches_are_reported(monkeypatch):
     assert "UNRELATED_VARIABLE" not in facts["environment"]
     assert "env       FLASHDINO_BACKEND_FINAL_NORM=torch" in info.format_report(facts)
     assert facts["ops"]["final_norm"]["backend"] == "torch"
+
+
+def test_triton_is_listed_once(facts, report):
+    assert sum(line.lower().startswith("triton") for line in report.splitlines()) == 1, report
+    # without a usable Triton, its one line says why (not also a "backend triton unavailable" line)
+    broken = json.loads(json.dumps(facts))
+    broken.update(triton=None, triton_backend={"available": False, "status": "triton is not importable (No module)"})
+    broken["unavailable_backends"]["triton"] = "Triton backend did not load: triton is not importable (No module)"
+    lines = [line for line in info.format_report(broken).splitlines()
+             if line.lower().startswith(("triton", "backend   triton"))]
+    assert lines == ["triton    not installed; the Triton backend is unavailable: triton is not importable (No module)"]

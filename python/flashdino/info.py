@@ -102,6 +102,15 @@ def collect() -> dict:
     }
 
 
+def _triton_line(info: dict) -> str:
+    """Triton once: its version, and whether flashdino's Triton backend can use it (and why not)."""
+    backend = info["triton_backend"]
+    if backend["available"]:
+        return f"triton    {backend['status'].removeprefix('triton ')} (the Triton backend is available)"
+    version = info["triton"] or "not installed"
+    return f"triton    {version}; the Triton backend is unavailable: {backend['status']}"
+
+
 def format_report(info: dict) -> str:
     gpu = info["gpu"]
     native = info["native"]
@@ -109,7 +118,7 @@ def format_report(info: dict) -> str:
         f"flashdino {info['flashdino']}",
         f"python    {info['python']} ({info['platform']})",
         f"torch     {info['torch']} (CUDA {info['torch_cuda'] or 'none'})",
-        f"triton    {info['triton'] or 'not installed'}",
+        _triton_line(info),
     ]
     if gpu.get("available"):
         lines.append(f"gpu       {gpu['name']} (sm {gpu['capability']}, {gpu['count']} device(s))")
@@ -122,10 +131,9 @@ def format_report(info: dict) -> str:
         if "kernels_for_this_gpu" in native and not native["kernels_for_this_gpu"]:
             lines.append(f"          WARNING: no kernel in flashdino._C runs on sm {gpu['capability']} "
                          "(rebuild with FLASHDINO_CUDA_ARCHITECTURES)")
-    lines.append(f"triton    backend: {info['triton_backend']['status']}"
-                 f"{'' if info['triton_backend']['available'] else ' (unavailable)'}")
     for backend, why in sorted(info["unavailable_backends"].items()):
-        lines.append(f"backend   {backend} unavailable: {why}")
+        if backend != "triton" or info["triton_backend"]["available"]:  # else the triton line says why
+            lines.append(f"backend   {backend} unavailable: {why}")
     for name, value in info["environment"].items():
         lines.append(f"env       {name}={value}")
     lines.append("ops (backend that runs a typical call on this machine, and why):")
