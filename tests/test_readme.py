@@ -1,8 +1,9 @@
-"""Every ```python block of README.md runs (in order, sharing one namespace, in a temp dir).
+"""Every ```python block of README.md runs (in order, sharing one namespace and one temp dir).
 
-A block whose first line is ``# not-tested`` is skipped (downloads, GPUs, large models). ``flashdino
-features --sample`` commands in ```bash / ```console blocks (the README's main job) are run through
-``flashdino.cli.main`` when they need no weights file. Without a README the tests skip.
+A block whose first line is ``# not-tested: <reason>`` is skipped (downloads, GPUs, large models,
+excerpts of other code). ``flashdino features --sample`` commands in ```bash / ```console blocks
+(the README's main job) are run through ``flashdino.cli.main``, in document order with the python
+blocks, when they need no weights file. Without a README the tests skip.
 """
 
 from __future__ import annotations
@@ -37,27 +38,58 @@ def _require_readme():
         pytest.skip(f"{README} does not exist yet")
 
 
-def test_readme_python_blocks(tmp_path, monkeypatch):
+def _not_tested(code: str):
+    """The reason after ``# not-tested:`` on a block's first line ("" without one); None for a tested block."""
+    first = code.lstrip().splitlines()[0].strip() if code.strip() else ""
+    if not first.lower().startswith("# not-tested"):
+        return None
+    return first[len("# not-tested"):].lstrip(" :").strip()
+
+
+def _examples():
+    """The README's runnable examples in document order: ("python", line, code) and ("command", line, argv)."""
+    items = [("python", line, code) for line, code in _blocks({"python", "py"}) if _not_tested(code) is None]
+    items += [("command", line, argv) for line, argv in _sample_commands()]
+    return sorted(items, key=lambda item: item[1])
+
+
+def _run_command(line: int, argv: list) -> None:
+    from flashdino import cli
+
+    cmd = " ".join(argv)
+    rc = cli.main(argv + ["--quiet"])
+    assert rc == 0, f"README.md line {line}: `flashdino {cmd}` exited with {rc}"
+    outs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--out", "--pca")]
+    for o in outs or ["features.safetensors"]:
+        assert os.path.exists(o), f"README.md line {line}: `{cmd}` did not write {o}"
+
+
+def test_readme_examples_run_in_order(tmp_path, monkeypatch):
+    # As a reader goes: the `flashdino features --sample` commands and the python blocks, in the order
+    # of the README, in one folder and one namespace (a block may read what a command wrote).
     _require_readme()
-    blocks = _blocks({"python", "py"})
-    if not blocks:
-        pytest.skip("README.md has no ```python blocks")
+    examples = _examples()
+    if not any(kind == "python" for kind, _, _ in examples):
+        pytest.skip("README.md has no tested ```python blocks")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
-    ran = 0
-    for line, code in blocks:
-        first = code.lstrip().splitlines()[0].strip() if code.strip() else ""
-        if first.lower().startswith("# not-tested"):
+    for kind, line, payload in examples:
+        if kind == "command":
+            _run_command(line, payload)
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. the random-weights warning of tiny examples
             try:
-                exec(compile(code, f"README.md:{line}", "exec"), namespace)
+                exec(compile(payload, f"README.md:{line}", "exec"), namespace)
             except Exception as exc:
-                pytest.fail(f"README.md python block at line {line} failed: {exc.__class__.__name__}: {exc}\n{code}")
-        ran += 1
-    if ran == 0:
-        pytest.skip("every ```python block of README.md is marked # not-tested")
+                pytest.fail(f"README.md python block at line {line} failed: {exc.__class__.__name__}: {exc}\n{payload}")
+
+
+def test_readme_untested_blocks_say_why():
+    # "# not-tested: <reason>": a block that could run is not silently left out.
+    _require_readme()
+    for line, code in _blocks({"python", "py"}):
+        assert _not_tested(code) != "", f"README.md line {line}: `# not-tested` without a reason after a colon"
 
 
 def _sample_commands():
@@ -81,21 +113,11 @@ def _sample_commands():
     return cmds
 
 
-def test_readme_main_job_command(tmp_path, monkeypatch):
+def test_readme_has_a_main_job_command():
+    # The first-run section's command is among the ones test_readme_examples_run_in_order runs.
     _require_readme()
-    cmds = _sample_commands()
-    if not cmds:
-        pytest.skip("README.md has no `flashdino features --sample` command to run")
-    from flashdino import cli
-
-    monkeypatch.chdir(tmp_path)
-    for line, argv in cmds:
-        cmd = " ".join(argv)
-        rc = cli.main(argv + ["--quiet"])
-        assert rc == 0, f"README.md line {line}: `flashdino {cmd}` exited with {rc}"
-        outs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--out", "--pca")]
-        for o in outs or ["features.safetensors"]:
-            assert os.path.isfile(o), f"README.md line {line}: `{cmd}` did not write {o}"
+    cmds = [argv for _, argv in _sample_commands()]
+    assert any(argv[:2] == ["features", "--sample"] and "--pca" in argv for argv in cmds), cmds
 
 
 def _ci_steps():
