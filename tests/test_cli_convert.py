@@ -48,6 +48,11 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_pth, capsys):
     rc, _, err = run_cli(capsys, "convert", pth, out, "--model", "dinov3_vits16", *TINY_ARGS)
     assert rc == 2 and "already exists" in err and "--overwrite" in err
     assert out.read_bytes() == b"precious"
+    # a misspelt --model or --override is named first, not hidden behind "already exists"
+    for mistake, named in ((["--model", "dinov3_vitb61"], "Did you mean 'dinov3_vitb16'"),
+                           (["--model", "dinov3_vits16", "--override", "depth=0"], "depth = 0")):
+        rc, _, err = run_cli(capsys, "convert", pth, out, *mistake)
+        assert rc == 2 and named in err and "already exists" not in err, err
     rc, _, _ = run_cli(capsys, "convert", pth, out, "--model", "dinov3_vits16", *TINY_ARGS, "--overwrite")
     assert rc == 0 and flashdino.from_pretrained(out).n_blocks == 2
     assert leftovers(tmp_path) == []

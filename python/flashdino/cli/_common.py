@@ -105,18 +105,23 @@ def cli_errors(func):
     return run
 
 
+def resolve_model(name: str) -> str:
+    """The variant name of ``--model NAME`` (a name or alias); an unknown one is a CliError with suggestions."""
+    from flashdino.variants import resolve_name
+
+    try:
+        return resolve_name(name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def check_model_args(args) -> tuple:
     """(variant name, overrides) of ``--model`` / ``--override``, and a local ``--weights`` path that exists.
 
     A command calls this before it looks at its output paths, so that a misspelt model is reported
     first (and not hidden behind "--out already exists"). Nothing is imported beyond the variant table.
     """
-    from flashdino.variants import resolve_name
-
-    try:
-        name = resolve_name(getattr(args, "model", None) or DEFAULT_MODEL)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    name = resolve_model(getattr(args, "model", None) or DEFAULT_MODEL)
     overrides = parse_overrides(args.override)
     check_overrides(name, overrides)
     if args.weights is not None:

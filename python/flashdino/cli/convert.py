@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import CliError, check_overrides, check_source, cli_errors, parse_overrides
+from ._common import CliError, check_overrides, check_source, cli_errors, parse_overrides, resolve_model
 
 
 def run(args) -> int:
@@ -13,6 +13,8 @@ def run(args) -> int:
 
     src = args.src
     check_source(src, "convert")
+    if args.model:
+        resolve_model(args.model)  # a misspelt --model is named before "output already exists"
     kwargs = {"model": args.model} if args.model else {}
     overrides = parse_overrides(args.override)
     if overrides:
