@@ -143,8 +143,9 @@ def test_features_with_weights_file_and_hf_folder(tmp_path, capsys):
     (["features", "--sample", "--weights", "{tmp}/missing.pth"], "missing.pth"),
     (["features", "--sample", "--override", "depth"], "--override expects KEY=VALUE"),
     (["features", "--sample", "--override", "dpeth=2"], "dpeth"),
-    (["features", "--sample", "--override", "depth=0"], r"--override depth=0: depth = 0 is outside the supported "
-                                                         r"range \[1, 256\] \(the number of transformer blocks\); set depth"),
+    (["features", "--sample", "--override", "depth=0"],
+     r"--override depth=0: depth = 0 is outside the supported range \[1, 256\] \(the number of transformer blocks\); "
+     r"set depth"),
     (["features", "--sample", "--override", "patch_size=-16"], "patch_size = -16 is outside the supported range"),
     (["features", "--sample", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["features", "--sample", "--pca", "{tmp}/pca.txt"], "--pca must name an image file"),
