@@ -230,7 +230,9 @@ def set_gpu_rules(*, device_rule: Optional[Callable[[str, torch.device], Optiona
 _TUNER: list = [None]
 
 
-def set_tuner(tuner: Optional[Callable[[str, object, torch.device], Optional[tuple[str, str, str]]]]) -> None:
+def set_tuner(tuner: Optional[Callable[..., Optional[tuple[str, str, str]]]]) -> None:
+    """``tuner(op, call, device, measure)``: None or (backend, variant, reason); ``measure=False``
+    (``explain``) only reads what is already decided."""
     _TUNER[0] = tuner
 
 
@@ -261,7 +263,7 @@ def implementation(op: str, backend: str, variant: str = "") -> Callable:
     return impl.fn
 
 
-def _choose(op: str, call, device: torch.device, backend: Optional[str]) -> tuple[Impl, str, str]:
+def _choose(op: str, call, device: torch.device, backend: Optional[str], measure: bool = True) -> tuple[Impl, str, str]:
     spec = _OPS.get(op)
     if spec is None:
         raise ValueError(f"unknown op {op!r} (known: {ops()})")
@@ -284,7 +286,7 @@ def _choose(op: str, call, device: torch.device, backend: Optional[str]) -> tupl
                       stacklevel=4)
     tuner = _TUNER[0]
     if tuner is not None:  # None off CUDA (except the tests' devices) and when FLASHDINO_TUNE=0
-        picked = tuner(op, call, device)
+        picked = tuner(op, call, device, measure)
         if picked is not None and _why_not(op, picked[0], device, call) is None:
             name, variant, reason = picked
             impl = impls[name] if not variant else Impl(implementation(op, name, variant), impls[name].supports)
@@ -317,13 +319,14 @@ def last_backend(op: str) -> Optional[str]:
 
 
 def explain(device: Optional[torch.device] = None) -> dict[str, tuple[str, str]]:
-    """Backend and reason per op for the op's typical call on ``device`` (``flashdino info``)."""
+    """Backend and reason per op for the op's typical call on ``device`` (``flashdino info``); the
+    tuned choice where one is known, never a new measurement."""
     check_environment()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for op in ops():
         try:
-            _, name, reason = _choose(op, _OPS[op].typical(device), device, None)
+            _, name, reason = _choose(op, _OPS[op].typical(device), device, None, measure=False)
         except Exception as exc:  # report, never crash the info command
             name, reason = "?", str(exc)
         out[op] = (name, reason)

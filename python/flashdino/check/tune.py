@@ -1,0 +1,363 @@
+"""On-device tuning: for each op, dtype and shape bucket, the fastest candidate that passed the
+self-check, measured on this GPU the first time such a call runs.
+
+A fixed preference order is a guess about speed on hardware nobody measured; this replaces it with
+a measurement on the user's GPU. Candidates (``dispatch.variants``): each backend's default and
+its registered variants -- for ``rope_attention`` every audited Triton forward configuration
+(``ops/rope_attention/triton.py``, ``FWD_CONFIGS`` + ``FWD_CANDIDATES``), the CUDA RoPE + SDPA path
+and the PyTorch path (plain RoPE + SDPA), each with SDPA's flash / efficient / cudnn kernel and
+xformers where installed. Ops without a tuning workload (the norms, the patch embedding: one fast
+backend each) keep the fixed order.
+
+* When: the first eager call of an op on a CUDA device for a (dtype, head dim, RoPE mode, qk-norm,
+  tokens rounded up to a power of two, batch x heads rounded up to a power of two) bucket. The
+  forward is timed (``torch.no_grad``) on a call of that shape (batch capped so that qkv stays
+  under 64 Mi elements); the backward of the chosen backend serves training.
+* Cost: at most ``BUDGET_S`` (1 s) of timing per op and bucket, self-check probes and the first
+  compile of each Triton configuration included; the fixed order's choice and the PyTorch path
+  are always timed, the others while the budget lasts. A candidate whose median is ``SLOWER``
+  (1.5x) the best so far after ``MIN_RUNS`` samples is dropped. Once per machine: results are
+  stored beside the self-check's (``tune.json`` in the self-check's cache folder) per GPU, driver,
+  versions and overrides (``selfcheck.fingerprint``), and read back (and re-checked) by later
+  processes.
+* Never while ``torch.compile`` traces or a CUDA graph captures: then only the in-memory table
+  is read (a bucket not tuned yet takes the fixed order), so traced code never times anything.
+* ``FLASHDINO_TUNE=0``: the fixed preference order. ``backend=``, ``dispatch.use`` and
+  ``FLASHDINO_BACKEND[_<OP>]`` win over tuning (and run the backend's default variant).
+* ``flashdino check --tune`` tunes the models' typical calls with a larger budget and prints
+  every candidate's time; ``flashdino info`` lists the stored choices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import dispatch
+from . import selfcheck
+
+ENV_SWITCH = "FLASHDINO_TUNE"
+BUDGET_S = 1.0  # timing per op and bucket on first use
+SLOWER = 1.5  # dropped once its median is this much slower than the best so far
+MIN_RUNS = 3
+MAX_RUNS = 10
+SAMPLE_S = 1e-3  # one sample repeats the call until it lasts about this long (launch overheads)
+MAX_REPEATS = 50
+MAX_ELEMENTS = 1 << 26  # the timed qkv's batch is capped to stay under this many elements
+
+# Injectable for tests: seconds, monotonic. On CUDA each sample is bracketed by synchronisations.
+_CLOCK: list = [time.perf_counter]
+# (op, device key, bucket) -> (backend, variant, reason): the device-free table the dispatch
+# consults; _DECISIONS holds the measurements behind each entry.
+_TABLE: dict[tuple, Optional[tuple[str, str, str]]] = {}  # None: the fixed order (nothing passed)
+_DECISIONS: dict[tuple, "Decision"] = {}
+_MISSING = object()
+_LOCK = threading.RLock()
+_ACTIVE = threading.local()
+# Test-only hook: device types, besides "cuda", on which calls are tuned (e.g. {"cpu"}).
+EXTRA_DEVICE_TYPES: set = set()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def set_clock(clock: Optional[Callable[[], float]] = None) -> None:
+    """Replaces the clock of the measurements (None: ``time.perf_counter``)."""
+    _CLOCK[0] = clock or time.perf_counter
+
+
+# ------------------------------------------------------------------------------------------------
+# workloads: the bucket of a call and a call of that shape to time
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    bucket: Callable[[object], Optional[tuple]]  # device-free key of the call's bucket (None: not tunable)
+    build: Callable[[object, torch.device], tuple]  # arguments of a call of that shape
+    describe: Callable[[tuple], str]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _rope_bucket(call) -> Optional[tuple]:
+    sizes = (call.n_tokens, call.batch, call.num_heads)
+    if not all(type(v) is int for v in sizes):  # symbolic sizes (dynamic torch.compile): not tuned
+        return None
+    mode = call.rope.mode if call.rope is not None else "none"
+    return (str(call.dtype).removeprefix("torch."), call.head_dim, mode, call.qk_norm,
+            _pow2(call.n_tokens), _pow2(call.batch * call.num_heads))
+
+
+def _rope_describe(bucket: tuple) -> str:
+    dtype, d, mode, qk_norm, tokens, bh = bucket
+    return f"{dtype} d={d} {mode}{'+qknorm' if qk_norm else ''} tokens<={tokens} BxH<={bh}"
+
+
+def _rope_build(call, device: torch.device) -> tuple:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    width = 3 * call.num_heads * call.head_dim
+    batch = max(1, min(call.batch, MAX_ELEMENTS // max(call.n_tokens * width, 1)))
+    qkv = torch.randn((batch, call.n_tokens, width), generator=gen).to(device=device, dtype=call.dtype)
+    norms = (None, None)
+    if call.qk_norm:
+        norms = tuple((torch.ones(call.head_dim, device=device, dtype=call.dtype),
+                       torch.zeros(call.head_dim, device=device, dtype=call.dtype)) for _ in range(2))
+    return (qkv, call.num_heads, call.rope, norms[0], norms[1], 1e-5, None)
+
+
+WORKLOADS: dict[str, Workload] = {"rope_attention": Workload(_rope_bucket, _rope_build, _rope_describe)}
+
+
+def register_workload(op: str, workload: Workload) -> None:
+    """Makes ``op`` tunable (ops without a workload keep the fixed preference order)."""
+    WORKLOADS[op] = workload
+
+
+# ------------------------------------------------------------------------------------------------
+# decisions
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    backend: str
+    variant: str
+    bucket: str  # described
+    # candidate name -> {"ms": median or None, "runs": n, "status": "timed" / "stopped early" /
+    # "skipped: ..." / "failed: ..."}
+    candidates: dict = field(default_factory=dict)
+    pytorch_ms: Optional[float] = None
+    seconds: float = 0.0  # what the tuning cost
+    source: str = "measured"  # "measured" here, or "stored" (read back from tune.json)
+
+    @property
+    def name(self) -> str:
+        return candidate_name(self.backend, self.variant)
+
+    @property
+    def ms(self) -> Optional[float]:
+        return (self.candidates.get(self.name) or {}).get("ms")
+
+    def reason(self) -> str:
+        if self.ms is None or self.pytorch_ms is None:
+            return f"tuned on this GPU ({self.bucket}): {self.name}"
+        return (f"fastest on this GPU ({self.bucket}): {self.name} {self.ms:.3f} ms, PyTorch's path "
+                f"{self.pytorch_ms:.3f} ms ({self.pytorch_ms / self.ms:.2f}x)")
+
+
+def candidate_name(backend: str, variant: str) -> str:
+    return backend if not variant else f"{backend}:{variant}"
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def choose(op: str, call, device: torch.device, measure: bool = True) -> Optional[tuple[str, str, str]]:
+    """The dispatch hook: (backend, variant, reason) of the tuned choice, or None for the fixed
+    order. Tunes the call's bucket first when it is new, unless ``measure`` is False, tracing or
+    capture is under way, or tuning is off."""
+    workload = WORKLOADS.get(op)
+    if workload is None or (device.type != "cuda" and device.type not in EXTRA_DEVICE_TYPES) or not enabled():
+        return None
+    bucket = workload.bucket(call)
+    if bucket is None:
+        return None
+    key = (op, _device_key(device), bucket)
+    found = _TABLE.get(key, _MISSING)  # the hot path, and all that traced code does
+    if found is not _MISSING:
+        return found
+    if not measure or getattr(_ACTIVE, "on", False) or selfcheck._tracing(device):
+        return None
+    with _LOCK:
+        if key not in _TABLE:
+            try:
+                decision = _stored(op, call, device, bucket) or tune(op, call, device)
+            except Exception as exc:  # e.g. out of memory for the timed copy: never fail the user's call
+                warnings.warn(f"flashdino: tuning {op} ({workload.describe(bucket)}) failed, the fixed backend "
+                              f"order serves it in this process: {exc.__class__.__name__}: {exc}", RuntimeWarning,
+                              stacklevel=5)
+                decision = None
+            if decision is not None:
+                _DECISIONS[key] = decision
+            _TABLE[key] = None if decision is None else (decision.backend, decision.variant, decision.reason())
+        return _TABLE[key]
+
+
+def candidates(op: str, call, device: torch.device) -> list[tuple[str, str, Optional[str]]]:
+    """(backend, variant, None or why it cannot run) for every candidate of ``call``: the fixed
+    order's choice first, then PyTorch's path, then the others by backend preference."""
+    spec = dispatch._OPS[op]
+    order = list(spec.preference) + [b for b in dispatch.backends(op) if b not in spec.preference]
+    out = []
+    for backend in order:
+        why = dispatch._why_not(op, backend, device, call)
+        for variant in dispatch.variants(op, backend, call):
+            reason = why
+            if reason is None and variant:
+                reason = selfcheck.verify(op, backend, device, call, variant)
+            out.append((backend, variant, reason))
+    fixed = next((c for c in out if c[2] is None and not c[1]), None)
+    first = list(dict.fromkeys(c for c in (fixed, ("torch", "", None)) if c is not None))
+    return first + [c for c in out if c not in first]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sample(run: Callable, repeats: int, device: torch.device) -> float:
+    clock = _CLOCK[0]
+    _sync(device)
+    start = clock()
+    for _ in range(repeats):
+        run()
+    _sync(device)
+    return (clock() - start) / repeats
+
+
+def tune(op: str, call, device: torch.device, budget: float = BUDGET_S) -> Optional[Decision]:
+    """Times the candidates of ``call`` on a call of its shape and stores the decision."""
+    workload = WORKLOADS[op]
+    clock = _CLOCK[0]
+    start = clock()
+    _ACTIVE.on = True
+    try:
+        with torch.no_grad():
+            args = workload.build(call, device)
+            cands = candidates(op, call, device)
+            must = {(b, v) for b, v, _ in cands[:2]}
+            results: dict[str, dict] = {}
+            best = math.inf
+            for backend, variant, why in cands:
+                name = candidate_name(backend, variant)
+                if why is not None:
+                    results[name] = dict(ms=None, runs=0, status=f"skipped: {why}")
+                    continue
+                if (backend, variant) not in must and clock() - start > budget:
+                    results[name] = dict(ms=None, runs=0, status=f"skipped: the {budget:g} s budget was spent")
+                    continue
+                results[name] = _time_candidate(dispatch.implementation(op, backend, variant), args, device,
+                                                best, start, budget)
+                if results[name]["ms"] is not None and results[name]["status"] == "timed":
+                    best = min(best, results[name]["ms"] / 1000)  # seconds, like the samples
+    finally:
+        _ACTIVE.on = False
+    timed = {n: r["ms"] for n, r in results.items() if r["ms"] is not None}
+    if not timed:
+        return None
+    winner = min(timed, key=timed.get)
+    backend, _, variant = winner.partition(":")
+    decision = Decision(backend, variant, workload.describe(workload.bucket(call)), results,
+                        timed.get("torch"), round(clock() - start, 4))
+    _store(op, device, workload.bucket(call), decision)
+    return decision
+
+
+def _time_candidate(fn: Callable, args: tuple, device: torch.device, best: float, start: float,
+                    budget: float) -> dict:
+    run = lambda: fn(*args)  # noqa: E731
+    try:
+        run()  # warm-up: compilation, SDPA / cuDNN plans
+        first = _sample(run, 1, device)
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return dict(ms=None, runs=0, status=f"failed: {exc.__class__.__name__}: {first_line}"[:200])
+    repeats = max(1, min(MAX_REPEATS, math.ceil(SAMPLE_S / first))) if first > 0 else MAX_REPEATS
+    samples = [first]
+    status = "timed"
+    clock = _CLOCK[0]
+    while len(samples) < MAX_RUNS:
+        samples.append(_sample(run, repeats, device))
+        if len(samples) >= MIN_RUNS:
+            if statistics.median(samples) > SLOWER * best:
+                status = "stopped early"
+                break
+            if clock() - start > budget:
+                break
+    return dict(ms=round(1000 * statistics.median(samples), 4), runs=len(samples), status=status)
+
+
+# ------------------------------------------------------------------------------------------------
+# the disk store, beside the self-check's results
+# ------------------------------------------------------------------------------------------------
+
+
+def store_path() -> Path:
+    return selfcheck.cache_path().with_name("tune.json")
+
+
+def _disk_key(op: str, bucket: tuple) -> str:
+    return f"{op} | " + " | ".join(str(b) for b in bucket)
+
+
+def load_store() -> dict:
+    try:
+        with open(store_path(), encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(op: str, device: torch.device, bucket: tuple, decision: Decision) -> None:
+    """Adds one decision to the store (atomic replace; a read-only cache is not an error)."""
+    path = store_path()
+    try:
+        data = load_store()
+        data.setdefault(selfcheck.fingerprint(device), {})[_disk_key(op, bucket)] = asdict(decision)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _stored(op: str, call, device: torch.device, bucket: tuple) -> Optional[Decision]:
+    """The stored decision of this bucket on this GPU / driver / versions / overrides, if it is
+    well formed and its choice still exists and passes its checks here."""
+    entry = load_store().get(selfcheck.fingerprint(device), {}).get(_disk_key(op, bucket))
+    try:
+        decision = Decision(**{k: entry[k] for k in ("backend", "variant", "bucket", "candidates", "pytorch_ms",
+                                                     "seconds")})
+    except (TypeError, KeyError):
+        return None
+    if (not isinstance(decision.backend, str) or not isinstance(decision.variant, str)
+            or decision.variant not in dispatch.variants(op, decision.backend, call)
+            or dispatch._why_not(op, decision.backend, device, call) is not None
+            or (decision.variant and selfcheck.verify(op, decision.backend, device, call, decision.variant))):
+        return None
+    decision.source = "stored"
+    return decision
+
+
+def reset() -> None:
+    """Forgets this process's decisions (not the store)."""
+    with _LOCK:
+        _TABLE.clear()
+        _DECISIONS.clear()
+
+
+def decisions() -> dict[tuple, Decision]:
+    """(op, device, bucket) -> the decision (with its measurements) made or read in this process."""
+    return dict(_DECISIONS)
