@@ -376,3 +376,33 @@ def test_tune_selfcheck_probes_the_models_specialisation_and_keys_on_overrides(m
         now = selfcheck.fingerprint(torch.device("cpu"))
         assert now != base and f"{name}={value}" in now
         base = now
+
+
+@needs_interpreter
+def test_tune_check_report_and_info_show_every_candidate_and_the_ratio_to_pytorch(demo, capsys):
+    run, clock, costs, _ = demo
+    rows = tune.run_report(torch.device("cpu"), [("demo call", OP, DemoCall(torch.float32, 16))], budget=1.0)
+    text = tune.format_report(rows)
+    assert f"{OP}  torch.float32 n<=16  (demo call)" in text
+    rows_ms = {line.lstrip(" *").split()[0]: line.split("ms")[0].split()[-1] for line in text.splitlines()[1:-1]}
+    assert rows_ms == {"triton": "3.000", "torch": "5.000", "triton:fast": "1.000", "triton:hopeless": "50.000",
+                       "torch:sdpa-slow": "8.000"}
+    assert "  * triton:fast " in text  # the chosen one is marked
+    assert "chosen / PyTorch's path = 0.20 (5.00x the speed)" in text
+    assert "stopped early" in text  # triton:hopeless
+    # flashdino info lists the stored choice
+    from flashdino import info
+
+    facts = info.collect()
+    (stored,) = [c for c in facts["tuning"]["choices"] if c["op"] == OP]
+    assert stored["choice"] == "triton:fast" and stored["ms"] == pytest.approx(1.0)
+    assert stored["pytorch_ms"] == pytest.approx(5.0)
+    assert "triton:fast 1.000 ms (PyTorch 5.000 ms, 5.00x)" in info.format_report(facts)
+    # without a GPU the command says so in one line
+    from flashdino.cli import build_parser
+
+    args = build_parser().parse_args(["check", "--tune"])
+    if not torch.cuda.is_available():
+        assert args.func(args) == 3
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out == [out[0]] and "no CUDA GPU here" in out[0]

@@ -241,7 +241,8 @@ def tune(op: str, call, device: torch.device, budget: float = BUDGET_S) -> Optio
     start = clock()
     _ACTIVE.on = True
     try:
-        with torch.no_grad():
+        # Forward only, and as the self-check probes it: outside the caller's autocast.
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             args = workload.build(call, device)
             cands = candidates(op, call, device)
             must = {(b, v) for b, v, _ in cands[:2]}
@@ -361,3 +362,95 @@ def reset() -> None:
 def decisions() -> dict[tuple, Decision]:
     """(op, device, bucket) -> the decision (with its measurements) made or read in this process."""
     return dict(_DECISIONS)
+
+
+# ------------------------------------------------------------------------------------------------
+# flashdino check --tune and flashdino info
+# ------------------------------------------------------------------------------------------------
+
+
+def typical_calls(device: torch.device) -> list[tuple[str, str, object]]:
+    """(label, op, call): the attention calls of the models' usual settings, in bf16."""
+    from ..ops.rope_attention import RopeAttentionCall, RopeGrid
+
+    def dinov3(side, heads, d, batch):
+        grid = RopeGrid("dinov3", side, side, 5, periods=torch.ones(d // 4, device=device))
+        return RopeAttentionCall(dtype=torch.bfloat16, head_dim=d, n_tokens=grid.tokens_per_frame,
+                                 token_stride=3 * heads * d, rope=grid, qk_norm=False, batch=batch, num_heads=heads)
+
+    vggt = RopeGrid("vggt", 37, 37, 5)
+    return [
+        ("DINOv3 ViT-S/16 224 px, batch 256", "rope_attention", dinov3(14, 6, 64, 256)),
+        ("DINOv3 ViT-B/16 224 px, batch 128", "rope_attention", dinov3(14, 12, 64, 128)),
+        ("DINOv3 ViT-L/16 512 px, batch 64", "rope_attention", dinov3(32, 16, 64, 64)),
+        ("DINOv3 ViT-7B/16 512 px, batch 8", "rope_attention", dinov3(32, 32, 128, 8)),
+        ("DINOv2 ViT-L/14 518 px + 4 registers, batch 32", "rope_attention", RopeAttentionCall(
+            dtype=torch.bfloat16, head_dim=64, n_tokens=1 + 4 + 37 * 37, token_stride=3 * 1024, rope=None,
+            qk_norm=False, batch=32, num_heads=16)),
+        ("VGGT frame attention, 10 frames of 518 px", "rope_attention", RopeAttentionCall(
+            dtype=torch.bfloat16, head_dim=64, n_tokens=vggt.tokens_per_frame, token_stride=3 * 1024, rope=vggt,
+            qk_norm=True, batch=10, num_heads=16)),
+        ("VGGT global attention, 10 frames of 518 px", "rope_attention", RopeAttentionCall(
+            dtype=torch.bfloat16, head_dim=64, n_tokens=10 * vggt.tokens_per_frame, token_stride=3 * 1024, rope=vggt,
+            qk_norm=True, batch=1, num_heads=16)),
+    ]
+
+
+def run_report(device: torch.device, calls=None, budget: float = 4.0) -> list[dict]:
+    """Tunes each call (again, with ``budget`` seconds each) and stores the decisions: one row per
+    call with every candidate's time (``flashdino check --tune``)."""
+    rows = []
+    for label, op, call in (typical_calls(device) if calls is None else calls):
+        workload = WORKLOADS[op]
+        key = (op, _device_key(device), workload.bucket(call))
+        error = None
+        with _LOCK:
+            try:
+                decision = tune(op, call, device, budget=budget)
+            except Exception as exc:  # e.g. out of memory: report it, tune the next call
+                decision, error = None, f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if decision is not None:
+                _DECISIONS[key] = decision
+                _TABLE[key] = (decision.backend, decision.variant, decision.reason())
+        rows.append(dict(label=label, op=op, bucket=workload.describe(workload.bucket(call)),
+                         decision=None if decision is None else asdict(decision),
+                         chosen=None if decision is None else decision.name, error=error))
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        lines.append(f"{row['op']}  {row['bucket']}  ({row['label']})")
+        decision = row["decision"]
+        if decision is None:
+            lines.append(f"  no candidate could be timed{': ' + row['error'] if row.get('error') else ''}; the fixed "
+                         f"backend order serves these calls")
+            continue
+        for name, result in decision["candidates"].items():
+            ms = "-" if result["ms"] is None else f"{result['ms']:.3f} ms"
+            mark = "*" if name == row["chosen"] else " "
+            lines.append(f"  {mark} {name:<24} {ms:>12}  {result['runs']:>2} runs  {result['status']}")
+        chosen_ms = decision["candidates"][row["chosen"]]["ms"]
+        torch_ms = decision["pytorch_ms"]
+        ratio = (f"chosen / PyTorch's path = {chosen_ms / torch_ms:.2f} ({torch_ms / chosen_ms:.2f}x the speed)"
+                 if torch_ms and chosen_ms else "PyTorch's path was not timed")
+        lines.append(f"  chosen: {row['chosen']} ({chosen_ms:.3f} ms); {ratio}; tuning took {decision['seconds']:.2f} s")
+    return "\n".join(lines)
+
+
+def stored_choices() -> list[dict]:
+    """The decisions in the store, for ``flashdino info``: one dict per GPU fingerprint and bucket."""
+    out = []
+    for fp, entries in sorted(load_store().items()):
+        if not isinstance(entries, dict):
+            continue
+        for key, entry in sorted(entries.items()):
+            if not isinstance(entry, dict):
+                continue
+            backend, variant = entry.get("backend"), entry.get("variant")
+            ms = ((entry.get("candidates") or {}).get(candidate_name(str(backend), str(variant or ""))) or {}).get("ms")
+            out.append(dict(gpu=fp, op=key.split(" | ")[0], bucket=entry.get("bucket"),
+                            choice=candidate_name(str(backend), str(variant or "")), ms=ms,
+                            pytorch_ms=entry.get("pytorch_ms")))
+    return out
