@@ -126,7 +126,7 @@ def test_tune_chooses_the_fastest_candidate_and_caches_it(demo, tmp_path):
     assert len([k for k in tune.decisions() if k[0] == OP]) == 2
     # a new process (reset) reads the stored decision: nothing is timed again
     stored = json.loads((tmp_path / "tune.json").read_text())[selfcheck.fingerprint(x.device)]
-    assert stored[f"{OP} | torch.float32 | 16"]["variant"] == "fast"
+    assert stored[f"{OP} | float32 | 16"]["variant"] == "fast"
     tune.reset()
     clock.calls.clear()
     run(x)
@@ -238,7 +238,7 @@ def test_tune_table_is_read_by_fullgraph_compile_which_times_nothing(monkeypatch
         torch.testing.assert_close(out, ops.rope_attention(qkv, 2, grid, backend="torch"))
         assert not tune.decisions()
         # a decision made eagerly is what the next trace uses
-        key = ("rope_attention", "cpu", tune._rope_bucket(RopeAttentionCall(
+        key = ("rope_attention", ("cpu", None), tune._rope_bucket(RopeAttentionCall(
             dtype=qkv.dtype, head_dim=16, n_tokens=14, token_stride=96, rope=grid, qk_norm=False, batch=2,
             num_heads=2)))
         monkeypatch.setitem(tune._TABLE, key, ("torch", "spy", "test decision"))
@@ -289,7 +289,7 @@ def test_tune_buckets_are_powers_of_two_of_tokens_and_batch_x_heads():
         return RopeAttentionCall(dtype=torch.bfloat16, head_dim=64, n_tokens=n, token_stride=3 * h * 64, rope=grid,
                                  qk_norm=False, batch=b, num_heads=h)
 
-    assert tune._rope_bucket(call(1029, 64, 16)) == ("bfloat16", 64, "dinov3", False, 2048, 1024)
+    assert tune._rope_bucket(call(1029, 64, 16)) == (torch.bfloat16, 64, "dinov3", False, 2048, 1024)
     assert tune._rope_bucket(call(1025, 60, 16)) == tune._rope_bucket(call(2048, 64, 16))
     assert tune._rope_bucket(call(1024, 64, 16)) != tune._rope_bucket(call(1025, 64, 16))
     assert tune._rope_bucket(call(201, 8, 6))[-2:] == (256, 64)

@@ -3,13 +3,19 @@
 The first time the dispatch would run a non-reference backend of an op on a GPU (per device,
 dtype and probe variant), it runs that backend and the PyTorch reference on a small probe built
 like the call (same dtype, head dim, RoPE mode, qk-norm, row width, patch size) and compares them.
+The attention probe has the call's heads, grid and prefix count, its token stride, and a batch and
+token count that Triton specialises like the call's (``same_class``), so the probe compiles the
+very kernel the model then runs: one compilation per process, not two. On-device tuning
+(``check/tune.py``) checks each of its candidates (a backend's variants) the same way before
+timing it; a failing variant is left out quietly (it is one candidate among several).
 A mismatch or an exception disables that backend for that op on that device for the rest of the
 process: the dispatch then takes the next backend, and ONE warning names the op, the GPU and
 ``FLASHDINO_BACKEND=torch``. Never a wrong number from an untested GPU / driver / Triton pairing.
 
 * ``FLASHDINO_SELFCHECK=0`` turns it off.
-* Results are cached on disk per GPU name + driver + flashdino / torch / triton versions
-  (``FLASHDINO_SELFCHECK_CACHE``, default ``$XDG_CACHE_HOME/flashdino/selfcheck.json`` or
+* Results are cached on disk per GPU name + driver + flashdino / torch / triton versions + the
+  overriding switches set (``overrides()``: ``FLASHDINO_ROPE_ATTN_*``, ``FLASHDINO_BACKEND*``,
+  ``FLASHDINO_TUNE``) (``FLASHDINO_SELFCHECK_CACHE``, default ``$XDG_CACHE_HOME/flashdino/selfcheck.json`` or
   ``~/.cache/flashdino/selfcheck.json``), so the probes run once per machine. Exceptions are not
   cached (an out-of-memory error may be transient); mismatches and passes are.
 * It never runs inside ``torch.compile`` tracing or CUDA graph capture: there the backend is

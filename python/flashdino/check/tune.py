@@ -70,7 +70,8 @@ EXTRA_DEVICE_TYPES: set = set()
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    value = os.environ.get(ENV_SWITCH)  # read at every call on a GPU: kept cheap
+    return value is None or value.strip().lower() not in ("0", "false", "off", "no")
 
 
 def set_clock(clock: Optional[Callable[[], float]] = None) -> None:
@@ -91,21 +92,23 @@ class Workload:
 
 
 def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _rope_bucket(call) -> Optional[tuple]:
-    sizes = (call.n_tokens, call.batch, call.num_heads)
-    if not all(type(v) is int for v in sizes):  # symbolic sizes (dynamic torch.compile): not tuned
+    """Computed at every call on a GPU: plain attribute reads and integer arithmetic."""
+    n, bh = call.n_tokens, call.batch * call.num_heads
+    if type(n) is not int or type(bh) is not int:  # symbolic sizes (dynamic torch.compile): not tuned
         return None
-    mode = call.rope.mode if call.rope is not None else "none"
-    return (str(call.dtype).removeprefix("torch."), call.head_dim, mode, call.qk_norm,
-            _pow2(call.n_tokens), _pow2(call.batch * call.num_heads))
+    rope = call.rope
+    return (call.dtype, call.head_dim, rope.mode if rope is not None else "none", call.qk_norm,
+            1 << (n - 1).bit_length() if n > 1 else 1, 1 << (bh - 1).bit_length() if bh > 1 else 1)
 
 
 def _rope_describe(bucket: tuple) -> str:
     dtype, d, mode, qk_norm, tokens, bh = bucket
-    return f"{dtype} d={d} {mode}{'+qknorm' if qk_norm else ''} tokens<={tokens} BxH<={bh}"
+    return (f"{str(dtype).removeprefix('torch.')} d={d} {mode}{'+qknorm' if qk_norm else ''} tokens<={tokens} "
+            f"BxH<={bh}")
 
 
 def _rope_build(call, device: torch.device) -> tuple:
@@ -166,10 +169,10 @@ def candidate_name(backend: str, variant: str) -> str:
     return backend if not variant else f"{backend}:{variant}"
 
 
-def _device_key(device: torch.device) -> str:
+def _device_key(device: torch.device) -> tuple:
     if device.type == "cuda" and device.index is None:
-        return f"cuda:{torch.cuda.current_device()}"
-    return str(device)
+        return ("cuda", torch.cuda.current_device())
+    return (device.type, device.index)
 
 
 def choose(op: str, call, device: torch.device, measure: bool = True) -> Optional[tuple[str, str, str]]:
@@ -309,7 +312,7 @@ def store_path() -> Path:
 
 
 def _disk_key(op: str, bucket: tuple) -> str:
-    return f"{op} | " + " | ".join(str(b) for b in bucket)
+    return f"{op} | " + " | ".join(str(b).removeprefix("torch.") for b in bucket)
 
 
 def load_store() -> dict:
