@@ -1,5 +1,7 @@
 """On-device tuning (flashdino.check.tune) on CPU: an injected clock and fake candidates.
 
+(tests/conftest.py sets FLASHDINO_TUNE=0 for the other tests; these turn it on.)
+
 A demo op is declared in the dispatch table for these tests only (monkeypatched, so it leaves no
 trace): a "torch" reference and a "triton" backend (allowed on CPU tensors under
 TRITON_INTERPRET=1, which tests/conftest.py sets without a GPU), each with variants whose cost on
@@ -219,6 +221,7 @@ def test_tune_table_is_read_by_fullgraph_compile_which_times_nothing(monkeypatch
     from flashdino.ops.rope_attention import RopeAttentionCall, RopeGrid
 
     monkeypatch.setenv("FLASHDINO_SELFCHECK_CACHE", str(tmp_path / "selfcheck.json"))
+    monkeypatch.setenv("FLASHDINO_TUNE", "1")
     monkeypatch.setattr(tune, "EXTRA_DEVICE_TYPES", {"cpu"})
     tune.reset()
 
@@ -304,6 +307,7 @@ def test_tune_real_rope_attention_candidates_on_the_interpreter(monkeypatch, tmp
     from flashdino.ops.rope_attention import RopeAttentionCall, RopeGrid, reference
 
     monkeypatch.setenv("FLASHDINO_SELFCHECK_CACHE", str(tmp_path / "selfcheck.json"))
+    monkeypatch.setenv("FLASHDINO_TUNE", "1")
     monkeypatch.setattr(tune, "EXTRA_DEVICE_TYPES", {"cpu"})
     monkeypatch.setattr(tune, "MAX_RUNS", 3)
     periods = 100.0 ** (2 * torch.arange(16 // 4, dtype=torch.float32) / 8)
@@ -369,6 +373,7 @@ def test_tune_selfcheck_probes_the_models_specialisation_and_keys_on_overrides(m
         assert cls(qkv.shape[0]) == cls(batch) and cls(qkv.shape[1]) == cls(n)
         assert qkv.shape[1] <= max(n, 2 * grid.tokens_per_frame * 8) and qkv.shape[0] <= 16
         assert qkv.stride(1) == call.token_stride
+    monkeypatch.delenv("FLASHDINO_TUNE", raising=False)
     base = selfcheck.fingerprint(torch.device("cpu"))
     for name, value in (("FLASHDINO_ROPE_ATTN_K_ROTATION", "table"), ("FLASHDINO_ROPE_ATTN_FWD_CFG", "64,64,4,2"),
                         ("FLASHDINO_ROPE_ATTN_BWD_CFG", "32,32,4,2"), ("FLASHDINO_TUNE", "0")):
