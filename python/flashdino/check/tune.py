@@ -207,18 +207,16 @@ def choose(op: str, call, device: torch.device, measure: bool = True) -> Optiona
 
 
 def candidates(op: str, call, device: torch.device) -> list[tuple[str, str, Optional[str]]]:
-    """(backend, variant, None or why it cannot run) for every candidate of ``call``: the fixed
-    order's choice first, then PyTorch's path, then the others by backend preference."""
+    """(backend, variant, None or why its backend cannot run the call) for every candidate of
+    ``call``: the fixed order's choice first, then PyTorch's path, then the others by backend
+    preference. A backend's default has passed its self-check when the reason is None; a variant's
+    own self-check runs when it is about to be timed (:func:`tune`)."""
     spec = dispatch._OPS[op]
     order = list(spec.preference) + [b for b in dispatch.backends(op) if b not in spec.preference]
     out = []
     for backend in order:
         why = dispatch._why_not(op, backend, device, call)
-        for variant in dispatch.variants(op, backend, call):
-            reason = why
-            if reason is None and variant:
-                reason = selfcheck.verify(op, backend, device, call, variant)
-            out.append((backend, variant, reason))
+        out += [(backend, variant, why) for variant in dispatch.variants(op, backend, call)]
     fixed = next((c for c in out if c[2] is None and not c[1]), None)
     first = list(dict.fromkeys(c for c in (fixed, ("torch", "", None)) if c is not None))
     return first + [c for c in out if c not in first]
@@ -250,16 +248,18 @@ def tune(op: str, call, device: torch.device, budget: float = BUDGET_S) -> Optio
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             args = workload.build(call, device)
             cands = candidates(op, call, device)
-            must = {(b, v) for b, v, _ in cands[:2]}
+            must = {(b, v) for b, v, why in cands[:2] if not v and why is None}  # fixed order's, PyTorch's
             results: dict[str, dict] = {}
             best = math.inf
             for backend, variant, why in cands:
                 name = candidate_name(backend, variant)
+                if why is None and (backend, variant) not in must and clock() - start > budget:
+                    results[name] = dict(ms=None, runs=0, status=f"skipped: the {budget:g} s budget was spent")
+                    continue
+                if why is None and variant:  # never timed, never chosen unless it matches the reference
+                    why = selfcheck.verify(op, backend, device, call, variant)
                 if why is not None:
                     results[name] = dict(ms=None, runs=0, status=f"skipped: {why}")
-                    continue
-                if (backend, variant) not in must and clock() - start > budget:
-                    results[name] = dict(ms=None, runs=0, status=f"skipped: the {budget:g} s budget was spent")
                     continue
                 results[name] = _time_candidate(dispatch.implementation(op, backend, variant), args, device,
                                                 best, start, budget)
