@@ -117,6 +117,10 @@ def test_tune_chooses_the_fastest_candidate_and_caches_it(demo, tmp_path):
     for name in ("torch", "triton", "triton:fast", "torch:sdpa-slow"):
         assert times[name] == pytest.approx(costs[name])
     assert decision.pytorch_ms == pytest.approx(5.0)
+    # every timed candidate ran once untimed first (compilation on a GPU): reported apart from the timing
+    timed_cost = sum(costs[n] for n, r in decision.candidates.items() if r["ms"] is not None) / 1000
+    assert decision.first_use_s >= timed_cost
+    assert decision.seconds + decision.first_use_s == pytest.approx(clock.now - costs["triton:fast"] / 1000)
     assert "3.0" not in decision.reason() and "5.00x" in decision.reason()  # PyTorch 5 ms / 1 ms
     # the next calls of the bucket (n = 9..16) run the choice, and time nothing
     clock.calls.clear()
