@@ -76,7 +76,8 @@ def demo(monkeypatch, tmp_path):
         "triton": dispatch.Impl(candidate("triton"), dispatch._always)})
     monkeypatch.setitem(dispatch._VARIANTS, OP, {
         "torch": {"sdpa-slow": dispatch.Impl(candidate("torch:sdpa-slow"), dispatch._always)},
-        "triton": {name: dispatch.Impl(candidate(f"triton:{name}"), dispatch._always) for name in ("fast", "hopeless")}})
+        "triton": {name: dispatch.Impl(candidate(f"triton:{name}"), dispatch._always)
+                   for name in ("fast", "hopeless")}})
     monkeypatch.setitem(selfcheck.PROBES, OP, lambda call, device: selfcheck.Probe(
         "demo", (torch.arange(6.0, device=device),), 1e-6))
     monkeypatch.setitem(tune.WORKLOADS, OP, tune.Workload(

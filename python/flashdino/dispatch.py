@@ -263,7 +263,8 @@ def implementation(op: str, backend: str, variant: str = "") -> Callable:
     return impl.fn
 
 
-def _choose(op: str, call, device: torch.device, backend: Optional[str], measure: bool = True) -> tuple[Impl, str, str]:
+def _choose(op: str, call, device: torch.device, backend: Optional[str],
+            measure: bool = True) -> tuple[Impl, str, str]:
     spec = _OPS.get(op)
     if spec is None:
         raise ValueError(f"unknown op {op!r} (known: {ops()})")
@@ -289,8 +290,7 @@ def _choose(op: str, call, device: torch.device, backend: Optional[str], measure
         picked = tuner(op, call, device, measure)
         if picked is not None and _why_not(op, picked[0], device, call) is None:
             name, variant, reason = picked
-            impl = impls[name] if not variant else Impl(implementation(op, name, variant), impls[name].supports)
-            return impl, name, reason
+            return impls[name] if not variant else _VARIANTS[op][name][variant], name, reason
     if device.type != "cuda":
         return impls["torch"], "torch", f"tensors on {device.type}"
     reasons = []

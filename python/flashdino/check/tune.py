@@ -448,8 +448,8 @@ def format_report(rows: list[dict]) -> str:
         torch_ms = decision["pytorch_ms"]
         ratio = (f"chosen / PyTorch's path = {chosen_ms / torch_ms:.2f} ({torch_ms / chosen_ms:.2f}x the speed)"
                  if torch_ms and chosen_ms else "PyTorch's path was not timed")
-        lines.append(f"  chosen: {row['chosen']} ({chosen_ms:.3f} ms); {ratio}; timing took {decision['seconds']:.2f} s, "
-                     f"first-use compilation and checks {decision['first_use_s']:.2f} s")
+        lines.append(f"  chosen: {row['chosen']} ({chosen_ms:.3f} ms); {ratio}; timing took "
+                     f"{decision['seconds']:.2f} s, first-use compilation and checks {decision['first_use_s']:.2f} s")
     return "\n".join(lines)
 
 
