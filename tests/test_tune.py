@@ -354,6 +354,15 @@ def test_tune_triton_honours_a_chosen_launch_configuration():
         out = tra.rope_attention(qkv, 2, grid, fwd_config=cfg)
         torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=3e-3)
     assert tra._fwd_config(64, torch.bfloat16, [64, 128, 8, 2]) == (64, 128, 8, 2)
+    # the configuration travels through the custom op: torch.compile(fullgraph) traces it, with autograd
+    cfg = tra.FWD_CANDIDATES[("half", 64)][2]
+    x = qkv.float().requires_grad_()
+    f = torch.compile(lambda t: tra.rope_attention(t, 2, grid, fwd_config=cfg).square().sum(), fullgraph=True,
+                      backend="aot_eager")
+    (grad,) = torch.autograd.grad(f(x), x)
+    x_ref = qkv.float().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(reference.rope_attention(x_ref, 2, grid).square().sum(), x_ref)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tune_selfcheck_probes_the_models_specialisation_and_keys_on_overrides(monkeypatch):
