@@ -9,7 +9,8 @@
     flashdino check --tune               on-device tuning of the models' typical attention calls:
                                          every candidate's time, the choice and its ratio to
                                          PyTorch's path; the choices are stored for later runs
-                                         (about 4 s per call the first time) [--json FILE]
+                                         (up to 4 s of timing per call, plus compiling each Triton
+                                         configuration once) [--json FILE]
 
 Exit status: 0 healthy; 1 a probe failed / a default configuration spills or overflows shared
 memory; 3 cannot run here (no usable Triton for the audit, no GPU to tune on).
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--audit", metavar="ARCHS", nargs="?", const="sm_80,sm_86,sm_89,sm_90", default=None,
                    help="compile audit for these architectures (default sm_80,sm_86,sm_89,sm_90)")
-    p.add_argument("--json", metavar="FILE", help="also write the audit (or probe) results as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the audit (or probe, or tuning) results as JSON")
     p.add_argument("--default-only", action="store_true",
                    help="audit only the configurations selectable by default (faster)")
     p.add_argument("--quick", action="store_true", help="audit bf16 configurations only (what CI runs)")
