@@ -5,10 +5,12 @@
 #     bash benchmarks/gpu_session.sh smoke|tests|kernels|e2e|aggregator|all
 #
 # stage       hard limit  expected  what
-# smoke       5 min       ~4 min    build _C for sm_90a only; `flashdino check` when the command
+# smoke       6 min       ~5 min    build _C for sm_90a only; `flashdino check` when the command
 #                                   exists; the GPU tests of the default paths; one end-to-end row:
 #                                   ViT-L/16 @ 512, batch 64, bf16: flashdino vs HF eager vs
-#                                   flashdino's PyTorch (SDPA) path
+#                                   flashdino's PyTorch (SDPA) path; `flashdino check --tune`: every
+#                                   tuning candidate's time per attention bucket and the chosen one's
+#                                   ratio to PyTorch's path (log + tune_smoke.json)
 # tests       8 min       ~6 min    every GPU test (pytest -m gpu), then the model tests on the GPU machine
 # kernels     8 min       ~7 min    the pytest-benchmark kernel suites, one JSON per suite
 # e2e         8 min       ~7 min    the end-to-end target cases: ViT-L/16 512 b64, ViT-B/16 latency and
@@ -117,12 +119,19 @@ bench() {  # bench NAME MAX_SECONDS HARNESS_ARGS...: one end-to-end table as $OU
 DEFAULT_PATHS="not torch_compile and not opcheck and not k_rotation"
 
 stage_smoke() {
-    begin smoke 300
+    begin smoke 360
     build
     if "$PY" -m flashdino --help 2>/dev/null | grep -qw check; then
         step "flashdino check" 45 "$PY" -m flashdino check
     else
         log "SKIPPED flashdino check: this checkout has no 'check' command yet"
+    fi
+    # On-device tuning first, so that the tests and the end-to-end row run the tuned choices (stored
+    # in the self-check's cache folder, read back by every later process on this GPU).
+    if "$PY" -m flashdino check --help 2>/dev/null | grep -q -- --tune; then
+        step "flashdino check --tune" 75 "$PY" -m flashdino check --tune --json "$OUT/tune_smoke.json"
+    else
+        log "SKIPPED flashdino check --tune: this checkout has no on-device tuning yet"
     fi
     step "GPU tests, default paths" 60 "${PYTEST[@]}" -m "gpu and not slow" \
         -k "$DEFAULT_PATHS" --junitxml="$OUT/smoke_tests.xml" tests

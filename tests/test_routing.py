@@ -1,8 +1,8 @@
 """Routing decisions on CUDA devices, checked on CPU: ``dispatch.select`` with a CUDA device and
 the facts of each case (dtype, autocast, TF32 setting, compute capability, the architectures
 ``flashdino._C`` was built for). The capability query is mocked through the one function the
-routing uses, ``flashdino.check.device.capability``; the first-use self-check is off (it would
-need a GPU to run its probes)."""
+routing uses, ``flashdino.check.device.capability``; the first-use self-check and on-device
+tuning are off (they would need a GPU to run their probes and timings)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _routing_env(monkeypatch):
                  "FLASHDINO_BACKEND_FINAL_NORM", "FLASHDINO_BACKEND_PATCH_EMBED"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FLASHDINO_SELFCHECK", "0")
+    monkeypatch.setenv("FLASHDINO_TUNE", "0")  # the fixed rules (tests/test_tune.py covers the tuner)
     # The rules under test are the GPU's: the interpreter (which the other tests use on CPU
     # tensors) lifts the fp32 rule, so take it out of the environment for the routing decisions.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

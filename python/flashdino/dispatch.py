@@ -14,8 +14,12 @@ Selection for one call, first match wins:
    a block for all ops skips the ops that have no implementation in that backend;
 3. the environment, ``FLASHDINO_BACKEND_<OP>`` then ``FLASHDINO_BACKEND`` (``torch``, ``triton``,
    ``cuda`` or ``auto``): a backend that cannot run the call falls back, with a warning;
-4. on CUDA tensors, the op's preference order, skipping backends that are missing or do not
-   support the call; anywhere else the "torch" reference.
+4. on CUDA tensors, the on-device tuner's choice for this call's shape bucket (installed by
+   ``flashdino.ops`` from ``flashdino.check.tune``; ``FLASHDINO_TUNE=0`` turns it off): the fastest
+   of the backends and their registered variants (:func:`register_variant`: launch configurations,
+   SDPA kernels) that passed the self-check;
+5. otherwise the op's preference order, skipping backends that are missing or do not support
+   the call; anywhere else the "torch" reference.
 
 On CUDA a backend must also suit the GPU (rules installed by ``flashdino.ops`` from ``flashdino.check.device``: Triton needs sm_80+, ``_C``
 a GPU it was built for) and pass its first-use self-check (``flashdino.check.selfcheck``).
@@ -57,6 +61,7 @@ class Impl:
 _OPS: dict[str, Op] = {}
 _REGISTRY: dict[str, dict[str, Impl]] = {}
 _UNAVAILABLE: dict[str, str] = {}  # backend -> why it could not be loaded
+_VARIANTS: dict[str, dict[str, dict[str, "Impl"]]] = {}  # op -> backend -> variant name -> Impl
 _LAST: dict[str, str] = {}
 # Innermost use() first: (backend, op or None for every op).
 _FORCED: contextvars.ContextVar[tuple[tuple[str, Optional[str]], ...]] = contextvars.ContextVar(
@@ -90,6 +95,28 @@ def register(op: str, backend: str, fn: Callable,
     _REGISTRY[op][backend] = Impl(fn, supports or _always)
 
 
+def register_variant(op: str, backend: str, variant: str, fn: Callable,
+                     supports: Optional[Callable[[object], Optional[str]]] = None) -> None:
+    """An alternative implementation of a registered backend with the same signature and results
+    (a launch configuration, an SDPA kernel), which on-device tuning may time and choose.
+    ``supports(call)`` says when the variant applies, on top of the backend's own rule and device
+    rule, which apply to every variant. "" names the backend's default implementation."""
+    if backend not in _REGISTRY.get(op, {}):
+        raise ValueError(f"register_variant: {op!r} has no {backend} backend to add a variant to")
+    if not variant:
+        raise ValueError("register_variant: the empty name is the backend's default implementation")
+    _VARIANTS.setdefault(op, {}).setdefault(backend, {})[variant] = Impl(fn, supports or _always)
+
+
+def variants(op: str, backend: str, call=None) -> tuple[str, ...]:
+    """The variants of ``backend`` for ``op``, "" (the registered default) first; with ``call``,
+    only those whose own ``supports`` rule accepts it."""
+    if backend not in _REGISTRY.get(op, {}):
+        return ()
+    named = _VARIANTS.get(op, {}).get(backend, {})
+    return ("",) + tuple(v for v, impl in named.items() if call is None or impl.supports(call) is None)
+
+
 def mark_unavailable(backend: str, reason: str) -> None:
     _UNAVAILABLE.setdefault(backend, reason)
 
@@ -110,14 +137,27 @@ def _check_backend(value: str, source: str) -> str:
     return lowered
 
 
+def environment_problems() -> list[str]:
+    """One message per ``FLASHDINO_BACKEND_<OP>`` that names no op (misspelt or outdated), which
+    would otherwise be ignored silently."""
+    known = ", ".join(f"FLASHDINO_BACKEND_{op.upper()}" for op in sorted(_REGISTRY))
+    return [f"{key} names no flashdino op, so it has no effect; the per-op switches are {known}"
+            for key in sorted(os.environ)
+            if key.startswith("FLASHDINO_BACKEND_") and key[len("FLASHDINO_BACKEND_"):].lower() not in _REGISTRY]
+
+
 def check_environment() -> None:
-    """Raises on a ``FLASHDINO_BACKEND_<OP>`` that names no op (misspelt or outdated), which would
-    otherwise be ignored silently. Run once when ``flashdino.ops`` is imported and by
-    :func:`explain`, not per call: it scans the whole environment."""
-    for key in os.environ:
-        if key.startswith("FLASHDINO_BACKEND_") and key[len("FLASHDINO_BACKEND_"):].lower() not in _REGISTRY:
-            known = ", ".join(f"FLASHDINO_BACKEND_{op.upper()}" for op in sorted(_REGISTRY))
-            raise ValueError(f"{key} names no flashdino op; the per-op switches are {known}")
+    """Warns (once per variable) about a ``FLASHDINO_BACKEND_<OP>`` that names no op. Run when
+    ``flashdino.ops`` is imported and by :func:`explain`, not per call (it scans the whole
+    environment). A warning, not an error: a stale variable in a user's shell must not stop
+    ``import flashdino``."""
+    for message in environment_problems():
+        if message not in _WARNED_ENV:
+            _WARNED_ENV.add(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+
+_WARNED_ENV: set = set()
 
 
 def _env_choice(op: str) -> Optional[str]:
@@ -184,6 +224,18 @@ def set_gpu_rules(*, device_rule: Optional[Callable[[str, torch.device], Optiona
     _GPU_RULES.update(device_rule=device_rule, first_use_check=first_use_check)
 
 
+# (op, call, device) -> None or (backend, variant, reason): the on-device tuner's choice. It must
+# never time anything while torch.compile traces or a CUDA graph captures (it then only reads its
+# table). Installed by ``flashdino.ops`` from ``flashdino.check.tune``.
+_TUNER: list = [None]
+
+
+def set_tuner(tuner: Optional[Callable[..., Optional[tuple[str, str, str]]]]) -> None:
+    """``tuner(op, call, device, measure)``: None or (backend, variant, reason); ``measure=False``
+    (``explain``) only reads what is already decided."""
+    _TUNER[0] = tuner
+
+
 def _device_rule(backend: str, device: torch.device) -> Optional[str]:
     """Architecture rules of a backend on a CUDA device (compute capability, ``_C``'s build archs)."""
     rule = _GPU_RULES["device_rule"]
@@ -198,14 +250,21 @@ def _first_use_check(op: str, backend: str, device: torch.device, call) -> Optio
     return None if check is None else check(op, backend, device, call)
 
 
-def implementation(op: str, backend: str) -> Callable:
-    """The registered function of ``backend`` for ``op`` (the self-check probes call it directly)."""
+def implementation(op: str, backend: str, variant: str = "") -> Callable:
+    """The registered function of ``backend`` (or one of its variants) for ``op`` (the self-check
+    probes and the tuner call it directly)."""
     if op not in _REGISTRY or backend not in _REGISTRY[op]:
         raise ValueError(f"no {backend} implementation of {op!r}")
-    return _REGISTRY[op][backend].fn
+    if not variant:
+        return _REGISTRY[op][backend].fn
+    impl = _VARIANTS.get(op, {}).get(backend, {}).get(variant)
+    if impl is None:
+        raise ValueError(f"no variant {variant!r} of the {backend} implementation of {op!r}")
+    return impl.fn
 
 
-def _choose(op: str, call, device: torch.device, backend: Optional[str]) -> tuple[Impl, str, str]:
+def _choose(op: str, call, device: torch.device, backend: Optional[str],
+            measure: bool = True) -> tuple[Impl, str, str]:
     spec = _OPS.get(op)
     if spec is None:
         raise ValueError(f"unknown op {op!r} (known: {ops()})")
@@ -226,6 +285,12 @@ def _choose(op: str, call, device: torch.device, backend: Optional[str]) -> tupl
             return impls[env], env, "forced by FLASHDINO_BACKEND"
         warnings.warn(f"{op}: FLASHDINO_BACKEND={env} cannot run this call ({why}); using the default order",
                       stacklevel=4)
+    tuner = _TUNER[0]
+    if tuner is not None:  # None off CUDA (except the tests' devices) and when FLASHDINO_TUNE=0
+        picked = tuner(op, call, device, measure)
+        if picked is not None and _why_not(op, picked[0], device, call) is None:
+            name, variant, reason = picked
+            return impls[name] if not variant else _VARIANTS[op][name][variant], name, reason
     if device.type != "cuda":
         return impls["torch"], "torch", f"tensors on {device.type}"
     reasons = []
@@ -254,13 +319,14 @@ def last_backend(op: str) -> Optional[str]:
 
 
 def explain(device: Optional[torch.device] = None) -> dict[str, tuple[str, str]]:
-    """Backend and reason per op for the op's typical call on ``device`` (``flashdino info``)."""
+    """Backend and reason per op for the op's typical call on ``device`` (``flashdino info``); the
+    tuned choice where one is known, never a new measurement."""
     check_environment()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for op in ops():
         try:
-            _, name, reason = _choose(op, _OPS[op].typical(device), device, None)
+            _, name, reason = _choose(op, _OPS[op].typical(device), device, None, measure=False)
         except Exception as exc:  # report, never crash the info command
             name, reason = "?", str(exc)
         out[op] = (name, reason)

@@ -86,6 +86,7 @@ def collect() -> dict:
     gpu = _gpu_facts()
     triton_ok, triton_why = triton_status()
     ops = {op: {"backend": name, "reason": reason} for op, (name, reason) in dispatch.explain().items()}
+    from .check import tune
     return {
         "flashdino": __version__,
         "python": platform.python_version(),
@@ -98,7 +99,9 @@ def collect() -> dict:
         "triton_backend": {"available": triton_ok, "status": triton_why},
         "unavailable_backends": dispatch.unavailable(),
         "environment": _environment(),
+        "environment_problems": dispatch.environment_problems(),
         "ops": ops,
+        "tuning": {"enabled": tune.enabled(), "store": str(tune.store_path()), "choices": tune.stored_choices()},
     }
 
 
@@ -136,9 +139,22 @@ def format_report(info: dict) -> str:
             lines.append(f"backend   {backend} unavailable: {why}")
     for name, value in info["environment"].items():
         lines.append(f"env       {name}={value}")
+    for problem in info.get("environment_problems", []):
+        lines.append(f"WARNING   {problem}")
     lines.append("ops (backend that runs a typical call on this machine, and why):")
     for op, row in sorted(info["ops"].items()):
         lines.append(f"  {op:<22} {row['backend']:<7} {row['reason']}")
+    tuning = info.get("tuning")
+    if tuning is not None:
+        state = "on" if tuning["enabled"] else "off (FLASHDINO_TUNE=0: the fixed order)"
+        lines.append(f"tuning    {state}; {len(tuning['choices'])} stored choice(s) in {tuning['store']}")
+        for gpu in dict.fromkeys(c["gpu"] for c in tuning["choices"]):
+            lines.append(f"  on {gpu}:")
+            for c in (c for c in tuning["choices"] if c["gpu"] == gpu):
+                ratio = (f" (PyTorch {c['pytorch_ms']:.3f} ms, {c['pytorch_ms'] / c['ms']:.2f}x)"
+                         if c["ms"] and c["pytorch_ms"] else "")
+                ms = f" {c['ms']:.3f} ms" if c["ms"] else ""
+                lines.append(f"    {c['op']:<16} {c['bucket']}: {c['choice']}{ms}{ratio}")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ configurations the real code selects, not a copy of them.
 
 Scenarios cover what the dispatch can route to the Triton backend: head dims of the variant table
 (and every head dim the attention supports), fp16 / bf16 (and fp32 with TF32, opt-in), forward
-and backward, each K-rotation mode, each RoPE mode with and without qk-norm, LayerNorm widths of
+and backward, every forward configuration on-device tuning may choose, each K-rotation mode, each RoPE mode with and without qk-norm, LayerNorm widths of
 every model in the table (plus the largest supported), the final norm in both layouts and the
 patch embedding. Scenarios reachable only through an opt-in setting are marked non-default:
 reported, never fatal.
@@ -223,10 +223,17 @@ def rope_scenarios() -> list[Scenario]:
                         out.append(Scenario("rope_attention", label + (" bwd" if bwd else " fwd"),
                                             _rope_runner(tra, d, heads, dtype, mode, norm, k_rotation, bwd),
                                             default=not opt_in, note=", ".join(opt_in)))
+            # The other forward configurations on-device tuning may choose (prepass K rotation):
+            # stored tiles without (SOURCE 0) and with (SOURCE 1) a transform cover every mode.
+            for cfg in tra.FWD_CANDIDATES.get((tra._precision(dtype), d), ()):
+                for mode in ("none", "dinov3"):
+                    out.append(Scenario("rope_attention", f"d={d} {_name(dtype)} {mode} prepass fwd tuned "
+                                        f"{tra.config_name(cfg)}",
+                                        _rope_runner(tra, d, heads, dtype, mode, False, "prepass", False, cfg)))
     return out
 
 
-def _rope_runner(tra, d, heads, dtype, mode, norm, k_rotation, bwd):
+def _rope_runner(tra, d, heads, dtype, mode, norm, k_rotation, bwd, fwd_config=None):
     def run():
         H = W = 32
         n_prefix = 0 if mode == "none" else 5
@@ -243,7 +250,7 @@ def _rope_runner(tra, d, heads, dtype, mode, norm, k_rotation, bwd):
         scalars = (heads, H, W, n_prefix, mode, *denom, 1e-5, d ** -0.5)
         with _tf32(dtype == torch.float32):
             if not bwd:
-                tra._forward(qkv, freqs, cos_sin, qw, qb, kw, kb, *scalars, k_rotation)
+                tra._forward(qkv, freqs, cos_sin, qw, qb, kw, kb, *scalars, k_rotation, fwd_config)
             else:
                 out = _meta(B, n, heads * d, dtype=dtype)
                 lse = _meta(B, heads, n, dtype=torch.float32)

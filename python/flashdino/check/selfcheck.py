@@ -3,13 +3,19 @@
 The first time the dispatch would run a non-reference backend of an op on a GPU (per device,
 dtype and probe variant), it runs that backend and the PyTorch reference on a small probe built
 like the call (same dtype, head dim, RoPE mode, qk-norm, row width, patch size) and compares them.
+The attention probe has the call's heads, grid and prefix count, its token stride, and a batch and
+token count that Triton specialises like the call's (``same_class``), so the probe compiles the
+very kernel the model then runs: one compilation per process, not two. On-device tuning
+(``check/tune.py``) checks each of its candidates (a backend's variants) the same way before
+timing it; a failing variant is left out quietly (it is one candidate among several).
 A mismatch or an exception disables that backend for that op on that device for the rest of the
 process: the dispatch then takes the next backend, and ONE warning names the op, the GPU and
 ``FLASHDINO_BACKEND=torch``. Never a wrong number from an untested GPU / driver / Triton pairing.
 
 * ``FLASHDINO_SELFCHECK=0`` turns it off.
-* Results are cached on disk per GPU name + driver + flashdino / torch / triton versions
-  (``FLASHDINO_SELFCHECK_CACHE``, default ``$XDG_CACHE_HOME/flashdino/selfcheck.json`` or
+* Results are cached on disk per GPU name + driver + flashdino / torch / triton versions + the
+  overriding switches set (``overrides()``: ``FLASHDINO_ROPE_ATTN_*``, ``FLASHDINO_BACKEND*``,
+  ``FLASHDINO_TUNE``) (``FLASHDINO_SELFCHECK_CACHE``, default ``$XDG_CACHE_HOME/flashdino/selfcheck.json`` or
   ``~/.cache/flashdino/selfcheck.json``), so the probes run once per machine. Exceptions are not
   cached (an out-of-memory error may be transient); mismatches and passes are.
 * It never runs inside ``torch.compile`` tracing or CUDA graph capture: there the backend is
@@ -93,22 +99,56 @@ def _randn(shape, dtype, device, gen, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
 
+def same_class(n: int, cap: int) -> int:
+    """A size <= ``cap`` (at least 16) that Triton specialises like ``n``: its launcher makes an int
+    argument equal to 1 a constant and marks multiples of 16 as divisible, so a probe of this size
+    compiles the kernel the real call runs (``n`` itself when it is small)."""
+    if n <= cap:
+        return n
+    if n % 16 == 0:
+        return max(16, cap // 16 * 16)
+    return cap if cap % 16 else cap - 1
+
+
+def _probe_frames(frames: int, tokens_per_frame: int) -> int:
+    """Frames of a RoPE probe: at most the call's, two or more when it has several (the per-frame
+    position wrap), with a token count specialised like the call's."""
+    if frames <= 2:
+        return frames
+    divisible = frames * tokens_per_frame % 16 == 0
+    return next((f for f in range(2, 17) if (f * tokens_per_frame % 16 == 0) == divisible), frames)
+
+
+def rope_probe_shape(call) -> tuple[int, int, int]:
+    """(batch, tokens, token stride) of the rope_attention probe: the call's heads, head dim, grid
+    and prefix count, and sizes Triton specialises like the call's (so the process compiles each
+    kernel once, for the probe and the model alike)."""
+    batch = same_class(getattr(call, "batch", 2), 16 if getattr(call, "batch", 2) % 16 == 0 else 2)
+    if call.rope is not None:
+        tpf = call.rope.tokens_per_frame
+        n = tpf * _probe_frames(max(call.n_tokens // tpf, 1), tpf)
+    else:
+        n = same_class(call.n_tokens, 64)
+    width = 3 * getattr(call, "num_heads", 2) * call.head_dim
+    stride = call.token_stride if call.token_stride > width and call.token_stride <= 2 * width else width
+    return batch, n, stride
+
+
 def _rope_probe(call, device: torch.device) -> Probe:
     from ..ops.rope_attention import RopeGrid
 
-    d, heads, gen = call.head_dim, 2, _gen(device)
+    d, heads, gen = call.head_dim, getattr(call, "num_heads", 2), _gen(device)
     rope = None
     if call.rope is not None:
-        H, W, p = 4, 5, 1
-        if call.rope.mode == "dinov3":
+        g = call.rope
+        if g.mode == "dinov3":
             periods = 100.0 ** (2 * torch.arange(d // 4, dtype=torch.float32) / (d // 2))
-            rope = RopeGrid("dinov3", H, W, p, periods=periods.to(device), normalize=call.rope.normalize)
+            rope = RopeGrid("dinov3", g.height, g.width, g.n_prefix, periods=periods.to(device), normalize=g.normalize)
         else:
-            rope = RopeGrid(call.rope.mode, H, W, p, base=call.rope.base)
-        n = 2 * rope.tokens_per_frame  # two frames: the per-frame position wrap is exercised too
-    else:
-        n = 41
-    qkv = _randn((2, n, 3 * heads * d), call.dtype, device, gen)
+            rope = RopeGrid(g.mode, g.height, g.width, g.n_prefix, base=g.base)
+    batch, n, stride = rope_probe_shape(call)
+    # A qkv view with the call's token stride (a slice of a wider row) when it has one.
+    qkv = _randn((batch, n, stride), call.dtype, device, gen)[..., :3 * heads * d]
     norms = (None, None)
     if call.qk_norm:
         norms = tuple((_randn((d,), call.dtype, device, gen, 0.2) + 1, _randn((d,), call.dtype, device, gen, 0.1))
@@ -215,7 +255,7 @@ def _grads(fn, args) -> list:
 
 
 def run_probe(op: str, backend: str, device: torch.device, call,
-              backward: bool = False) -> tuple[Optional[str], float, str]:
+              backward: bool = False, variant: str = "") -> tuple[Optional[str], float, str]:
     """(None or the failure, max relative error, probe variant): ``backend`` vs the reference.
 
     The bound adapts to the probe: a fast kernel may differ from the reference by up to three
@@ -224,7 +264,7 @@ def run_probe(op: str, backend: str, device: torch.device, call,
     one is not disabled for rounding.
     """
     probe = PROBES[op](call, device)
-    fast_fn = dispatch.implementation(op, backend)
+    fast_fn = dispatch.implementation(op, backend, variant)
     ref_fn = dispatch.implementation(op, "torch")
     low_precision = getattr(call, "dtype", None) in (torch.float16, torch.bfloat16, torch.uint8)
     _ACTIVE.on = True
@@ -271,7 +311,9 @@ def _versions() -> str:
     return f"flashdino {flashdino.__version__} | torch {torch.__version__} | triton {tv}"
 
 
-def _driver() -> str:
+def _driver(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "none"
     getter = getattr(torch._C, "_cuda_getDriverVersion", None)
     if getter is not None:
         try:
@@ -294,10 +336,22 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else device.type
 
 
+# Switches that change which kernel runs or how it is compiled: part of every cache key (the
+# self-check's and the tuner's), so that no result is reused after one of them changed.
+OVERRIDE_PREFIXES = ("FLASHDINO_ROPE_ATTN_", "FLASHDINO_BACKEND", "FLASHDINO_TUNE")
+
+
+def overrides() -> str:
+    """The overriding switches set in the environment, ``NAME=value`` sorted, or "none"."""
+    found = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(OVERRIDE_PREFIXES) and v)
+    return ",".join(found) or "none"
+
+
 def fingerprint(device: torch.device) -> str:
-    """What a cached result is valid for: the GPU model, the driver and the software versions."""
-    driver = _driver() if device.type == "cuda" else "none"
-    return f"{device_name(device)} | driver {driver} | CUDA {torch.version.cuda} | {_versions()}"
+    """What a cached result is valid for: the GPU model, the driver, the software versions and
+    the overrides in the environment."""
+    return (f"{device_name(device)} | driver {_driver(device)} | CUDA {torch.version.cuda} | {_versions()} | "
+            f"overrides {overrides()}")
 
 
 def _load_cache() -> dict:
@@ -336,10 +390,15 @@ def _device_key(device: torch.device) -> str:
 
 
 def _disable(op: str, backend: str, device: torch.device, dtype, reason: str) -> str:
+    """Disables ``backend`` (or one variant, "backend:variant") of ``op`` on ``device``. A variant
+    is one tuning candidate among several: it is left out of the timing without a warning
+    (``flashdino check --tune`` lists it), e.g. an SDPA kernel that does not take fp32."""
     key = (op, backend, _device_key(device))
     _DISABLED_OPS.setdefault((op, backend), reason)
     if key not in _DISABLED:
         _DISABLED[key] = reason
+        if ":" in backend:
+            return f"disabled by the self-check on this GPU: {reason}"
         warnings.warn(
             f"flashdino: the {backend} kernel of {op} failed its self-check on {device_name(device)} ({dtype}): "
             f"{reason}. It is disabled for {op} in this process (the next backend runs instead). Set "
@@ -348,10 +407,13 @@ def _disable(op: str, backend: str, device: torch.device, dtype, reason: str) ->
     return f"disabled by the self-check on this GPU: {reason}"
 
 
-def verify(op: str, backend: str, device: torch.device, call) -> Optional[str]:
-    """None when ``backend`` may run ``op`` on ``device``; else the reason (it failed its probe)."""
-    if backend == "torch" or op not in PROBES:
+def verify(op: str, backend: str, device: torch.device, call, variant: str = "") -> Optional[str]:
+    """None when ``backend`` (its ``variant``, a tuning candidate) may run ``op`` on ``device``;
+    else the reason (it failed its probe)."""
+    if (backend == "torch" and not variant) or op not in PROBES:
         return None
+    if variant:
+        backend = f"{backend}:{variant}"  # a variant is checked and disabled on its own
     if torch.compiler.is_compiling():
         # Traced code (torch.compile) runs no probe, takes no lock and queries no device: a
         # backend that already failed stays refused, anything else is checked at the next eager call.
@@ -386,7 +448,8 @@ def verify(op: str, backend: str, device: torch.device, call) -> Optional[str]:
             reason = None if cached == "ok" else cached
         else:
             try:
-                reason = run_probe(op, backend, device, call)[0]
+                name, _, variant = backend.partition(":")
+                reason = run_probe(op, name, device, call, variant=variant)[0]
             except Exception as exc:  # an exception disables too, but is not cached (may be transient)
                 reason = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 _RESULTS[key] = reason
@@ -405,6 +468,11 @@ def _call_key(call) -> str:
     rope = getattr(call, "rope", None)
     if hasattr(call, "rope"):
         parts.append(f"rope={rope.mode if rope is not None else None}")
+        if rope is not None:
+            parts.append(f"grid={rope.height}x{rope.width}+{rope.n_prefix}"
+                         f"{'/' + rope.normalize if rope.mode == 'dinov3' else ''}")
+        batch, n, stride = rope_probe_shape(call)
+        parts.append(f"heads={getattr(call, 'num_heads', 2)},probe={batch}x{n}x{stride}")
     return ",".join(parts)
 
 

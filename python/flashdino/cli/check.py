@@ -5,10 +5,15 @@
     flashdino check --audit sm_80,sm_90  compile every selectable Triton configuration for these
                                          architectures (no GPU needed) [--json FILE] [--default-only]
                                          [--quick: bf16 only]
+    flashdino check --tune               on-device tuning of the models' typical attention calls:
+                                         every candidate's time, the choice and its ratio to
+                                         PyTorch's path; the choices are stored for later runs
+                                         (up to 4 s of timing per call, plus compiling each Triton
+                                         configuration once) [--json FILE]
 
 Exit status: 0 healthy; 1 a probe failed / a default configuration spills or overflows shared
-memory; 3 nothing was checked: no CUDA GPU for the probes, or no usable Triton for the audit (so
-that `flashdino check && ...` never passes on a machine where nothing ran).
+memory; 3 nothing was checked: no CUDA GPU for the probes or the tuning, or no usable Triton for
+the audit (so that `flashdino check && ...` never passes on a machine where nothing ran).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--audit", metavar="ARCHS", nargs="?", const="sm_80,sm_86,sm_89,sm_90", default=None,
                    help="compile audit for these architectures (default sm_80,sm_86,sm_89,sm_90)")
-    p.add_argument("--json", metavar="FILE", help="also write the audit (or probe) results as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the audit (or probe, or tuning) results as JSON")
     p.add_argument("--default-only", action="store_true",
                    help="audit only the configurations selectable by default (faster)")
     p.add_argument("--quick", action="store_true", help="audit bf16 configurations only (what CI runs)")
+    p.add_argument("--tune", action="store_true",
+                   help="time every candidate of the models' typical attention calls on this GPU and store the fastest")
     p.set_defaults(func=run)
 
 
@@ -78,10 +85,39 @@ def _probes(json_path) -> int:
     return 1 if failed else 0
 
 
+def _tune(json_path) -> int:
+    import json
+
+    import torch
+
+    import flashdino.ops  # noqa: F401  (registers the backends and installs the tuner)
+    from flashdino.check import selfcheck, tune
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    print(f"flashdino check --tune on {selfcheck.fingerprint(device)}", flush=True)
+    if not tune.enabled():
+        print("  note: FLASHDINO_TUNE=0 is set, so these measurements are stored but not used by this process")
+    rows = tune.run_report(device)
+    print(tune.format_report(rows))
+    print(f"\nStored in {tune.store_path()}: later processes on this GPU, driver, versions and overrides use these "
+          f"choices without timing again.")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(dict(device=selfcheck.fingerprint(device), rows=rows), f, indent=1)
+    return 0
+
+
 def run(args) -> int:
     if args.audit is not None:
         return _audit(args.audit, args.json, args.default_only, args.quick)
     import torch
+
+    if args.tune:
+        if not torch.cuda.is_available():
+            print("flashdino check --tune: no CUDA GPU here; tuning measures the kernels on the GPU that runs them "
+                  "(run it on that machine)")
+            return NOTHING_CHECKED
+        return _tune(args.json)
 
     if not torch.cuda.is_available():
         # Not an audit in disguise: that compiles for minutes and prints hundreds of rows the

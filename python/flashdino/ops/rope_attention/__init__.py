@@ -5,12 +5,16 @@ Files: ``reference.py`` (PyTorch: split, qk-norm, RoPE, SDPA; the CPU path and t
 ``triton_kernels.py`` (one fused flash-attention kernel, forward and backward, qk-norm + RoPE
 inside), ``cuda.py`` (``flashdino._C``: fused qkv split + qk-norm + RoPE into SDPA's layout).
 
-Dispatch on CUDA tensors: "triton", then "cuda", then "torch". Each backend's ``supports`` names
-why it declines a call (head dim, dtype, RoPE mode, int32 offsets, ...).
+Dispatch on CUDA tensors: the fastest candidate measured on the device for the call's shape bucket
+(``flashdino.check.tune``: each audited Triton launch configuration, the CUDA path and the PyTorch
+path with each attention kernel, see ``attend.py``), or with ``FLASHDINO_TUNE=0`` "triton", then
+"cuda", then "torch". Each backend's ``supports`` names why it declines a call (head dim, dtype,
+RoPE mode, int32 offsets, ...).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ... import dispatch
-from . import reference
+from . import attend, reference
 from .._validate import check_vector
 from .grid import MODES, NORMALIZATIONS, RopeGrid
 
@@ -35,13 +39,18 @@ class RopeAttentionCall:
     token_stride: int  # elements between consecutive tokens of qkv
     rope: Optional[RopeGrid]
     qk_norm: bool
+    # The shape beyond the rules above: the self-check probes the kernel specialisation of these
+    # sizes, and on-device tuning buckets calls by tokens and batch x heads.
+    batch: int = 2
+    num_heads: int = 2
 
 
 def _typical(device: torch.device) -> RopeAttentionCall:
     # ViT-L/16 at 512 px (CLS + 4 storage tokens + 32x32 patches), bf16 on GPUs.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     grid = RopeGrid("dinov3", 32, 32, 5, periods=torch.ones(16))
-    return RopeAttentionCall(dtype=dtype, head_dim=64, n_tokens=1029, token_stride=3 * 1024, rope=grid, qk_norm=False)
+    return RopeAttentionCall(dtype=dtype, head_dim=64, n_tokens=1029, token_stride=3 * 1024, rope=grid, qk_norm=False,
+                             batch=64, num_heads=16)
 
 
 dispatch.define(OP, RopeAttentionCall, preference=("triton", "cuda", "torch"), typical=_typical)
@@ -58,6 +67,29 @@ except Exception as exc:
     dispatch.mark_unavailable("cuda", f"CUDA backend did not load: {exc}")
 else:
     dispatch.register(OP, "cuda", _cuda.rope_attention, _cuda.supports)
+
+
+def _register_tuning_variants() -> None:
+    """What on-device tuning (``flashdino.check.tune``) may time besides each backend's default:
+    every audited Triton forward configuration, and each attention kernel after the PyTorch or
+    the CUDA RoPE (SDPA's flash / efficient / cudnn kernels, xformers where installed; SDPA's math
+    kernel is left out: never the fastest on a GPU, it is the default path's own fallback)."""
+    kernels = tuple(k for k in attend.kernels() if k != "math")
+    for backend in ("torch", "cuda"):
+        if backend in dispatch.backends(OP):
+            fn = dispatch.implementation(OP, backend)
+            for kernel in kernels:
+                dispatch.register_variant(OP, backend, f"sdpa-{kernel}" if kernel != "xformers" else kernel,
+                                          functools.partial(fn, attention=kernel))
+    if "triton" in dispatch.backends(OP):
+        for cfg in sorted({c for configs in _triton.FWD_CANDIDATES.values() for c in configs}):
+            def applies(call, cfg=cfg) -> Optional[str]:  # the default configuration is the variant ""
+                return None if cfg in _triton.fwd_candidates(call)[1:] else "not a tuning candidate for this call"
+            dispatch.register_variant(OP, "triton", _triton.config_name(cfg),
+                                      functools.partial(_triton.rope_attention, fwd_config=cfg), applies)
+
+
+_register_tuning_variants()
 
 
 def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm) -> int:
@@ -123,7 +155,8 @@ def rope_attention(
     # contiguous first (so its int32 offset guard must look at the contiguous stride).
     token_stride = qkv.stride(1) if qkv.stride(-1) == 1 else qkv.shape[-1]
     call = RopeAttentionCall(dtype=qkv.dtype, head_dim=head_dim, n_tokens=qkv.shape[1], token_stride=token_stride,
-                             rope=rope, qk_norm=q_norm is not None or k_norm is not None)
+                             rope=rope, qk_norm=q_norm is not None or k_norm is not None, batch=qkv.shape[0],
+                             num_heads=num_heads)
     fn, _, _ = dispatch.select(OP, call, qkv.device, backend)
     return fn(qkv, num_heads, rope, q_norm, k_norm, norm_eps, scale)
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..._native import require_native
+from .attend import attend
 from .grid import RopeGrid, rotation_dtype
 
 _C = require_native()
@@ -256,12 +256,11 @@ def rope_attention(
     k_norm: Optional[tuple[Tensor, Optional[Tensor]]] = None,
     norm_eps: float = 1e-5,
     scale: Optional[float] = None,
+    attention: Optional[str] = None,
 ) -> Tensor:
-    """Same contract as ``reference.rope_attention``."""
+    """Same contract as ``reference.rope_attention`` (``attention``: the kernel of the product)."""
     q, k, v = rope_attention_qkv(qkv, num_heads, rope, q_norm, k_norm, norm_eps)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    B, _, N, d = out.shape
-    return out.transpose(1, 2).reshape(B, N, num_heads * d)
+    return attend(q, k, v, scale, attention)
 
 
 def supports(call) -> Optional[str]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attend import attend
 from .grid import RopeGrid
 
 
@@ -88,7 +89,10 @@ def rope_attention(
     k_norm: Optional[tuple[Tensor, Optional[Tensor]]] = None,
     norm_eps: float = 1e-5,
     scale: Optional[float] = None,
+    attention: Optional[str] = None,
 ) -> Tensor:
+    """``attention`` names the kernel of the attention product (:func:`attend.attend`); None lets
+    SDPA choose."""
     q, k, v = split_qkv(qkv, num_heads)
     head_dim = q.shape[-1]
     if q_norm is not None:
@@ -100,6 +104,4 @@ def rope_attention(
     # Under autocast the norms return fp32 while v stays in the autocast dtype.
     if q.dtype != v.dtype and not torch.is_autocast_enabled(q.device.type):
         v = v.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    B, _, N, _ = out.shape
-    return out.transpose(1, 2).reshape(B, N, num_heads * head_dim)
+    return attend(q, k, v, scale, attention)

@@ -25,8 +25,9 @@ logsumexp, like SDPA). Without RoPE and qk_norm, q/k/v are read from qkv directl
 written directly (no pre- or post-pass).
 
 Launch configurations: the per-head-dim / precision tables ``FWD_CONFIGS`` / ``BWD_CONFIGS`` below,
-audited by ``flashdino check --audit``. ``FLASHDINO_ROPE_ATTN_FWD_CFG`` / ``_BWD_CFG`` =
-``"BLOCK_M,BLOCK_N,num_warps,num_stages"`` override them for experts (validated, not audited).
+audited by ``flashdino check --audit``, and the forward's other candidates ``FWD_CANDIDATES`` that
+on-device tuning times (``flashdino check --tune``). ``FLASHDINO_ROPE_ATTN_FWD_CFG`` / ``_BWD_CFG``
+= ``"BLOCK_M,BLOCK_N,num_warps,num_stages"`` override them for experts (validated, not audited).
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ FWD_CONFIGS = {
     ("tf32", 64): (64, 32, 4, 2),
     ("tf32", 128): (64, 32, 8, 2),
 }
+# The other forward configurations on-device tuning (``flashdino.check.tune``) may time and choose
+# for a call of the default K rotation ("prepass"), by (precision, head_dim): the default above is
+# always a candidate too. Each one fits the 99 KiB of shared memory of sm_86 / sm_89 (so every
+# audited architecture) and compiles without spills; ``flashdino check --audit`` compiles them all
+# (selectable by default, since tuning can choose them). Head dims no model of the table uses
+# (16, 32) and fp32 (TF32, opt-in) keep their one configuration.
+FWD_CANDIDATES = {
+    ("half", 64): ((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)),
+    ("half", 128): ((64, 64, 8, 2), (128, 32, 8, 3)),
+}
 BWD_CONFIGS = {
     ("half", 16): (64, 64, 4, 2),
     ("half", 32): (64, 64, 4, 2),
@@ -116,10 +127,30 @@ def _parse_env_cfg(name: str) -> Optional[tuple]:
     return cfg
 
 
-def _fwd_config(head_dim: int, dtype: torch.dtype) -> tuple:
+def _fwd_config(head_dim: int, dtype: torch.dtype, chosen: Optional[list] = None) -> tuple:
+    if chosen:  # a configuration chosen by on-device tuning (one of fwd_candidates), also interpreted
+        return tuple(int(v) for v in chosen)
     if _interpreting():
         return _INTERPRETER_CFG
     return _parse_env_cfg("FLASHDINO_ROPE_ATTN_FWD_CFG") or FWD_CONFIGS[(_precision(dtype), head_dim)]
+
+
+def fwd_candidates(call) -> tuple:
+    """The forward launch configurations tuning may time for ``call`` (a ``RopeAttentionCall``),
+    the default first; only the default (or the user's override) when the K rotation or the
+    configuration is overridden, since only the prepass path's candidates are audited."""
+    key = (_precision(call.dtype), call.head_dim)
+    if key not in FWD_CONFIGS:
+        return ()
+    default = FWD_CONFIGS[key]
+    if K_ROTATION != "prepass" or os.environ.get("FLASHDINO_ROPE_ATTN_FWD_CFG"):
+        return (default,)
+    return (default,) + tuple(c for c in FWD_CANDIDATES.get(key, ()) if c != default)
+
+
+def config_name(cfg: tuple) -> str:
+    """``(128, 64, 4, 3)`` -> ``"128x64w4s3"``: the variant name of a launch configuration."""
+    return f"{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}"
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple:
@@ -206,7 +237,7 @@ def _validate(qkv, freqs, norm_tensors, num_heads, height, width, n_prefix, mode
 
 
 def _forward(qkv, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode, denom_h, denom_w, eps,
-             scale, k_rotation):
+             scale, k_rotation, fwd_config=None):
     _validate(qkv, freqs, (qw, qb, kw, kb), num_heads, height, width, n_prefix, mode)
     if k_rotation not in K_ROTATIONS:
         raise ValueError(f"rope_attention_triton: unknown k_rotation {k_rotation!r} (expected one of {K_ROTATIONS})")
@@ -229,7 +260,7 @@ def _forward(qkv, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_pr
     else:
         source = 3 if mode != "none" else 2
         cs = cos_sin.contiguous() if mode != "none" else None
-    bm, bn, warps, stages = _fwd_config(D, qkv.dtype)
+    bm, bn, warps, stages = _fwd_config(D, qkv.dtype, fwd_config)
     if source == 3:  # the fp32 cos/sin tiles are pipelined too: 3 stages need 192 KiB smem at d=128,
         # 2 stages 144 KiB (over the 99 KiB of sm_86 / sm_89): one stage at d=128 (flashdino check --audit)
         stages = min(stages, 2 if D < 128 else 1)
@@ -316,19 +347,21 @@ def rope_attention_triton(
     qkv: Tensor, freqs: Optional[Tensor], cos_sin: Optional[Tensor], q_weight: Optional[Tensor],
     q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor], num_heads: int, height: int,
     width: int, n_prefix: int, mode: str, denom_h: float, denom_w: float, eps: float, scale: float, k_rotation: str,
+    fwd_config: Optional[list[int]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, N, h*d], logsumexp [B, h, N] fp32, base-2 and pre-scaled: for the backward).
 
     ``freqs``: the [d/4] fp32 table of ``RopeGrid.frequencies`` (None without RoPE); ``cos_sin``:
-    the fp32 [2, tokens_per_frame, d] tables, read only with ``k_rotation="table"``.
+    the fp32 [2, tokens_per_frame, d] tables, read only with ``k_rotation="table"``. ``fwd_config``:
+    ``[BLOCK_M, BLOCK_N, num_warps, num_stages]`` chosen by tuning (None: the default table).
     """
     return _forward(qkv, freqs, cos_sin, q_weight, q_bias, k_weight, k_bias, num_heads, height, width, n_prefix,
-                    mode, denom_h, denom_w, eps, scale, k_rotation)
+                    mode, denom_h, denom_w, eps, scale, k_rotation, fwd_config)
 
 
 @rope_attention_triton.register_fake
 def _(qkv, freqs, cos_sin, q_weight, q_bias, k_weight, k_bias, num_heads, height, width, n_prefix, mode, denom_h,
-      denom_w, eps, scale, k_rotation):
+      denom_w, eps, scale, k_rotation, fwd_config=None):
     B, N, C3 = qkv.shape
     head_dim = C3 // (3 * num_heads)
     return (qkv.new_empty(B, N, num_heads * head_dim),
@@ -357,12 +390,12 @@ def _(grad_out, qkv, out, lse, freqs, q_weight, q_bias, k_weight, k_bias, num_he
             torch.empty_like(k_bias) if k_weight is not None and k_bias is not None else qkv.new_empty(0))
 
 
-_N_SCALAR_ARGS = 10  # num_heads ... k_rotation
+_N_SCALAR_ARGS = 11  # num_heads ... k_rotation, fwd_config
 
 
 def _setup_context(ctx, inputs, output):
     qkv, freqs, _cos_sin, qw, qb, kw, kb = inputs[:7]
-    ctx.scalars = inputs[7:16]  # num_heads .. scale (k_rotation is forward-only)
+    ctx.scalars = inputs[7:16]  # num_heads .. scale (k_rotation and fwd_config are forward-only)
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, freqs, qw, qb, kw, kb)
 
@@ -390,8 +423,10 @@ def rope_attention(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid] = None,
                    q_norm: Optional[tuple[Tensor, Optional[Tensor]]] = None,
                    k_norm: Optional[tuple[Tensor, Optional[Tensor]]] = None,
                    norm_eps: float = 1e-5, scale: Optional[float] = None,
-                   k_rotation: Optional[str] = None) -> Tensor:
-    """Same signature and result as the reference ``rope_attention`` (plus ``k_rotation``)."""
+                   k_rotation: Optional[str] = None, fwd_config: Optional[tuple] = None) -> Tensor:
+    """Same signature and result as the reference ``rope_attention`` (plus ``k_rotation`` and the
+    forward launch configuration ``fwd_config``, one of :func:`fwd_candidates`, which the tuner's
+    variants pass)."""
     head_dim = qkv.shape[-1] // (3 * num_heads)
     k_rotation = k_rotation or K_ROTATION
     if scale is None:
@@ -414,7 +449,7 @@ def rope_attention(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid] = None,
     qw, qb = q_norm if q_norm is not None else (None, None)
     kw, kb = k_norm if k_norm is not None else (None, None)
     args = (freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode, float(denom_h), float(denom_w),
-            float(norm_eps), float(scale), k_rotation)
+            float(norm_eps), float(scale), k_rotation, list(fwd_config) if fwd_config is not None else None)
     max_batch = _MAX_GRID_Y // num_heads
     if qkv.shape[0] > max_batch:  # the grid's second axis holds batch * heads
         return torch.cat([torch.ops.flashdino.rope_attention_triton(part, *args)[0]
