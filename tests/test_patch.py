@@ -229,19 +229,23 @@ def _timm_tokens(m, x):
 
 
 @pytest.mark.parametrize("build,call", [
-    (lambda: _hf("dinov3", drop_path_rate=0.3), _hf_tokens),
+    # pos_embed_rescale=None: HF's default (2.0) draws RoPE augmentations in training, which run
+    # HF's attention code (test_hf_gradient_checkpointing_and_training_rope_augmentation)
+    (lambda: _hf("dinov3", drop_path_rate=0.3, pos_embed_rescale=None), _hf_tokens),
     (lambda: _hf("dinov2_reg", drop_path_rate=0.3), _hf_tokens),
     (lambda: _timm("vit_small_patch16_dinov3", drop_path_rate=0.3), _timm_tokens),
     (lambda: _timm("vit_small_patch14_dinov2", drop_path_rate=0.3), _timm_tokens),
 ], ids=["hf-dinov3", "hf-dinov2-reg", "timm-dinov3", "timm-dinov2"])
-def test_gradients_of_every_parameter_match(build, call):
+def test_gradients_of_every_parameter_match(build, call, monkeypatch):
     """Training mode with stochastic depth: the same random draws, the same loss, the same gradient
     for every parameter that gets one."""
     model = build().train()
     x = _image(model, 3, 5)
     ref_loss, ref = _grads(model, x, call)
     flashdino.patch(model)
+    calls = _OpCalls(monkeypatch)
     loss, got = _grads(model, x, call)
+    assert calls.counts["rope_attention"] == calls.counts["residual_layernorm"] == 2  # the flashdino path ran
     assert _rel(loss, ref_loss) < TOL
     assert got.keys() == ref.keys()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -251,7 +255,7 @@ def test_gradients_of_every_parameter_match(build, call):
         assert _rel(got[name], ref[name]) < 1e-4, name  # gradients: a few fp32 roundings more
 
 
-def test_hf_gradient_checkpointing_and_training_rope_augmentation():
+def test_hf_gradient_checkpointing_and_training_rope_augmentation(monkeypatch):
     """HF's RoPE coordinate augmentation (training) runs HF's own tables with the same random draws;
     gradient checkpointing re-runs the patched layers."""
     model = _hf("dinov3", pos_embed_jitter=1.5, pos_embed_shift=0.1).train()
@@ -259,7 +263,9 @@ def test_hf_gradient_checkpointing_and_training_rope_augmentation():
     x = torch.randn(2, 3, 24, 40)
     ref_loss, ref = _grads(model, x, _hf_tokens)
     flashdino.patch(model)
+    calls = _OpCalls(monkeypatch)
     loss, got = _grads(model, x, _hf_tokens)
+    assert calls.counts["rope_attention"] == 0 and calls.counts["residual_layernorm"] >= 2
     assert _rel(loss, ref_loss) < TOL
     assert all(_rel(got[n], ref[n]) < 1e-4 for n in ref)
 
@@ -278,10 +284,10 @@ def _lora_step(model, x, call, steps=2):
 
 
 @pytest.mark.parametrize("library,patch_after_peft", [("hf", False), ("timm", True)])
-def test_peft_lora_training_step_matches(library, patch_after_peft):
+def test_peft_lora_training_step_matches(library, patch_after_peft, monkeypatch):
     peft = pytest.importorskip("peft")
     if library == "hf":
-        base, targets, x = _hf("dinov3"), ["q_proj", "v_proj"], torch.randn(2, 3, 24, 40)
+        base, targets, x = _hf("dinov3", pos_embed_rescale=None), ["q_proj", "v_proj"], torch.randn(2, 3, 24, 40)
         call = lambda m, x: m(pixel_values=x).last_hidden_state  # noqa: E731
     else:
         base, targets, x = _timm("vit_small_patch16_dinov3"), ["qkv"], torch.randn(2, 3, 24, 40)
@@ -292,13 +298,16 @@ def test_peft_lora_training_step_matches(library, patch_after_peft):
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
         return peft.get_peft_model(model, config)
 
+    base.train()
     ref_losses, ref_params = _lora_step(lora(copy.deepcopy(base)), x, call)
     if patch_after_peft:
         model = flashdino.patch(lora(base))  # the PEFT wrapper holds the supported model
     else:
         model = lora(flashdino.patch(base))
     assert is_patched(model)
+    calls = _OpCalls(monkeypatch)
     losses, params = _lora_step(model, x, call)
+    assert calls.counts["rope_attention"] == 2 * 2  # two steps, two layers: the flashdino path ran
     assert ref_params.keys() == params.keys() and any("lora_" in n for n in params)
     assert losses == pytest.approx(ref_losses, rel=TOL)
     assert losses[1] != losses[0]  # the step changed the adapters, and the patched forward saw it
