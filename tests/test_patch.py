@@ -561,3 +561,21 @@ def test_triton_backend_path(library):
             assert dispatch.last_backend(op) == "triton"
     assert _rel(loss, ref_loss) < 1e-4
     assert all(_rel(got[n], ref[n]) < 1e-3 for n in ref)
+
+
+def test_whole_module_pickle_loads_as_the_unpatched_model(tmp_path):
+    """torch.save(model) of a patched model loads (weights_only=False, a trusted file) as the
+    library's unpatched model, which can be patched again; nothing of flashdino is left on it."""
+    model = flashdino.patch(_timm("vit_small_patch16_dinov3"))
+    x = _image(model, 2, 3, 1)
+    with torch.no_grad():
+        ref = model.forward_features(x)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert not is_patched(loaded)
+    with torch.no_grad():
+        assert _rel(loaded.forward_features(x), ref) < TOL
+        assert _rel(flashdino.patch(loaded).forward_features(x), ref) < TOL
+    flashdino.unpatch(loaded)
+    assert not any(k.startswith("_flashdino_") or k in ("forward", "get_embed")
+                   for m in loaded.modules() for k in m.__dict__)

@@ -31,10 +31,18 @@ class PatchError(ValueError):
     """``flashdino.patch`` cannot patch this model (unknown class, configuration or library version)."""
 
 
-def replacement(fn: Callable) -> Callable:
-    """Marks ``fn`` as a flashdino replacement method, so patched modules can be recognised."""
-    setattr(fn, _MARK, True)
-    return fn
+def replacement(method: str = "forward") -> Callable[[Callable], Callable]:
+    """Marks a function as flashdino's replacement for ``method``, so patched modules can be recognised.
+
+    Its ``__name__`` becomes ``method``: a bound method pickles as ``getattr(module, __name__)``, so
+    a whole patched module saved with ``torch.save(model)`` loads as the library's unpatched module
+    (``flashdino.patch`` it again) instead of failing to load.
+    """
+    def mark(fn: Callable) -> Callable:
+        setattr(fn, _MARK, True)
+        fn.__name__ = method
+        return fn
+    return mark
 
 
 def is_replaced(module: nn.Module, name: str) -> bool:
@@ -54,10 +62,17 @@ def replace(module: nn.Module, name: str, fn: Callable, **state) -> None:
         return
     module.__dict__[ORIGINAL + name] = getattr(module, name)
     # A method already set on the instance (by the user or another patcher) goes back on restore.
-    module.__dict__[_PREVIOUS + name] = module.__dict__.get(name)
+    module.__dict__[_PREVIOUS + name] = None if _is_class_method(module, name) else module.__dict__.get(name)
     for key, value in state.items():
         module.__dict__["_flashdino_" + key] = value
     module.__dict__[name] = MethodType(fn, module)
+
+
+def _is_class_method(module: nn.Module, name: str) -> bool:
+    """Whether the instance holds its class's own method under ``name`` (what unpickling a patched
+    module leaves: see :func:`replacement`)."""
+    held = module.__dict__.get(name)
+    return getattr(held, "__self__", None) is module and getattr(held, "__func__", None) is getattr(type(module), name)
 
 
 def restore(module: nn.Module) -> bool:
@@ -65,9 +80,9 @@ def restore(module: nn.Module) -> bool:
     found = False
     for key in [k for k in module.__dict__ if k.startswith(ORIGINAL)]:
         name = key[len(ORIGINAL):]
-        if is_replaced(module, name):
-            found = True
-            previous = module.__dict__.get(_PREVIOUS + name)
+        previous = module.__dict__.get(_PREVIOUS + name)
+        if is_replaced(module, name) or _is_class_method(module, name):
+            found = found or is_replaced(module, name)
             if previous is None:
                 del module.__dict__[name]
             else:
@@ -132,7 +147,7 @@ def residual_norm(x: Tensor, branch: Tensor, gamma: Optional[Tensor], norm: nn.L
     return ops.residual_layernorm(x, branch, gamma, norm.weight, norm.bias, norm.eps)
 
 
-@replacement
+@replacement()
 def final_norm_forward(self: nn.LayerNorm, x: Tensor) -> Tensor:
     """A model's last LayerNorm as ``ops.final_norm`` (one launch on a GPU); other ranks run the
     original LayerNorm."""

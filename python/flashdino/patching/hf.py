@@ -95,7 +95,7 @@ def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
 
 
-@replacement
+@replacement()
 def _rope_forward(self, pixel_values: Tensor):
     config = self.config
     # HF draws random coordinate augmentations in training when any is configured (a draw even for
@@ -110,7 +110,7 @@ def _rope_forward(self, pixel_values: Tensor):
                       inv_freq=self.inv_freq, table_dtype=pixel_values.dtype)
 
 
-@replacement
+@replacement()
 def _attention_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                        position_embeddings=None, **kwargs):
     rope = position_embeddings
@@ -128,7 +128,7 @@ def _attention_forward(self, hidden_states: Tensor, attention_mask: Optional[Ten
     return self.o_proj(out), None
 
 
-@replacement
+@replacement()
 def _layer_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, position_embeddings=None,
                    **kwargs) -> Tensor:
     if position_embeddings is not None:

@@ -58,7 +58,7 @@ class TimmRopeGrid(RopeGrid):
         return embed if self.embed_dtype is None else embed.to(self.embed_dtype)
 
 
-@replacement
+@replacement("get_embed")
 def _rope_get_embed(self, shape=None, dtype=None):
     # timm's table while it draws coordinate augmentations or drops patches (it then indexes the
     # table per kept token), or when a caller asks for a dtype.
@@ -85,7 +85,7 @@ def _eva_qkv(self, x: Tensor) -> Tensor:
     return F.linear(x, weight=self.qkv.weight, bias=bias)
 
 
-@replacement
+@replacement()
 def _eva_attention_forward(self, x: Tensor, rope=None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
     if attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0) \
             or not isinstance(rope, TimmRopeGrid):
@@ -97,7 +97,7 @@ def _eva_attention_forward(self, x: Tensor, rope=None, attn_mask: Optional[Tenso
     return self.proj_drop(self.proj(out))
 
 
-@replacement
+@replacement()
 def _eva_block_forward(self, x: Tensor, rope=None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
     attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
     x, h = residual_norm(x, attn, self.gamma_1, self.norm2, self.drop_path1, self.training)
@@ -107,7 +107,7 @@ def _eva_block_forward(self, x: Tensor, rope=None, attn_mask: Optional[Tensor] =
     return x + self.drop_path2(mlp)
 
 
-@replacement
+@replacement()
 def _vit_attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
     if attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0):
         return original(self)(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -115,7 +115,7 @@ def _vit_attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, 
     return self.proj_drop(self.proj(out))
 
 
-@replacement
+@replacement()
 def _vit_block_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
     attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
     gamma = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
