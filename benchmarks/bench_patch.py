@@ -6,6 +6,7 @@ on the same object, the order flipped every repeat), and the medians are compare
 ``benchmarks/results/patch_<device>.{json,md}``.
 
     python benchmarks/bench_patch.py                           # CPU, fp32, inference + training step
+    python benchmarks/bench_patch.py --threads 1               # a CPU shared with other jobs
     python benchmarks/bench_patch.py --quick --no-save         # one model, 3 repeats
     python benchmarks/bench_patch.py --device cuda --dtype bf16 --batch 32
 """
@@ -99,10 +100,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's). On a CPU shared with other jobs, 1 avoids "
+                         "OpenMP barrier stalls that swamp the difference being measured")
     ap.add_argument("--quick", action="store_true", help="the first model only, 3 repeats")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.models.split(",")[:1] if args.quick else args.models.split(",")
     repeats = 3 if args.quick else args.repeats
     rows = []

@@ -67,7 +67,7 @@ def _rope_get_embed(self, shape=None, dtype=None):
         return original(self, "get_embed")(shape=shape, dtype=dtype)
     cached = shape is None and self.pos_embed_cached is not None
     height, width = shape if shape is not None else self.feat_shape
-    return TimmRopeGrid("dinov3", int(height), int(width), self._flashdino_n_prefix, periods=self.periods,
+    return TimmRopeGrid("dinov3", height, width, self._flashdino_n_prefix, periods=self.periods,
                         normalize=self.normalize_coords,
                         embed_dtype=self.pos_embed_cached.dtype if cached else None)
 
