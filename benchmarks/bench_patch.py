@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     names = args.models.split(",")[:1] if args.quick else args.models.split(",")
     repeats = 3 if args.quick else args.repeats
+    env = environment(device)  # before the runs: its load average is the starting one
     rows = []
     for name in names:
         torch.manual_seed(0)
@@ -125,7 +126,6 @@ def main(argv=None) -> dict:
                              unpatched_ms=round(base * 1e3, 1), patched_ms=round(patched * 1e3, 1),
                              speedup=round(base / patched, 3), max_rel_diff=float(f"{gap:.2e}")))
             print(rows[-1], flush=True)
-    env = environment(device)
     env["loadavg_end"] = loadavg()
     result = dict(command=" ".join(["python", "benchmarks/bench_patch.py", *(argv or sys.argv[1:])]), env=env,
                   repeats=repeats, rows=rows)
