@@ -256,17 +256,33 @@ def test_gradients_of_every_parameter_match(build, call, monkeypatch):
         assert _rel(got[name], ref[name]) < 1e-4, name  # gradients: a few fp32 roundings more
 
 
-def test_hf_gradient_checkpointing_and_training_rope_augmentation(monkeypatch):
-    """HF's RoPE coordinate augmentation (training) runs HF's own tables with the same random draws;
-    gradient checkpointing re-runs the patched layers."""
-    model = _hf("dinov3", pos_embed_jitter=1.5, pos_embed_shift=0.1).train()
-    model.gradient_checkpointing_enable()
+@pytest.mark.parametrize("augment", [False, True])
+def test_hf_gradient_checkpointing_and_training_rope_augmentation(augment, monkeypatch):
+    """Gradient checkpointing re-runs the patched layers; HF's RoPE coordinate augmentation
+    (training) runs HF's own attention and tables with the same random draws."""
+    rope = dict(pos_embed_jitter=1.5, pos_embed_shift=0.1) if augment else dict(pos_embed_rescale=None)
+    model = _hf("dinov3", **rope).train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     x = torch.randn(2, 3, 24, 40)
     ref_loss, ref = _grads(model, x, _hf_tokens)
     flashdino.patch(model)
     calls = _OpCalls(monkeypatch)
     loss, got = _grads(model, x, _hf_tokens)
-    assert calls.counts["rope_attention"] == 0 and calls.counts["residual_layernorm"] >= 2
+    # two layers, each run again in the backward pass by the checkpointing
+    assert calls.counts["rope_attention"] == (0 if augment else 4) and calls.counts["residual_layernorm"] == 4
+    assert _rel(loss, ref_loss) < TOL
+    assert all(_rel(got[n], ref[n]) < 1e-4 for n in ref)
+
+
+def test_timm_gradient_checkpointing_reruns_the_patched_blocks(monkeypatch):
+    model = _timm("vit_small_patch16_dinov3").train()
+    model.set_grad_checkpointing(True)
+    x = _image(model, 3, 2)
+    ref_loss, ref = _grads(model, x, _timm_tokens)
+    flashdino.patch(model)
+    calls = _OpCalls(monkeypatch)
+    loss, got = _grads(model, x, _timm_tokens)
+    assert calls.counts["rope_attention"] == calls.counts["residual_layernorm"] == 4
     assert _rel(loss, ref_loss) < TOL
     assert all(_rel(got[n], ref[n]) < 1e-4 for n in ref)
 

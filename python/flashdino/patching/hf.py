@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -129,8 +130,17 @@ def _attention_forward(self, hidden_states: Tensor, attention_mask: Optional[Ten
 
 
 @replacement()
-def _layer_forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, position_embeddings=None,
-                   **kwargs) -> Tensor:
+def _layer_forward(self, *args, **kwargs) -> Tensor:
+    # HF's GradientCheckpointingLayer checkpoints inside the class's `forward`, which this
+    # instance-level forward replaces: the same checkpointing (minus the KV-cache handling that
+    # encoders have no use for) is done here.
+    if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        return self._gradient_checkpointing_func(partial(_layer_body, self, **kwargs), *args)
+    return _layer_body(self, *args, **kwargs)
+
+
+def _layer_body(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, position_embeddings=None,
+                **kwargs) -> Tensor:
     if position_embeddings is not None:
         kwargs["position_embeddings"] = position_embeddings
     attn, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
