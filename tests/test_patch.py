@@ -21,7 +21,7 @@ timm = pytest.importorskip("timm")
 
 from transformers import (DINOv3ViTBackbone, DINOv3ViTConfig, DINOv3ViTModel, Dinov2Backbone,  # noqa: E402
                           Dinov2Config, Dinov2ForImageClassification, Dinov2Model, Dinov2WithRegistersConfig,
-                          Dinov2WithRegistersModel)
+                          Dinov2WithRegistersBackbone, Dinov2WithRegistersModel)
 
 TOL = 1e-5  # relative (to the largest magnitude) in fp32 on CPU
 
@@ -55,6 +55,9 @@ def _hf(kind: str, **over):
         model = Dinov2Backbone(Dinov2Config(mlp_ratio=2, out_features=["stage1", "stage2"], **common))
     elif kind == "dinov2_reg":
         model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **common))
+    elif kind == "dinov2_reg_backbone":
+        model = Dinov2WithRegistersBackbone(Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4,
+                                                                      out_features=["stage1", "stage2"], **common))
     else:
         raise ValueError(kind)
     return _randomise(model).eval()
@@ -122,7 +125,8 @@ def _assert_same_outputs(ref, out, tol=TOL):
 # outputs
 # ---------------------------------------------------------------------------------------------
 
-HF_KINDS = ["dinov3", "dinov3_backbone", "dinov2", "dinov2_swiglu", "dinov2_backbone", "dinov2_reg"]
+HF_KINDS = ["dinov3", "dinov3_backbone", "dinov2", "dinov2_swiglu", "dinov2_backbone", "dinov2_reg",
+            "dinov2_reg_backbone"]
 
 
 @pytest.mark.parametrize("kind", HF_KINDS)
@@ -227,6 +231,22 @@ def _hf_tokens(m, x):
 
 def _timm_tokens(m, x):
     return m.forward_features(x)
+
+
+@pytest.mark.parametrize("build,call", [(lambda: _hf("dinov3"), _hf_tokens),
+                                        (lambda: _timm("vit_small_patch16_dinov3"), _timm_tokens)], ids=["hf", "timm"])
+def test_bf16_autocast_stays_close(build, call):
+    """Under bf16 autocast (the GPU setting) the patched model keeps the unpatched one's dtypes and
+    rounding (bf16 projections and attention, fp32 LayerNorm outputs and residual stream)."""
+    model = build()
+    x = _image(model, 3, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = call(model, x)
+        flashdino.patch(model)
+        out = call(model, x)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    # bf16 autocast itself moves these outputs by ~1e-2 from fp32; patched vs unpatched agree far closer
+    assert _rel(out.float(), ref.float()) < 1e-3
 
 
 @pytest.mark.parametrize("build,call", [
