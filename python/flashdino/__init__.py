@@ -31,10 +31,13 @@ _LAZY = {
     "load_weights": ("loading", "load_weights"),
     "export_onnx": ("deploy", "export_onnx"),
     "optimize": ("deploy", "optimize"),
+    "patch": ("patching", "patch"),
+    "unpatch": ("patching", "unpatch"),
 }
 # Submodules reachable as attributes without an explicit `import flashdino.<name>` (as before).
 _SUBMODULES = ("ops", "models", "layers", "loading", "factory", "dispatch", "integrations", "bench",
-               "extract", "deploy", "check", "preprocess", "outputs", "info", "cli", "cuda_graphs", "triton_support")
+               "extract", "deploy", "check", "preprocess", "outputs", "info", "cli", "cuda_graphs", "triton_support",
+               "patching")
 
 
 def list_models() -> list[str]:
@@ -58,6 +61,7 @@ def __getattr__(name: str):
 __all__ = ["__version__", "ops", "create_model", "list_models", "Aggregator", "DinoV2", "DinoV3", "DinoVisionTransformer",
            "VitConfig", "VARIANTS", "ALIASES", "get_config", "resolve_name",
            "CheckpointError", "WeightsUnavailableError", "RandomWeightsWarning", "read_features", "FeatureSet", "convert", "from_pretrained", "load_weights", "export_onnx", "optimize",
+           "patch", "unpatch",
            *sorted(VARIANTS)]
 
 
