@@ -58,6 +58,8 @@ def _options(args, workers: int):
         raise CliError(f"--workers must be >= 0, got {args.workers}")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise CliError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    if args.max_source_pixels is not None and args.max_source_pixels < 1:
+        raise CliError(f"--max-source-pixels must be >= 1, got {args.max_source_pixels}")
     parse_max_failures(args.max_failures)
     layers = ()
     if args.layers:
@@ -65,11 +67,13 @@ def _options(args, workers: int):
             layers = tuple(sorted({int(v) for v in args.layers.split(",") if v.strip()}))
         except ValueError:
             raise CliError(f"--layers expects block indices like 3,7,11; got {args.layers!r}") from None
-    from flashdino.extract.dataset import DEFAULT_MAX_PIXELS
+    from flashdino.extract.dataset import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SOURCE_PIXELS
 
     return ExtractOptions(store=_parse_list(args.store, STORE_KEYS, "--store"), patch_dtype=args.patch_dtype,
                           layers=layers, shard_size=args.shard_size, batch_size=args.batch_size, workers=workers,
                           dtype=args.dtype, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                          max_source_pixels=args.max_source_pixels or DEFAULT_MAX_SOURCE_PIXELS,
+                          verify_checksums=not args.skip_checksums,
                           max_failures=args.max_failures, overwrite=args.overwrite, quiet=args.quiet)
 
 
@@ -113,6 +117,10 @@ def _check_model_options(model, pre, opts) -> None:
         raise CliError(f"--layers {bad}: {model.cfg.name} has blocks 0..{depth - 1}")
     h, w = pre.output_size(10**4, 10**4)
     fixed = (h, w) == pre.output_size(37, 5000)  # a fixed --size: every input comes out alike
+    P = model.patch_size
+    if fixed and (h < P or w < P):
+        raise CliError(f"--size gives {w}x{h} pixels, less than one {P}x{P} patch of {model.cfg.name}; "
+                       f"use --size {P} or more (e.g. 224)")
     max_pixels = opts.max_pixels
     if fixed and h * w > max_pixels:
         raise CliError(f"--size gives {w}x{h} = {h * w} pixels per image, over --max-pixels {max_pixels}; "
@@ -150,20 +158,21 @@ def run(args) -> int:
     out = Path(args.out)
     weights_input = [args.weights] if args.weights and Path(args.weights).exists() else []
     # every output location is checked before the model is loaded or any image decoded
+    sources = inputs + ([args.list] if args.list else [])
+    every_input = weights_input + sources + sorted({it.path for it in items})
     if to_file:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise CliError("a single .safetensors --out is for one process; under torchrun give --out a folder")
-        check_output_path(out, overwrite=args.overwrite, inputs=weights_input + [it.path for it in items],
-                          what="--out")
+        check_output_path(out, overwrite=args.overwrite, inputs=every_input, what="--out")
         _notice_parents(out, f"--out {out.name}")
     else:
         from flashdino.extract.writer import check_out_dir
 
-        check_out_dir(out, inputs=weights_input + inputs + ([args.list] if args.list else []))
+        check_out_dir(out, inputs=weights_input + sources)
         if not out.exists() and int(os.environ.get("RANK", "0")) == 0:
             _notice_parents(out / "settings.json", "the --out folder")
     if args.pca:
-        check_output_path(args.pca, overwrite=args.overwrite, inputs=weights_input + [args.out], what="--pca")
+        check_output_path(args.pca, overwrite=args.overwrite, inputs=every_input + [args.out], what="--pca")
 
     dist_info = init_distributed(args.device) if not to_file else None
     device = dist_info.device if dist_info else args.device
@@ -184,14 +193,24 @@ def run(args) -> int:
                 label = f"random (seed {args.seed})"
             try:
                 summary = extract_to_dir(model, pre, items, out, opts, dist_info, weights_label=label,
-                                         forward_features=fast)
+                                         forward_features=fast, sources=sources)
             except ExtractionStopped as exc:
                 raise CliError(str(exc)) from None
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: cli.main prints this hint
+                    exc.flashdino_hint = (f"the shard in progress was discarded, the finished shards in {out} were "
+                                          "kept: rerun the same command to resume")
+                raise
             if dist_info.rank != 0:
                 return 0
             print(summary_line(summary))
             print(f"wrote {out}: {summary['total_good']} images, {summary['total_failed']} failed "
                   f"(read it with flashdino.read_features({str(out)!r}); flashdino features-info {out})")
+            _warn_nonfinite(summary.get("total_nonfinite", 0), f"their records in {out}/manifest.jsonl say "
+                            f"nonfinite: true (flashdino features-info {out} lists them)")
+            if summary["total_good"] == 0:
+                raise CliError(f"none of the {summary['total_failed']} images gave features (all failed); see why "
+                               f"with: flashdino features-info {out}")
             shown = _rows_from_folder(out, items) if args.pca else []
         if args.pca and shown:
             _render(args.pca, pre, items, shown)
@@ -199,6 +218,12 @@ def run(args) -> int:
         if dist_info is not None:
             dist_info.close()
     return 0
+
+
+def _warn_nonfinite(n: int, where: str) -> None:
+    if n:
+        print(f"flashdino: warning: {n} images have non-finite features (NaN or inf): the weights or those images are "
+              f"broken; {where}", file=sys.stderr)
 
 
 def _runtime_forward(model, args, opts, device: str):
@@ -248,14 +273,13 @@ def _extract_in_memory(model, pre, items, opts, device, forward_features=None) -
 
 def _write_file(out: Path, items, rows, model, args, opts) -> None:
     import torch
-    from safetensors.torch import save_file
 
     from flashdino.outputs import atomic_write
 
     grids = [tuple(r["grid"]) for r in rows]
     tensors = {}
     for name in rows[0]:
-        if name in ("grid", "size"):
+        if name in ("grid", "size", "nonfinite"):
             continue
         prefix, _, base = name.rpartition(".")
         fname = (prefix + "." if prefix else "") + _FILE_NAMES[base]
@@ -276,10 +300,16 @@ def _write_file(out: Path, items, rows, model, args, opts) -> None:
         "layers": json.dumps(list(opts.layers)),
         "format": "flashdino.features/1",
     }
+    nonfinite = [it.id for it, r in zip(items, rows) if r.get("nonfinite")]
+    if nonfinite:
+        metadata["nonfinite"] = json.dumps(nonfinite)
+    from flashdino.extract.shardfile import write_safetensors
     from flashdino.extract.writer import filesystem_errors
 
-    with filesystem_errors(out), atomic_write(out, overwrite=args.overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    # ordinary writes: a full disk is an OSError reported in one line
+    with filesystem_errors(out), atomic_write(out, overwrite=args.overwrite) as tmp, open(tmp, "wb") as fh:
+        write_safetensors(fh, tensors, metadata)
+    _warn_nonfinite(len(nonfinite), "the file's metadata key nonfinite lists them")
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(tensors.items())[:4])
     more = f", ... ({len(tensors)} tensors: grids differ: {sorted(set(grids))})" if len(tensors) > 4 else ""
     print(f"wrote {out}: {shapes}{more}")
@@ -337,6 +367,12 @@ def add_parser(sub) -> None:
     f.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images whose processed size exceeds this many pixels (default 2048*2048; "
                         "matters with --size 0)")
+    f.add_argument("--max-source-pixels", type=int, default=None,
+                   help="refuse source images over this many pixels before decoding them, at any --size "
+                        "(default 2**27, about 134 M)")
+    f.add_argument("--skip-checksums", action="store_true",
+                   help="on resume, check finished shards' sizes, headers and records but not their checksums "
+                        "(faster for huge folders; default: verify every checksum)")
     f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu; under torchrun: "
                                                    "cuda means cuda:LOCAL_RANK)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import writer
-from .dataset import ImageDataset, make_loader
+from .dataset import DEFAULT_MAX_SOURCE_PIXELS, ImageDataset, decode_isolated, make_loader, quiet_sigchld, worker_died
 from .inputs import Item, fingerprint
 
 STORE_KEYS = ("cls", "pooled", "patch", "storage")
@@ -129,12 +129,20 @@ class ExtractOptions:
     workers: int = 0
     dtype: str = "float32"
     max_pixels: Optional[int] = None
+    max_source_pixels: Optional[int] = DEFAULT_MAX_SOURCE_PIXELS
     max_failures: Optional[str] = None
+    verify_checksums: bool = True  # a resume hashes every finished shard before trusting it
     overwrite: bool = False
     quiet: bool = False
 
 
-def settings_for(model, pre, items: Sequence[Item], opts: ExtractOptions, weights_label: str) -> dict:
+def describe_sources(sources: Sequence[str]) -> list:
+    """The inputs as given and as absolute paths: a refused resume then names the input that changed."""
+    return [{"given": str(x), "absolute": os.path.abspath(os.path.expanduser(str(x)))} for x in sources]
+
+
+def settings_for(model, pre, items: Sequence[Item], opts: ExtractOptions, weights_label: str,
+                 sources: Sequence[str] = ()) -> dict:
     """Everything that changes the folder's contents; a rerun with other values is refused."""
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model.cfg).items()
            if k != "weights"}
@@ -152,8 +160,10 @@ def settings_for(model, pre, items: Sequence[Item], opts: ExtractOptions, weight
         "layers": list(opts.layers),
         "dtype": opts.dtype,
         "max_pixels": opts.max_pixels,
+        "max_source_pixels": opts.max_source_pixels,
         "shard_size": opts.shard_size,
         "num_images": len(items),
+        "inputs": describe_sources(sources),
         "inputs_sha256": fingerprint(items),
     }
 
@@ -205,6 +215,13 @@ def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Op
         outs[""] = (o["x_norm_clstoken"], o[model.extra_tokens_key], o["x_norm_patchtokens"])
     pdt = PATCH_DTYPES[opts.patch_dtype]
     rows = [{"grid": grid} for _ in range(x.shape[0])]
+    finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for cls, extra, patch in outs.values():  # the outputs themselves, before any dtype narrowing
+        for t in (cls, extra, patch):
+            if t is not None and t.numel():
+                finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    for row, ok in zip(rows, finite.tolist()):
+        row["nonfinite"] = not ok
     for prefix, (cls, extra, patch) in outs.items():
         pooled = patch.float().mean(dim=1) if "pooled" in opts.store else None
         cls_c = cls.float().cpu() if "cls" in opts.store else None
@@ -265,14 +282,25 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
     """
     dtype = PATCH_DTYPES[opts.dtype]
     flush = {len(batches) - 1} if flush_after is None else set(flush_after)
-    loader = make_loader(dataset, batches, workers=opts.workers, device=device)
-    it = iter(loader)
+    it = iter(make_loader(dataset, batches, workers=opts.workers, device=device))
+    if opts.workers > 0:
+        quiet_sigchld()
     cuda = str(device).startswith("cuda")
     waiting: dict = {}  # processed shape -> [(indices, x)], in arrival order
     sizes: dict = {}
     for pos, batch in enumerate(batches):
         t0 = time.perf_counter()
-        b = next(it)
+        try:
+            b = next(it)
+        except RuntimeError as exc:
+            if opts.workers == 0 or not worker_died(exc):
+                raise
+            # a worker died (the OOM killer?) and took the loader with it: this batch image by image,
+            # each in its own process, then a fresh loader for the rest
+            del it
+            b = decode_isolated(dataset, batch)
+            rest = batches[pos + 1:]
+            it = iter(make_loader(dataset, rest, workers=opts.workers, device=device)) if rest else iter(())
         t1 = time.perf_counter()
         sizes.update(b["sizes"])
         for indices, x in b["groups"]:
@@ -356,11 +384,15 @@ def _over_limit(limit, failed: float, seen: float, total: int) -> bool:
 
 def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOptions, dist_info: Dist, *,
                    weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-                   forward_features: Optional[Callable] = None) -> dict:
-    """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary."""
+                   forward_features: Optional[Callable] = None, sources: Sequence[str] = ()) -> dict:
+    """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary.
+
+    ``sources``: the inputs as the user gave them (recorded, so that a refused resume names the one
+    that changed).
+    """
     out = Path(out_dir)
     parse_max_failures(opts.max_failures)
-    settings = settings_for(model, pre, items, opts, weights_label)
+    settings = settings_for(model, pre, items, opts, weights_label, sources)
     with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
         return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features)
 
@@ -370,7 +402,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
 
     limit = parse_max_failures(opts.max_failures)
     if dist_info.rank == 0:
-        resuming = writer.prepare_dir(out, settings, overwrite=opts.overwrite)
+        resuming = writer.prepare_dir(out, settings, overwrite=opts.overwrite, ids=[it.id for it in items])
     dist_info.barrier()
     if dist_info.rank != 0:
         theirs = writer.read_settings(out)
@@ -380,7 +412,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
         resuming = False
     S = opts.shard_size
     num_shards = math.ceil(len(items) / S)
-    done = [k for k in range(num_shards) if writer.shard_done(out, k)]
+    done = _finished_shards(out, items, S, num_shards, opts, dist_info, log if resuming else None)
     done_set = set(done)
     mine = [k for k in range(dist_info.rank, num_shards, dist_info.world) if k not in done_set]
     skipped = sum(min(S, len(items) - k * S) for k in done)
@@ -401,12 +433,12 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
     shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
     stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends,
                      forward_features=forward_features)
-    g_done = g_failed = 0.0
+    g_done = g_failed = g_nonfinite = 0.0
     t_start = time.perf_counter()
     try:
         pos = 0
         for r in range(rounds):
-            n_img = n_fail = 0
+            n_img = n_fail = n_nonfinite = 0
             if r < len(mine):
                 k = mine[r]
                 rows, records = [], {}
@@ -415,6 +447,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                     pos += 1
                     for i, reason in failures:
                         records[i] = {"error": reason}
+                    n_nonfinite += sum(bool(r.get("nonfinite")) for r in got.values())
                     records.update(got)
                     n_img += len(batch)
                     n_fail += len(failures)
@@ -427,6 +460,8 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                         rec.update(row=None, error=row["error"])
                     else:
                         rec.update(row=len(rows), size=list(row["size"]), grid=list(row["grid"]), error=None)
+                        if row.get("nonfinite"):
+                            rec["nonfinite"] = True
                         rows.append(row)
                     recs.append(rec)
                 t0 = time.perf_counter()
@@ -435,9 +470,10 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                 del rows, records
                 release_freed_memory()
                 timings.write += time.perf_counter() - t0
-            d, f = dist_info.all_reduce([n_img, n_fail])
+            d, f, nf = dist_info.all_reduce([n_img, n_fail, n_nonfinite])
             g_done += d
             g_failed += f
+            g_nonfinite += nf
             bar.n = int(skipped + g_done)
             bar.refresh()
             if _over_limit(limit, g_failed, g_done, len(items) - skipped):
@@ -451,12 +487,33 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
     seconds = time.perf_counter() - t_start
     tot = dist_info.all_reduce([timings.decode_wait, timings.model, timings.write, seconds], op="max")
     dist_info.barrier()
-    summary = {"images": int(g_done), "failed": int(g_failed), "skipped": skipped, "seconds": tot[3],
+    summary = {"images": int(g_done), "failed": int(g_failed), "nonfinite": int(g_nonfinite), "skipped": skipped,
+               "seconds": tot[3],
                "decode_wait": tot[0], "model": tot[1], "write": tot[2], "shards": num_shards, "ranks": dist_info.world}
     if dist_info.rank == 0:
         counts = writer.merge(out, num_shards)
-        summary.update(total_good=counts["good"], total_failed=counts["failed"])
+        summary.update(total_good=counts["good"], total_failed=counts["failed"], total_nonfinite=counts["nonfinite"])
     return summary
+
+
+def _finished_shards(out: Path, items, S: int, num_shards: int, opts: ExtractOptions, dist_info: Dist,
+                     log: Optional[Callable]) -> list[int]:
+    """Shards that are committed and verified: rank 0 checks each (sizes, header, records, row counts;
+    the checksum unless ``opts.verify_checksums`` is off) and tells the other ranks."""
+    flags = [0.0] * num_shards
+    if dist_info.rank == 0:
+        for k in range(num_shards):
+            if not writer.shard_path(out, k).exists():
+                continue
+            lo, hi = k * S, min((k + 1) * S, len(items))
+            why = writer.shardfile.verify(out, k, indices=range(lo, hi), ids=[it.id for it in items[lo:hi]],
+                                          checksum=opts.verify_checksums)
+            if why is None:
+                flags[k] = 1.0
+            elif log is not None:
+                log(f"flashdino: shard {k} ({writer.shard_path(out, k)}) cannot be trusted: {why}; redoing it")
+    flags = dist_info.all_reduce(flags)
+    return [k for k in range(num_shards) if flags[k] > 0]
 
 
 def summary_line(s: dict) -> str:
