@@ -506,11 +506,11 @@ def test_outputs_checked_before_work_and_never_overwritten(dataset, tmp_path, ca
     assert cli.main([*base, "--out", str(deep)]) == 0
     assert f"creating folder {tmp_path / 'no' / 'such'}" in capsys.readouterr().err and deep.is_file()
 
-    def interrupted(*a, **k):
-        Path(a[1]).write_bytes(b"half")
+    def interrupted(fh, *a, **k):
+        fh.write(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_file", interrupted)
+    monkeypatch.setattr("flashdino.extract.shardfile.write_safetensors", interrupted)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     assert cli.main([*base, "--out", str(fresh / "f.safetensors")]) == 130
@@ -592,14 +592,16 @@ def test_decoder_fuzz_only_decode_errors(fmt, edits, cut):
 def test_sigterm_keeps_committed_shards_and_leaves_no_temp_files(dataset, tmp_path):
     root, good, _ = dataset
     plain = [g for g in good if "shard.tar" not in g][:12]
-    blocker = tmp_path / "pipe.png"
-    os.mkfifo(blocker)  # the run stalls on it in its second shard
+    blocker = tmp_path / "blocker.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(blocker)
+    gate = tmp_path / "gate"
+    gate.write_text("held")  # the run stalls on the blocker in its second shard
     lst = tmp_path / "l.txt"
     lst.write_text("\n".join(plain[:7] + [str(blocker)] + plain[7:]) + "\n")
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "flashdino", "features", "--list", str(lst), *RUN_ARGS,
+    proc = subprocess.Popen([sys.executable, "-c", _GATED_CLI, "features", "--list", str(lst), *RUN_ARGS,
                              "--shard-size", "5", "--workers", "0", "--out", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=dict(ENV, GATE=str(gate)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         while not (out / "shards" / "000000.safetensors").exists() and time.time() < deadline:
@@ -612,5 +614,6 @@ def test_sigterm_keeps_committed_shards_and_leaves_no_temp_files(dataset, tmp_pa
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.safetensors"]
+    assert f"the finished shards in {out} were kept: rerun the same command to resume" in err, err[-2000:]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.check.json", "000000.safetensors"]
     assert not [p for p in out.rglob(".*tmp*")]

@@ -60,7 +60,7 @@ def write_safetensors(fh, tensors: dict, metadata: dict) -> tuple[int, str]:
     head += b" " * (-len(head) % 8)
     h = _hasher()
     total = 0
-    for part in [len(head).to_bytes(8, "little"), head, *(b.numpy() for b in flat)]:
+    for part in [len(head).to_bytes(8, "little"), head, *(b.numpy() for b in flat if b.numel())]:
         view = memoryview(part).cast("B")
         fh.write(view)
         h.update(view)

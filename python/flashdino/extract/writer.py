@@ -392,7 +392,8 @@ def _write_npy(fh, shape: tuple, chunks) -> None:
     np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")),
                                               "fortran_order": False, "shape": tuple(shape)})
     for a in chunks:
-        fh.write(memoryview(np.ascontiguousarray(a, dtype="<f4")).cast("B"))
+        if a.size:
+            fh.write(memoryview(np.ascontiguousarray(a, dtype="<f4")).cast("B"))
 
 
 def _merge(out_dir: Path, num_shards: int) -> dict:
