@@ -229,3 +229,122 @@ with locked({str(out)!r}):
         holder.wait()
     with locked(out):  # released when its holder died
         pass
+
+
+# -- 2. nothing read back is trusted unverified -----------------------------------------------------
+def _flip_bits(path: Path, n: int = 3) -> None:
+    data = bytearray(path.read_bytes())
+    for j in range(n):
+        data[-1 - 7 * j] ^= 0x40  # inside the last tensor's data: the header still parses
+    path.write_bytes(bytes(data))
+
+
+def test_resume_verifies_every_finished_shard_and_redoes_bad_ones(tmp_path, capsys):
+    imgs = _images(tmp_path / "imgs", 8)
+    base = ["features", *imgs, *RUN, "--shard-size", "2", "--store", "cls,patch"]
+    ref = tmp_path / "ref"
+    assert cli.main([*base, "--out", str(ref)]) == 0
+    ref_fs = flashdino.read_features(ref, verify=True)
+    sp = lambda out, k: writer.shard_path(out, k)  # noqa: E731
+
+    cases = {
+        "copy of shard 0 as shard 1": lambda out: shutil.copy(sp(out, 0), sp(out, 1)),
+        "shard and check record copied": lambda out: (shutil.copy(sp(out, 0), sp(out, 1)),
+                                                      shutil.copy(writer.check_path(out, 0), writer.check_path(out, 1))),
+        "flipped bits": lambda out: _flip_bits(sp(out, 1)),
+        "truncated": lambda out: sp(out, 1).write_bytes(sp(out, 1).read_bytes()[:-100]),
+        "check record removed": lambda out: writer.check_path(out, 1).unlink(),
+    }
+    for what, damage in cases.items():
+        out = tmp_path / what.replace(" ", "_")
+        shutil.copytree(ref, out)
+        damage(out)
+        capsys.readouterr()
+        assert cli.main([*base, "--out", str(out)]) == 0, what
+        cap = capsys.readouterr()
+        assert "shard 1 " in cap.err and "cannot be trusted" in cap.err and "redoing it" in cap.err, (what, cap.err)
+        assert "done: 2 images (2 with features, 0 failed, 6 already done)" in cap.out, (what, cap.out)
+        fs = flashdino.read_features(out, verify=True)
+        assert fs.ids == ref_fs.ids and torch.equal(fs.cls, ref_fs.cls)
+        assert all(torch.equal(fs.patch(i), ref_fs.patch(i)) for i in range(len(fs)))
+
+    # the opt-out skips the checksum (not the cheap checks): flipped bits then go unseen, a copy does not
+    out = tmp_path / "quick"
+    shutil.copytree(ref, out)
+    _flip_bits(sp(out, 2))
+    shutil.copy(sp(out, 0), sp(out, 3))
+    assert cli.main([*base, "--out", str(out), "--skip-checksums"]) == 0
+    err = capsys.readouterr().err
+    assert "shard 3 " in err and "shard 2 " not in err
+    with pytest.raises(OutputDirError, match=r"000002\.safetensors: checksum mismatch"):
+        flashdino.read_features(out, verify=True)
+
+
+def test_read_features_checks_the_data_against_the_manifest(tmp_path):
+    imgs = _images(tmp_path / "imgs", 6)
+    out = tmp_path / "o"
+    assert cli.main(["features", *imgs, *RUN, "--shard-size", "2", "--store", "cls,pooled,patch", "--out",
+                     str(out)]) == 0
+    fs = flashdino.read_features(out, verify=True)
+    assert len(fs) == 6 and fs.cls.shape == (6, 32)
+
+    def damaged(edit, match):
+        d = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, d)
+        edit(d)
+        with pytest.raises(OutputDirError, match=match):
+            f = flashdino.read_features(d)
+            [f.patch(i) for i in range(len(f))]
+        return d
+
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    damaged(lambda d: (d / "manifest.jsonl").write_text("\n".join(lines[:2] + lines[3:]) + "\n"),
+            r"manifest\.jsonl: 5 records for the 6 images")
+    damaged(lambda d: (d / "manifest.jsonl").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n"),
+            r"manifest\.jsonl: .*reordered")
+    damaged(lambda d: (d / "manifest.jsonl").write_text("\n".join(lines[:-1] + ["{oops"]) + "\n"),
+            r"manifest\.jsonl: line 6 is not a JSON record")
+
+    def set_format(d, fmt):
+        s = json.loads((d / "settings.json").read_text())
+        s["format"] = fmt
+        (d / "settings.json").write_text(json.dumps(s))
+
+    damaged(lambda d: set_format(d, "flashdino.features/99"), r"settings\.json: format 'flashdino\.features/99' .*upgrade")
+    damaged(lambda d: set_format(d, "something/1"), r"settings\.json was not written by flashdino")
+    damaged(lambda d: np.save(d / "cls.npy", np.zeros((5, 32), np.float32)), r"cls\.npy: 5 rows .* for the 6 good")
+    damaged(lambda d: (d / "pooled.npy").write_bytes((d / "pooled.npy").read_bytes()[:100]), r"pooled\.npy: unreadable")
+    damaged(lambda d: writer.shard_path(d, 1).write_bytes(writer.shard_path(d, 1).read_bytes()[:-64]),
+            r"000001\.safetensors: unreadable shard")
+    damaged(lambda d: shutil.copy(writer.shard_path(d, 0), writer.shard_path(d, 2)),
+            r"000002\.safetensors: its records differ")
+    # a shard truncated after the folder was opened: the error still names it
+    d = tmp_path / "late"
+    shutil.copytree(out, d)
+    f = flashdino.read_features(d)
+    writer.shard_path(d, 2).write_bytes(b"")
+    with pytest.raises(OutputDirError, match=r"000002\.safetensors: unreadable"):
+        f.patch(5)
+    with pytest.raises(OutputDirError, match=r"000001\.safetensors: checksum mismatch"):
+        d2 = tmp_path / "flip"
+        shutil.copytree(out, d2)
+        _flip_bits(writer.shard_path(d2, 1))
+        flashdino.read_features(d2, verify=True)
+    # the CLI reports any of these in one line
+    assert cli.main(["features-info", str(tmp_path / "flip")]) == 0  # cheap checks pass: bits flipped in data
+
+
+def test_shard_writer_matches_safetensors_and_its_check_record(tmp_path):
+    """The streamed writer gives a file safetensors reads back exactly, with the digest of its bytes."""
+    t = {"cls": torch.randn(3, 8), "patch": torch.randn(12, 8).to(torch.bfloat16), "grid": torch.ones(3, 2).long(),
+         "size": torch.zeros(0, 2, dtype=torch.int64), "h": torch.randn(2, 3).half()}
+    p = tmp_path / "x.safetensors"
+    with open(p, "wb") as fh:
+        n, digest = shardfile.write_safetensors(fh, t, {"k": "v"})
+    back = load_file(str(p))
+    assert back.keys() == t.keys() and all(torch.equal(back[k], t[k]) for k in t)
+    assert n == p.stat().st_size and digest == shardfile.file_digest(p)
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as f:
+        assert f.metadata() == {"k": "v"}
