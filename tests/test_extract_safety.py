@@ -348,3 +348,91 @@ def test_shard_writer_matches_safetensors_and_its_check_record(tmp_path):
 
     with safe_open(str(p), "pt") as f:
         assert f.metadata() == {"k": "v"}
+
+
+# -- 3. every input enumerated or failed ------------------------------------------------------------
+def test_folder_links_are_followed_once_and_special_files_fail_without_blocking(tmp_path):
+    real = tmp_path / "elsewhere"
+    _images(real, 3, seed=10)
+    data = tmp_path / "data"
+    _images(data, 1)
+    (data / "sub").symlink_to(real, target_is_directory=True)  # the issue: skipped without a word
+    (real / "loop").symlink_to(data, target_is_directory=True)  # a cycle back to the top
+    (data / "again").symlink_to(real, target_is_directory=True)  # a second way to the same folder
+    items = collect_items([str(data)])
+    assert [it.id for it in items] == [str(data / "again" / f"im{i:02d}.png") for i in range(3)] + [
+        str(data / "im00.png")]
+    assert all(it.error is None for it in items)
+
+    os.mkfifo(data / "b.jpg")  # opening it for reading would block forever
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"{data / 'b.jpg'}\tpipe-in-list\n{data / 'im00.png'}\tlisted\n")
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "flashdino", "features", str(data), "--list", str(lst), *RUN[:-2],
+                           "--workers", "1", "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fs = flashdino.read_features(out)
+    why = "is a FIFO (named pipe), not a regular image file"
+    assert len(fs) == 5 and fs.failed == [(str(data / "b.jpg"), why), ("pipe-in-list", why)]
+    with pytest.raises(InputError, match="is a FIFO"):
+        collect_items([str(data / "b.jpg")])
+    with pytest.raises(InputError, match="--list .*b.jpg: is a FIFO"):
+        collect_items([], list_file=data / "b.jpg")
+
+
+def _tar_of(folder: Path, tar: Path) -> None:
+    with tarfile.open(tar, "w") as tf:
+        for p in sorted(folder.iterdir()):
+            tf.add(p, arcname=p.name)  # tarfile stores a second name of one inode as a hard link
+
+
+def test_tar_links_resolve_and_broken_tars_are_failures_not_silence(tmp_path, capsys):
+    src = tmp_path / "src"
+    _images(src, 2)
+    os.link(src / "im00.png", src / "im00_copy.png")  # a hard link: stored as a link member
+    (src / "rel.png").symlink_to("im01.png")
+    (src / "dangling.png").symlink_to("nowhere.png")
+    tar = tmp_path / "t.tar"
+    _tar_of(src, tar)
+    with tarfile.open(tar) as tf:
+        kinds = {m.name: (m.islnk(), m.issym()) for m in tf.getmembers()}
+    assert kinds["im00_copy.png"] == (True, False) and kinds["rel.png"] == (False, True)
+    items = {it.id.rsplit("/", 1)[-1]: it for it in collect_items([str(tar)])}
+    assert sorted(items) == ["dangling.png", "im00.png", "im00_copy.png", "im01.png", "rel.png"]
+    assert items["im00_copy.png"].read_bytes() == (src / "im00.png").read_bytes()
+    assert items["rel.png"].read_bytes() == (src / "im01.png").read_bytes()
+    assert "symbolic link to 'nowhere.png'" in items["dangling.png"].error
+
+    out = tmp_path / "o"
+    assert cli.main(["features", str(tar), *RUN, "--out", str(out)]) == 0
+    fs = flashdino.read_features(out)
+    assert len(fs) == 4 and [i.rsplit("/", 1)[-1] for i, _ in fs.failed] == ["dangling.png"]
+    assert torch.equal(fs.cls[fs.index_of(f"{tar}/im00_copy.png")], fs.cls[fs.index_of(f"{tar}/im00.png")])
+
+    # truncated in a member's data, and cut at a header boundary: failures that say so, no blame on compression
+    whole = tar.read_bytes()
+    with tarfile.open(tar) as tf:
+        last = tf.getmembers()[-1]
+        first = next(m for m in tf.getmembers() if m.size > 0)
+        first_data_end = first.offset_data + first.size
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: first_data_end - 10])
+    bad = [it for it in collect_items([str(cut)]) if it.error and "dangling" not in it.id]
+    assert len(bad) == 2 and bad[0].id.endswith("/im00.png") and "<after byte" in bad[1].id  # the cut member, the rest
+    assert all("truncated" in it.error and "compress" not in it.error for it in bad), bad
+    cut.write_bytes(whole[: last.offset])  # every member before the last complete, no end marker
+    items = collect_items([str(cut)])
+    assert items[-1].error.startswith("truncated tar: no end-of-archive marker") and len(items) == 5
+    assert cli.main(["features", str(cut), *RUN, "--out", str(tmp_path / "c")]) == 0
+    assert "no end-of-archive marker" in json.dumps(flashdino.read_features(tmp_path / "c").failed)
+    import gzip
+
+    gz = tmp_path / "z.tar"
+    gz.write_bytes(gzip.compress(whole))
+    with pytest.raises(InputError, match="gzip-compressed"):
+        collect_items([str(gz)])
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"\x01" * 600)
+    with pytest.raises(InputError, match="not a tar file, or damaged") as e:
+        collect_items([str(junk)])
+    assert "compress" not in str(e.value)
