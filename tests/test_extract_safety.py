@@ -436,3 +436,59 @@ def test_tar_links_resolve_and_broken_tars_are_failures_not_silence(tmp_path, ca
     with pytest.raises(InputError, match="not a tar file, or damaged") as e:
         collect_items([str(junk)])
     assert "compress" not in str(e.value)
+
+
+# -- 4. nothing waits forever -----------------------------------------------------------------------
+def test_a_decoding_worker_killed_mid_batch_is_survived(tmp_path, monkeypatch, capsys):
+    """The OOM killer's work, imitated: decoding killer.png SIGKILLs the worker process. The run goes on,
+    the image is named and failed, every other image has the features of a run without workers."""
+    import flashdino.extract.dataset as dataset
+
+    imgs = _images(tmp_path / "imgs", 9)
+    killer = _png(tmp_path / "imgs" / "im04_killer.png", 99)
+    orig = dataset.decode_image
+
+    def deadly(src, *, name=None, check_size=None):
+        if str(name).endswith("killer.png") and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(src, name=name, check_size=check_size)
+
+    base = ["features", str(tmp_path / "imgs"), *RUN[:-2], "--batch-size", "3", "--shard-size", "4"]
+    assert cli.main([*base, "--workers", "0", "--out", str(tmp_path / "ref")]) == 0
+    monkeypatch.setattr(dataset, "decode_image", deadly)
+    t0 = time.time()
+    assert cli.main([*base, "--workers", "2", "--out", str(tmp_path / "o")]) == 0
+    assert time.time() - t0 < 120
+    fs, ref = flashdino.read_features(tmp_path / "o"), flashdino.read_features(tmp_path / "ref")
+    assert [i for i, _ in fs.failed] == [str(killer)] and "the decoding process died on this image" in fs.failed[0][1]
+    assert fs.ids == [i for i in ref.ids if i != str(killer)] and len(fs) == 9
+    for j, ident in enumerate(fs.ids):
+        torch.testing.assert_close(fs.cls[j], ref.cls[ref.index_of(ident)], rtol=1e-5, atol=1e-6)
+
+
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A PNG whose header claims w x h pixels (the pixel data is a stub): the budget must refuse it unread."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_source_pixel_budget_applies_at_any_size(tmp_path):
+    """A 12000 x 12000 PNG (its header; its pixels would be gigabytes) is refused before decoding at a
+    fixed --size as at native size: the reason is the budget, not the stub pixel data's corruption."""
+    imgs = _images(tmp_path / "imgs", 2)
+    big = tmp_path / "imgs" / "huge.png"
+    _png_header_only(big, 12000, 12000)
+    for size in ("32", "0"):
+        out = tmp_path / f"o{size}"
+        argv = ["features", str(big), *imgs, *TINY_ARGS, "--size", size, "--quiet", "--workers", "0", "--out", str(out)]
+        assert cli.main(argv) == 0
+        (reason,) = [r for i, r in flashdino.read_features(out).failed]
+        assert "too large to decode: 12000x12000 = 144000000 pixels, over --max-source-pixels 134217728" in reason
+    out = tmp_path / "low"
+    assert cli.main(["features", *imgs, *RUN, "--max-source-pixels", "1000", "--out", str(out)]) == 2  # all failed
+    fs = flashdino.read_features(out)
+    assert len(fs.failed) == 2 and "over --max-source-pixels 1000" in fs.failed[0][1]

@@ -250,7 +250,7 @@ def _extract_in_memory(model, pre, items, opts, device, forward_features=None) -
     from flashdino.extract.dataset import ImageDataset
     from flashdino.extract.runner import Timings, iterate, shard_batches
 
-    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels)
+    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels, max_source_pixels=opts.max_source_pixels)
     rows: list = [None] * len(items)
     from tqdm import tqdm
 

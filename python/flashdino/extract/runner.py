@@ -420,7 +420,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
     if dist_info.rank == 0 and resuming and done:
         log(f"flashdino: resuming {out}: {len(done)} of {num_shards} shards already done ({skipped} images)")
 
-    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels)
+    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels, max_source_pixels=opts.max_source_pixels)
     plan = [(k, b) for k in mine for b in shard_batches(k * S, min((k + 1) * S, len(items)), opts.batch_size)]
     names = tensor_names(opts, len(model.blocks))
     D = model.cfg.embed_dim
