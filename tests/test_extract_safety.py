@@ -492,3 +492,171 @@ def test_source_pixel_budget_applies_at_any_size(tmp_path):
     assert cli.main(["features", *imgs, *RUN, "--max-source-pixels", "1000", "--out", str(out)]) == 2  # all failed
     fs = flashdino.read_features(out)
     assert len(fs.failed) == 2 and "over --max-source-pixels 1000" in fs.failed[0][1]
+
+
+# -- 5. every CLI failure is one line with a non-zero exit ------------------------------------------
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_is_one_line_at_every_write(tmp_path, capsys, monkeypatch):
+    import numpy as np_
+
+    imgs = _images(tmp_path / "imgs", 4)
+    base = ["features", *imgs, *RUN, "--shard-size", "2", "--store", "cls,pooled,patch"]
+
+    def full_after(n_bytes):
+        """A write_safetensors whose disk fills after n_bytes (the ordinary write raises ENOSPC)."""
+        orig = shardfile.write_safetensors
+
+        def write(fh, *a, **k):
+            class Full:
+                written = 0
+
+                def write(self, b):
+                    Full.written += len(memoryview(b).cast("B"))
+                    if Full.written > n_bytes:
+                        _enospc()
+                    return fh.write(b)
+            return orig(Full(), *a, **k)
+        return write
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(shardfile, "write_safetensors", full_after(100))
+    assert cli.main([*base, "--out", str(out)]) == 2
+    line = _err_line(capsys)
+    assert "000000.safetensors: No space left on device: free some space" in line and "finished shards are kept" in line
+    assert cli.main(["features", *imgs, *RUN, "--out", str(tmp_path / "f.safetensors")]) == 2
+    assert "f.safetensors: No space left on device" in _err_line(capsys)
+    assert not list(tmp_path.glob(".f.safetensors*")) and not (tmp_path / "f.safetensors").exists()
+    monkeypatch.undo()
+
+    # the final merge: ordinary writes (never a memory map of a file that cannot grow: SIGBUS)
+    monkeypatch.setattr(np_.lib.format, "open_memmap", lambda *a, **k: pytest.fail("merge used a memory map"))
+    monkeypatch.setattr(writer, "_write_npy", lambda fh, shape, chunks: (fh.write(b"\x93NUMPY"), _enospc()))
+    assert cli.main([*base, "--out", str(out)]) == 2
+    line = _err_line(capsys)
+    assert f"cannot write the merged files in {out}: No space left on device: free some space" in line, line
+    assert not list(out.glob(".*tmp*")) and not (out / "cls.npy").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(np_.lib.format, "open_memmap", lambda *a, **k: pytest.fail("merge used a memory map"))
+    assert cli.main([*base, "--out", str(out)]) == 0  # space again: the rerun finishes from the kept shards
+    assert "4 already done" in capsys.readouterr().out
+    monkeypatch.undo()  # reading maps the arrays (read-only use)
+    fs = flashdino.read_features(out, verify=True)
+    assert fs.pooled.shape == (4, 32) and torch.isfinite(fs.cls).all()
+
+
+def test_bad_arguments_and_all_failed_runs_exit_non_zero(tmp_path, capsys, monkeypatch):
+    import flashdino.extract.dataset as dataset
+
+    imgs = _images(tmp_path / "imgs", 3)
+    monkeypatch.setattr(dataset, "decode_image", lambda *a, **k: pytest.fail("decoded before refusing"))
+    for size in ("7", "15x224"):
+        assert cli.main(["features", *imgs, *TINY_ARGS, "--size", size, "--quiet", "--out", str(tmp_path / "s")]) == 2
+        assert "less than one 16x16 patch" in _err_line(capsys)
+    long = "n" * 300
+    for out in (tmp_path / long, tmp_path / f"{long}.safetensors", tmp_path / long / "x.safetensors"):
+        assert cli.main(["features", *imgs, *RUN, "--out", str(out)]) == 2
+        line = _err_line(capsys)
+        assert "over this filesystem's limit of" in line and "shorter name" in line and len(line) < 400, line
+    assert cli.main(["features", *imgs, *RUN, "--out", str(tmp_path / "p.safetensors"),
+                     "--pca", str(tmp_path / f"{long}.png")]) == 2
+    assert "over this filesystem's limit" in _err_line(capsys)
+    assert not (tmp_path / "s").exists()
+    monkeypatch.undo()
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"b{i}.png").write_bytes(b"not a png")
+    assert cli.main(["features", str(junk), *RUN, "--out", str(tmp_path / "allbad")]) == 2
+    line = _err_line(capsys)
+    assert "none of the 3 images gave features (all failed)" in line and "features-info" in line
+    assert len(flashdino.read_features(tmp_path / "allbad").failed) == 3  # the records are kept to read
+
+
+def test_ctrl_c_says_finished_shards_are_kept_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    imgs = _images(tmp_path / "imgs", 4)
+    out = tmp_path / "o"
+    orig = writer.write_shard
+
+    def interrupt_second(out_dir, k, *a, **kw):
+        if k == 1:
+            raise KeyboardInterrupt
+        return orig(out_dir, k, *a, **kw)
+
+    monkeypatch.setattr(writer, "write_shard", interrupt_second)
+    assert cli.main(["features", *imgs, *RUN, "--shard-size", "2", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted (Ctrl-C); the shard in progress was discarded, the finished shards in {out} were kept: " \
+           "rerun the same command to resume" in err
+    monkeypatch.undo()
+    assert cli.main(["features", *imgs, *RUN, "--shard-size", "2", "--out", str(out)]) == 0
+    assert "1 of 2 shards already done" in capsys.readouterr().err
+
+
+def test_resume_recognises_inputs_and_names_the_one_that_changed(tmp_path, capsys, monkeypatch):
+    _images(tmp_path / "imgs", 4)
+    monkeypatch.chdir(tmp_path)
+    base = ["features", *RUN, "--shard-size", "2"]
+    assert cli.main([*base, "imgs", "--out", "o"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "imgs", "--out", str(tmp_path / "o")]) == 0  # --out spelled absolutely: same folder
+    assert "0 images (0 with features, 0 failed, 4 already done)" in capsys.readouterr().out
+    assert cli.main([*base, str(tmp_path / "imgs"), "--out", "o"]) == 2
+    line = _err_line(capsys)
+    assert f"input 1 is the same folder/file spelled differently: 'imgs' before, '{tmp_path / 'imgs'}' now" in line
+    assert "rerun with 'imgs' to resume" in line
+    _images(tmp_path / "imgs2", 4, seed=50)
+    assert cli.main([*base, "imgs2", "--out", "o"]) == 2
+    assert f"input 1 changed: 'imgs' ({tmp_path / 'imgs'}) before, 'imgs2' ({tmp_path / 'imgs2'}) now" in \
+        _err_line(capsys)
+    _png(tmp_path / "imgs" / "im00b.png", 7)
+    assert cli.main([*base, "imgs", "--out", "o"]) == 2
+    assert "the images in the inputs changed: image 1 was 'imgs/im01.png', now 'imgs/im00b.png'" in _err_line(capsys)
+
+
+# -- 6. non-finite features are counted and reported ------------------------------------------------
+def test_non_finite_features_are_counted_and_reported(tmp_path, capsys):
+    imgs = _images(tmp_path / "imgs", 3)
+    sd = {k: v.contiguous() for k, v in flashdino.create_model("dinov3_vits16", **TINY).state_dict().items()}
+    sd["norm.weight"] = sd["norm.weight"].clone()
+    sd["norm.weight"][0] = float("inf")  # one inf weight: every output row gets an inf
+    w = tmp_path / "w.safetensors"
+    save_file(sd, str(w))
+    out = tmp_path / "o"
+    assert cli.main(["features", *imgs, *RUN, "--weights", str(w), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 3 images have non-finite features (NaN or inf)" in err and "manifest.jsonl" in err
+    recs = [json.loads(ln) for ln in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r.get("nonfinite") for r in recs] == [True] * 3
+    assert cli.main(["features-info", str(out)]) == 0
+    assert "WARNING: 3 images have non-finite features" in capsys.readouterr().out
+    f = tmp_path / "f.safetensors"
+    assert cli.main(["features", *imgs, *RUN, "--weights", str(w), "--out", str(f)]) == 0
+    assert "3 images have non-finite features" in capsys.readouterr().err
+    assert cli.main(["features-info", str(f), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["nonfinite"] == 3 and info["images"] == 3 and info["tensors"]["cls"] == [3, 32]
+    # healthy weights: no warning, no flag
+    assert cli.main(["features", *imgs, *RUN, "--out", str(tmp_path / "ok")]) == 0
+    assert "non-finite" not in capsys.readouterr().err
+    assert "nonfinite" not in (tmp_path / "ok" / "manifest.jsonl").read_text()
+
+
+def test_features_info_reads_a_single_file(tmp_path, capsys):
+    imgs = _images(tmp_path / "imgs", 2)
+    f = tmp_path / "f.safetensors"
+    assert cli.main(["features", *imgs, *RUN, "--out", str(f)]) == 0
+    capsys.readouterr()
+    assert cli.main(["features-info", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert f"{f}: 2 images, model dinov3_vits16" in out and "cls: [2, 32]" in out and "patch_tokens: [2, 4, 32]" in out
+    other = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2)}, str(other))
+    assert cli.main(["features-info", str(other)]) == 2
+    assert "is not a features file written by flashdino features" in _err_line(capsys)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
+    assert cli.main(["features-info", str(tmp_path / "bad.safetensors")]) == 2
+    assert "not a readable .safetensors file" in _err_line(capsys)

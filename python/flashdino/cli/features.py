@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def collect_images(inputs) -> list[Path]:
 
 def _is_file_output(out: str) -> bool:
     p = Path(out)
-    if out.endswith(("/", "\\")) or p.is_dir():
+    if out.endswith(("/", "\\")) or os.path.isdir(p):  # os.path: a name too long is not a folder, not an error
         return False
     if p.suffix == ".safetensors":
         return True
