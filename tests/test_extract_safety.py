@@ -100,6 +100,25 @@ def test_overwrite_never_touches_files_flashdino_did_not_write(tmp_path, capsys)
         assert "holds files flashdino did not write (e.g. 000000.safetensors)" in _err_line(capsys)
     assert (other / "shards" / "000000.safetensors").read_bytes() == b"someone else's file"
 
+    # files under the names flashdino writes, in a folder without its settings.json, are someone else's
+    for name in ("cls.npy", "manifest.jsonl", "manifest.rank0.jsonl"):
+        theirs = tmp_path / f"theirs_{name}"
+        theirs.mkdir()
+        (theirs / name).write_text("the user's")
+        assert cli.main(["features", *imgs, *RUN, "--out", str(theirs), "--overwrite"]) == 2
+        assert f"holds {name} but no flashdino settings.json" in _err_line(capsys)
+        assert (theirs / name).read_text() == "the user's"
+    # a single --out file is replaced only if it is a features file flashdino wrote
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_file({"w": torch.ones(2)}, str(ckpt))
+    before = ckpt.read_bytes()
+    assert cli.main(["features", *imgs, *RUN, "--out", str(ckpt), "--overwrite"]) == 2
+    assert "is not a features file written by flashdino" in _err_line(capsys) and ckpt.read_bytes() == before
+    mine = tmp_path / "mine.safetensors"
+    assert cli.main(["features", *imgs[:2], *RUN, "--out", str(mine)]) == 0
+    assert cli.main(["features", *imgs, *RUN, "--out", str(mine), "--overwrite"]) == 0
+    assert load_file(str(mine))["cls"].shape == (6, 32)
+
     # a flashdino folder with the user's files beside (and inside shards/): --overwrite with other
     # settings replaces flashdino's files only
     out = tmp_path / "out"
@@ -351,7 +370,7 @@ def test_shard_writer_matches_safetensors_and_its_check_record(tmp_path):
 
 
 # -- 3. every input enumerated or failed ------------------------------------------------------------
-def test_folder_links_are_followed_once_and_special_files_fail_without_blocking(tmp_path):
+def test_folder_links_are_followed_once_and_special_files_fail_without_blocking(tmp_path, monkeypatch):
     real = tmp_path / "elsewhere"
     _images(real, 3, seed=10)
     data = tmp_path / "data"
@@ -378,6 +397,18 @@ def test_folder_links_are_followed_once_and_special_files_fail_without_blocking(
         collect_items([str(data / "b.jpg")])
     with pytest.raises(InputError, match="--list .*b.jpg: is a FIFO"):
         collect_items([], list_file=data / "b.jpg")
+    # a folder that cannot be listed (no permission; faked, since root may list anything) is a failure
+    (real / "private").mkdir()
+    scandir = os.scandir
+
+    def no_permission(path="."):
+        if str(path).endswith("private"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission)
+    bad = [it for it in collect_items([str(data)]) if it.error]
+    assert [it.id for it in bad] == [str(data / "again" / "private")] and "cannot list this folder" in bad[0].error
 
 
 def _tar_of(folder: Path, tar: Path) -> None:

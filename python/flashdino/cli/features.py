@@ -40,6 +40,20 @@ def _is_file_output(out: str) -> bool:
     return False
 
 
+FILE_FORMAT = "flashdino.features/1"  # the format marker of a single features file
+
+
+def _own_features_file(path: Path) -> bool:
+    """True for a file ``features --out FILE.safetensors`` wrote (by its format marker)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == FILE_FORMAT
+    except Exception:  # noqa: BLE001 - unreadable or not safetensors: not ours
+        return False
+
+
 def _parse_list(text: str, allowed, flag: str) -> tuple:
     items = tuple(t.strip() for t in str(text).split(",") if t.strip())
     bad = [t for t in items if t not in allowed]
@@ -165,6 +179,10 @@ def run(args) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise CliError("a single .safetensors --out is for one process; under torchrun give --out a folder")
         check_output_path(out, overwrite=args.overwrite, inputs=every_input, what="--out")
+        if (out.exists() or out.is_symlink()) and not _own_features_file(out):
+            raise CliError(f"--out {out} exists and is not a features file written by flashdino (no "
+                           f"{FILE_FORMAT} marker); flashdino never replaces it, --overwrite included: choose another "
+                           "path or remove it yourself")
         _notice_parents(out, f"--out {out.name}")
     else:
         from flashdino.extract.writer import check_out_dir
@@ -299,7 +317,7 @@ def _write_file(out: Path, items, rows, model, args, opts) -> None:
         "patch_size": str(model.patch_size),
         "store": ",".join(opts.store),
         "layers": json.dumps(list(opts.layers)),
-        "format": "flashdino.features/1",
+        "format": FILE_FORMAT,
     }
     nonfinite = [it.id for it, r in zip(items, rows) if r.get("nonfinite")]
     if nonfinite:

@@ -162,7 +162,14 @@ def _folder_items(folder: Path) -> list[Item]:
     found = []
     seen: set = set()
     loops = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    unlisted: list[Item] = []
+
+    def unreadable(exc: OSError) -> None:  # os.walk skips a folder it cannot list: record it instead
+        where = exc.filename or str(folder)
+        unlisted.append(Item(str(where), str(where), error=f"cannot list this folder ({exc.strerror or exc}); "
+                                                          "the images in it were not processed"))
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         try:
             st = os.stat(root)
         except OSError:
@@ -181,6 +188,7 @@ def _folder_items(folder: Path) -> list[Item]:
     for parts in sorted(found):
         p = folder.joinpath(*parts)
         items.extend(_tar_items(p) if _is_tar(p.name) else [Item(str(p), str(p))])
+    items.extend(sorted(unlisted))
     if not items:
         raise InputError(f"no images found in folder {folder} (looked recursively for {', '.join(IMAGE_EXTENSIONS)} "
                          "and .tar shards)" + (f"; {len(loops)} folders skipped as links to folders already searched"

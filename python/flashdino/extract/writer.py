@@ -225,10 +225,19 @@ def prepare_dir(out_dir: Path, settings: dict, *, overwrite: bool, ids: Optional
             clear_outputs(out)
         else:
             resuming = True
-    elif (out / SHARDS).is_dir() and any((out / SHARDS).iterdir()):
-        if not overwrite:
-            raise OutputDirError(f"--out {out} has shards but no {SETTINGS}; pass --overwrite to replace them")
-        clear_outputs(out)
+    else:
+        # without flashdino's settings.json, files under the names it writes are someone else's
+        theirs = []
+        if out.is_dir():
+            theirs = [p.name for p in (out / MANIFEST, *(out / f"{c}.npy" for c in CONSOLIDATED)) if p.exists()]
+            theirs += sorted(p.name for p in out.iterdir() if _RANK_LOG.fullmatch(p.name))
+        if theirs:
+            raise OutputDirError(f"--out {out} holds {theirs[0]} but no flashdino {SETTINGS}: flashdino did not write "
+                                 "it and never replaces it, --overwrite included: choose another --out folder")
+        if (out / SHARDS).is_dir() and any((out / SHARDS).iterdir()):
+            if not overwrite:
+                raise OutputDirError(f"--out {out} has shards but no {SETTINGS}; pass --overwrite to replace them")
+            clear_outputs(out)
     with filesystem_errors(out / SHARDS):
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
     for folder in (out, out / SHARDS):
@@ -333,8 +342,9 @@ def locked(out_dir: Path):
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise busy(text) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        with filesystem_errors(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
         _HELD.add((st.st_dev, st.st_ino))
         try:
             yield
