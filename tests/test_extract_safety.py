@@ -691,3 +691,27 @@ def test_features_info_reads_a_single_file(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     assert cli.main(["features-info", str(tmp_path / "bad.safetensors")]) == 2
     assert "not a readable .safetensors file" in _err_line(capsys)
+
+
+def test_a_stalled_decoding_worker_is_given_up_on(tmp_path, monkeypatch):
+    """A worker stuck on one image (a hung filesystem, a decoder in a loop): the wait is bounded by
+    --decode-timeout, the image is recorded as failed, the rest of the run goes on."""
+    import flashdino.extract.dataset as dataset
+
+    _images(tmp_path / "imgs", 5)
+    stuck = _png(tmp_path / "imgs" / "im02_stuck.png", 98)
+    orig = dataset.decode_image
+
+    def stalling(src, *, name=None, check_size=None):
+        if str(name).endswith("stuck.png") and torch.utils.data.get_worker_info() is not None:
+            time.sleep(600)
+        return orig(src, name=name, check_size=check_size)
+
+    monkeypatch.setattr(dataset, "decode_image", stalling)
+    t0 = time.time()
+    assert cli.main(["features", str(tmp_path / "imgs"), *RUN[:-2], "--workers", "1", "--batch-size", "2",
+                     "--decode-timeout", "2", "--out", str(tmp_path / "o")]) == 0
+    assert time.time() - t0 < 120
+    fs = flashdino.read_features(tmp_path / "o")
+    assert len(fs) == 5 and [i for i, _ in fs.failed] == [str(stuck)]
+    assert "decoding it took longer than 2 s" in fs.failed[0][1]

@@ -75,6 +75,8 @@ def _options(args, workers: int):
         raise CliError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     if args.max_source_pixels is not None and args.max_source_pixels < 1:
         raise CliError(f"--max-source-pixels must be >= 1, got {args.max_source_pixels}")
+    if not args.decode_timeout > 0:
+        raise CliError(f"--decode-timeout must be a number of seconds > 0, got {args.decode_timeout}")
     parse_max_failures(args.max_failures)
     layers = ()
     if args.layers:
@@ -88,7 +90,7 @@ def _options(args, workers: int):
                           layers=layers, shard_size=args.shard_size, batch_size=args.batch_size, workers=workers,
                           dtype=args.dtype, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                           max_source_pixels=args.max_source_pixels or DEFAULT_MAX_SOURCE_PIXELS,
-                          verify_checksums=not args.skip_checksums,
+                          verify_checksums=not args.skip_checksums, decode_timeout=args.decode_timeout,
                           max_failures=args.max_failures, overwrite=args.overwrite, quiet=args.quiet)
 
 
@@ -389,6 +391,9 @@ def add_parser(sub) -> None:
     f.add_argument("--max-source-pixels", type=int, default=None,
                    help="refuse source images over this many pixels before decoding them, at any --size "
                         "(default 2**27, about 134 M)")
+    f.add_argument("--decode-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="with --workers: a batch not decoded within this time is redone image by image, and an image "
+                        "that stalls again is recorded as failed (default 600)")
     f.add_argument("--skip-checksums", action="store_true",
                    help="on resume, check finished shards' sizes, headers and records but not their checksums "
                         "(faster for huge folders; default: verify every checksum)")

@@ -8,7 +8,10 @@ A bad image never raises: it comes back as a failure with its reason, and the ru
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -97,29 +100,68 @@ def _one(sample):
     return sample
 
 
+# A batch whose decoding takes longer than this (a worker stuck on a hostile file or a hung network
+# filesystem) is given up on and redone image by image, each image with the same limit.
+DEFAULT_DECODE_TIMEOUT = 600.0
+
+
+class DecodeStalled(RuntimeError):
+    """The decoding workers delivered nothing within the deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: Optional[float]):
+    """Raises :class:`DecodeStalled` in the main thread if the block runs longer than ``seconds``.
+
+    Not the DataLoader's own ``timeout``: with one set, the loader stops polling its workers'
+    liveness and would notice a dead worker only when the timeout ends. A real-time timer
+    (SIGALRM) leaves that 5-second polling in place. Elsewhere than in the main thread: no deadline.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise DecodeStalled(f"no image decoded within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def worker_died(exc: BaseException) -> bool:
-    """True for the DataLoader's error when a worker process died (killed by a signal, e.g. the OOM killer)."""
-    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+    """True for the DataLoader's error when a worker process died (killed by a signal, e.g. the OOM
+    killer), and for a :class:`DecodeStalled` deadline."""
+    return isinstance(exc, DecodeStalled) or (isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc))
 
 
-def decode_isolated(dataset: ImageDataset, indices: Sequence[int]) -> dict:
+def decode_isolated(dataset: ImageDataset, indices: Sequence[int], timeout: float = DEFAULT_DECODE_TIMEOUT) -> dict:
     """A batch decoded one image per short-lived worker process, as ``collate_by_size`` gives it.
 
-    The fallback after a decoding worker died: the image that kills its process again is named and
-    recorded as failed, the others of its batch come back as usual.
+    The fallback after a decoding worker died or stalled: the image that kills (or stalls) its
+    process again is named and recorded as failed, the others of its batch come back as usual.
     """
     samples = []
     for i in indices:
         loader = DataLoader(dataset, batch_size=None, sampler=[i], num_workers=1, collate_fn=_one,
                             worker_init_fn=_worker_init)
         try:
-            samples.append(next(iter(loader)))
+            with deadline(timeout):
+                samples.append(next(iter(loader)))
         except RuntimeError as exc:
             if not worker_died(exc):
                 raise
-            samples.append({"index": i, "x": None, "size": None,
-                            "error": f"the decoding process died on this image ({str(exc).rstrip('. ')}; out of "
-                                     "memory? lower --max-source-pixels or give the machine more memory)"})
+            if isinstance(exc, DecodeStalled):
+                why = (f"decoding it took longer than {timeout:g} s (a damaged file, or a stalled filesystem?); "
+                       "raise --decode-timeout if it is just slow")
+            else:
+                why = (f"the decoding process died on this image ({str(exc).rstrip('. ')}; out of memory? lower "
+                       "--max-source-pixels or give the machine more memory)")
+            samples.append({"index": i, "x": None, "size": None, "error": why})
         finally:
             del loader
     return collate_by_size(samples)
@@ -162,4 +204,4 @@ def make_loader(dataset: ImageDataset, batches: Sequence[Sequence[int]], *, work
 
 
 __all__ = ["ImageDataset", "collate_by_size", "make_loader", "default_workers", "decode_isolated", "worker_died",
-           "quiet_sigchld", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SOURCE_PIXELS"]
+           "quiet_sigchld", "deadline", "DecodeStalled", "DEFAULT_MAX_PIXELS", "DEFAULT_DECODE_TIMEOUT", "DEFAULT_MAX_SOURCE_PIXELS"]

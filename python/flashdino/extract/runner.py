@@ -27,7 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import writer
-from .dataset import DEFAULT_MAX_SOURCE_PIXELS, ImageDataset, decode_isolated, make_loader, quiet_sigchld, worker_died
+from .dataset import (DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_SOURCE_PIXELS, ImageDataset, deadline, decode_isolated,
+                      make_loader, quiet_sigchld, worker_died)
 from .inputs import Item, fingerprint
 
 STORE_KEYS = ("cls", "pooled", "patch", "storage")
@@ -132,6 +133,7 @@ class ExtractOptions:
     max_source_pixels: Optional[int] = DEFAULT_MAX_SOURCE_PIXELS
     max_failures: Optional[str] = None
     verify_checksums: bool = True  # a resume hashes every finished shard before trusting it
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds to wait for a batch from the decoding workers
     overwrite: bool = False
     quiet: bool = False
 
@@ -291,14 +293,15 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
     for pos, batch in enumerate(batches):
         t0 = time.perf_counter()
         try:
-            b = next(it)
+            with deadline(opts.decode_timeout if opts.workers > 0 else None):
+                b = next(it)
         except RuntimeError as exc:
             if opts.workers == 0 or not worker_died(exc):
                 raise
-            # a worker died (the OOM killer?) and took the loader with it: this batch image by image,
-            # each in its own process, then a fresh loader for the rest
+            # a worker died (the OOM killer?) or stalled and took the loader with it: this batch image by
+            # image, each in its own process, then a fresh loader for the rest
             del it
-            b = decode_isolated(dataset, batch)
+            b = decode_isolated(dataset, batch, opts.decode_timeout)
             rest = batches[pos + 1:]
             it = iter(make_loader(dataset, rest, workers=opts.workers, device=device)) if rest else iter(())
         t1 = time.perf_counter()
