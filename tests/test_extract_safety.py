@@ -299,7 +299,7 @@ def test_resume_verifies_every_finished_shard_and_redoes_bad_ones(tmp_path, caps
         flashdino.read_features(out, verify=True)
 
 
-def test_read_features_checks_the_data_against_the_manifest(tmp_path):
+def test_read_features_checks_the_data_against_the_manifest(tmp_path, capsys):
     imgs = _images(tmp_path / "imgs", 6)
     out = tmp_path / "o"
     assert cli.main(["features", *imgs, *RUN, "--shard-size", "2", "--store", "cls,pooled,patch", "--out",
@@ -349,8 +349,11 @@ def test_read_features_checks_the_data_against_the_manifest(tmp_path):
         shutil.copytree(out, d2)
         _flip_bits(writer.shard_path(d2, 1))
         flashdino.read_features(d2, verify=True)
-    # the CLI reports any of these in one line
     assert cli.main(["features-info", str(tmp_path / "flip")]) == 0  # cheap checks pass: bits flipped in data
+    assert cli.main(["features-info", str(tmp_path / "flip"), "--verify"]) == 1
+    assert "DAMAGED shard 1: checksum mismatch" in capsys.readouterr().out
+    assert cli.main(["features-info", str(out), "--verify"]) == 0
+    assert "verified: every finished shard matches its checksum" in capsys.readouterr().out
 
 
 def test_shard_writer_matches_safetensors_and_its_check_record(tmp_path):

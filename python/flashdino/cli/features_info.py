@@ -8,7 +8,7 @@ from pathlib import Path
 from ._common import CliError
 
 
-def folder_info(folder) -> dict:
+def folder_info(folder, *, verify: bool = False) -> dict:
     """Counts, model and settings of a features folder; from its shards when the run has not finished."""
     from flashdino.extract import writer
 
@@ -28,7 +28,17 @@ def folder_info(folder) -> dict:
     else:
         records = [r for k in done for r in writer.shard_records(writer.shard_path(folder, k))]
     failed = [(r["id"], r["error"]) for r in records if r.get("error") is not None]
+    damaged = []
+    if verify:
+        from flashdino.extract import shardfile
+
+        for k in range(num_shards):
+            if writer.shard_path(folder, k).exists():
+                why = shardfile.verify(folder, k)
+                if why:
+                    damaged.append({"shard": k, "reason": why})
     return {
+        "damaged": damaged,
         "nonfinite": sum(bool(r.get("nonfinite")) for r in records),
         "folder": str(folder), "finished": finished, "images": settings["num_images"],
         "processed": len(records), "good": len(records) - len(failed), "failed": len(failed),
@@ -82,10 +92,10 @@ def _run_file(args) -> int:
 def run(args) -> int:
     if Path(args.folder).is_file():
         return _run_file(args)
-    info = folder_info(args.folder)
+    info = folder_info(args.folder, verify=args.verify)
     if args.json:
         print(json.dumps(info, indent=1))
-        return 0
+        return 1 if info["damaged"] else 0
     state = "finished" if info["finished"] else (f"NOT finished ({info['shards_done']} of {info['shards']} shards; "
                                                  "rerun the same features command to complete it)")
     print(f"{info['folder']}: {state}")
@@ -98,6 +108,10 @@ def run(args) -> int:
     print(f"  store: {','.join(s['store'])} (patch {s['patch_dtype']}), layers: {s['layers'] or 'last only'}, "
           f"model dtype: {s['dtype']}, shard size: {s['shard_size']}")
     print(f"  preprocess: size {p['size']}, resample {p['resample']}, mean {p['image_mean']}, std {p['image_std']}")
+    for d in info["damaged"]:
+        print(f"  DAMAGED shard {d['shard']}: {d['reason']} (rerun the features command: it redoes damaged shards)")
+    if args.verify and not info["damaged"]:
+        print("  verified: every finished shard matches its checksum")
     shown = info["failures"] if args.all else info["failures"][:20]
     if shown:
         print("  failures:")
@@ -105,7 +119,7 @@ def run(args) -> int:
             print(f"    {f['id']}: {f['reason']}")
         if len(shown) < len(info["failures"]):
             print(f"    ... {len(info['failures']) - len(shown)} more (--all lists them)")
-    return 0
+    return 1 if info["damaged"] else 0
 
 
 def add_parser(sub) -> None:
@@ -115,4 +129,6 @@ def add_parser(sub) -> None:
     f.add_argument("folder", metavar="DIR_OR_FILE")
     f.add_argument("--all", action="store_true", help="list every failure (default: the first 20)")
     f.add_argument("--json", action="store_true", help="machine-readable output")
+    f.add_argument("--verify", action="store_true",
+                   help="also check every shard's checksum (reads the whole folder); exit 1 if one is damaged")
     f.set_defaults(func=run)
