@@ -157,13 +157,13 @@ def test_no_output_equals_or_lies_inside_an_input(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(features_cmd, "build_model", no_model)
     cases = [
-        (["--weights", str(hf), "--out", str(hf / "model.safetensors")], "lies inside the input folder"),
+        (["--weights", str(hf), "--out", str(hf / "model.safetensors")], r"is also an input \(a file in the input folder"),
         (["--weights", str(hf / "model.safetensors"), "--out", str(hf / "model.safetensors")], "is also an input"),
         (["--weights", str(hf), "--out", str(hf / "feats.safetensors")], "lies inside the input folder"),
         (["--weights", str(hf), "--out", str(hf / "feats")], "lies inside the input folder"),
         (["--out", str(tmp_path / "imgs" / "f.safetensors")], "lies inside the input folder"),
         (["--out", str(tmp_path / "imgs" / "sub")], "lies inside the input folder"),
-        (["--out", str(tmp_path / "o.safetensors"), "--pca", imgs[1]], "--pca .*im01.png lies inside the input folder"),
+        (["--out", str(tmp_path / "o.safetensors"), "--pca", imgs[1]], "--pca .*im01.png is also an input"),
         (["--out", str(tmp_path / "o2"), "--pca", str(tmp_path / "imgs" / "new.png")], "lies inside the input folder"),
         (["--out", str(tmp_path / "imgs")], "is also an input"),
     ]

@@ -81,6 +81,8 @@ def input_clash(out: PathLike, inputs: Iterable[PathLike]) -> Optional[str]:
         if _same_file(o, src) or o_real == s_real:
             return f"is also an input ({src})"
         if src.is_dir() and s_real in o_real.parents:
+            if o.exists():  # e.g. the checkpoint of an input weights folder
+                return f"is also an input (a file in the input folder {src})"
             return f"lies inside the input folder {src}"
     return None
 
