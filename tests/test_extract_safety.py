@@ -118,6 +118,19 @@ def test_overwrite_never_touches_files_flashdino_did_not_write(tmp_path, capsys)
     assert cli.main(["features", *imgs[:2], *RUN, "--out", str(mine)]) == 0
     assert cli.main(["features", *imgs, *RUN, "--out", str(mine), "--overwrite"]) == 0
     assert load_file(str(mine))["cls"].shape == (6, 32)
+    # --pca: an existing picture is replaced only if flashdino drew it (its PNG / JPEG marker)
+    for suffix in (".png", ".jpg"):
+        photo = tmp_path / f"holiday{suffix}"
+        Image.new("RGB", (8, 8), "red").save(photo)
+        before = photo.read_bytes()
+        assert cli.main(["features", *imgs, *RUN, "--out", str(tmp_path / f"p{suffix}.safetensors"), "--pca",
+                         str(photo), "--overwrite"]) == 2
+        assert "is not a PCA picture flashdino wrote" in _err_line(capsys) and photo.read_bytes() == before
+        drawn = tmp_path / f"pca{suffix}"
+        for _ in range(2):  # drawn, then replaced by the second run's --overwrite
+            assert cli.main(["features", *imgs, *RUN, "--out", str(tmp_path / f"q{suffix}.safetensors"), "--pca",
+                             str(drawn), "--overwrite"]) == 0
+        assert Image.open(drawn).size[1] > 8
 
     # a flashdino folder with the user's files beside (and inside shards/): --overwrite with other
     # settings replaces flashdino's files only

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ._common import DEFAULT_MODEL, CliError, build_model, parse_size
 from .features_info import add_parser as add_info_parser  # noqa: F401 - registered by cli.build_parser
-from .pca import PCA_MAX_IMAGES, PCA_SUFFIXES, render_pca
+from .pca import PCA_MAX_IMAGES, PCA_SUFFIXES, render_pca, written_by_pca
 
 # single-file tensor names (kept from the first file format) for the pipeline's row names
 _FILE_NAMES = {"cls": "cls", "patch": "patch_tokens", "pooled": "pooled", "storage": "storage_tokens"}
@@ -194,6 +194,9 @@ def run(args) -> int:
             _notice_parents(out / "settings.json", "the --out folder")
     if args.pca:
         check_output_path(args.pca, overwrite=args.overwrite, inputs=every_input + [args.out], what="--pca")
+        if (Path(args.pca).exists() or Path(args.pca).is_symlink()) and not written_by_pca(args.pca):
+            raise CliError(f"--pca {args.pca} exists and is not a PCA picture flashdino wrote; flashdino never "
+                           "replaces it, --overwrite included: choose another path or remove it yourself")
 
     dist_info = init_distributed(args.device) if not to_file else None
     device = dist_info.device if dist_info else args.device
