@@ -212,6 +212,19 @@ def test_lock_never_follows_links_and_dies_with_its_process(tmp_path, capsys):
         assert ".lock" in line and "left alone" in line, line
         assert victim.read_text() == "precious"
     assert (tmp_path / "o_user_file" / ".lock").read_text() == "my lock notes"
+    # links planted under the other names flashdino writes are never written through either
+    done = tmp_path / "done"
+    assert cli.main(["features", *imgs, *RUN, "--out", str(done)]) == 0
+    for name in ("manifest.jsonl", "cls.npy", "manifest.rank0.jsonl", "settings.json"):
+        d = tmp_path / f"planted_{name}"
+        shutil.copytree(done, d)
+        (d / name).unlink(missing_ok=True)
+        (d / name).symlink_to(victim)
+        for extra in ([], ["--overwrite", "--size", "48"]):
+            assert cli.main(["features", *imgs, *RUN, "--out", str(d), *extra]) == 2
+            line = _err_line(capsys)
+            assert f"{name} " in line and ("symbolic link" in line or "did not write" in line), line
+        assert victim.read_text() == "precious" and (d / name).is_symlink()
 
     # a lock held by a process killed with SIGKILL while its forked children (DataLoader workers)
     # live on: the lock died with its holder, the children never held it

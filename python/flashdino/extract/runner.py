@@ -415,7 +415,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
         resuming = False
     S = opts.shard_size
     num_shards = math.ceil(len(items) / S)
-    done = _finished_shards(out, items, S, num_shards, opts, dist_info, log if resuming else None)
+    done = _finished_shards(out, items, S, num_shards, opts, dist_info, log)
     done_set = set(done)
     mine = [k for k in range(dist_info.rank, num_shards, dist_info.world) if k not in done_set]
     skipped = sum(min(S, len(items) - k * S) for k in done)
@@ -501,20 +501,20 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
 
 def _finished_shards(out: Path, items, S: int, num_shards: int, opts: ExtractOptions, dist_info: Dist,
                      log: Optional[Callable]) -> list[int]:
-    """Shards that are committed and verified: rank 0 checks each (sizes, header, records, row counts;
-    the checksum unless ``opts.verify_checksums`` is off) and tells the other ranks."""
+    """Shards that are committed and verified (sizes, header, records, row counts; the checksum unless
+    ``opts.verify_checksums`` is off). Each rank checks its share (k % world == rank), so hashing a
+    large folder is spread over the ranks instead of keeping all but one waiting in a collective."""
     flags = [0.0] * num_shards
-    if dist_info.rank == 0:
-        for k in range(num_shards):
-            if not writer.shard_path(out, k).exists():
-                continue
-            lo, hi = k * S, min((k + 1) * S, len(items))
-            why = writer.shardfile.verify(out, k, indices=range(lo, hi), ids=[it.id for it in items[lo:hi]],
-                                          checksum=opts.verify_checksums)
-            if why is None:
-                flags[k] = 1.0
-            elif log is not None:
-                log(f"flashdino: shard {k} ({writer.shard_path(out, k)}) cannot be trusted: {why}; redoing it")
+    for k in range(dist_info.rank, num_shards, dist_info.world):
+        if not writer.shard_path(out, k).exists():
+            continue
+        lo, hi = k * S, min((k + 1) * S, len(items))
+        why = writer.shardfile.verify(out, k, indices=range(lo, hi), ids=[it.id for it in items[lo:hi]],
+                                      checksum=opts.verify_checksums)
+        if why is None:
+            flags[k] = 1.0
+        elif log is not None:
+            log(f"flashdino: shard {k} ({writer.shard_path(out, k)}) cannot be trusted: {why}; redoing it")
     flags = dist_info.all_reduce(flags)
     return [k for k in range(num_shards) if flags[k] > 0]
 

@@ -202,6 +202,12 @@ def prepare_dir(out_dir: Path, settings: dict, *, overwrite: bool, ids: Optional
     out = Path(out_dir)
     sp = out / SETTINGS
     resuming = False
+    links = [p.name for p in (out / SETTINGS, out / MANIFEST, out / LOCK, *(out / f"{c}.npy" for c in CONSOLIDATED))
+             if p.is_symlink()]
+    links += sorted(p.name for p in out.iterdir() if _RANK_LOG.fullmatch(p.name) and p.is_symlink())
+    if links:  # writing through a planted link would replace its target
+        raise OutputDirError(f"--out {out}: {links[0]} is a symbolic link, which flashdino never creates; it was left "
+                             "alone: remove it (its target is not touched) and rerun")
     foreign = foreign_files(out)
     if foreign:
         raise OutputDirError(f"--out {out}: {out / SHARDS} holds files flashdino did not write (e.g. {foreign[0].name}); "
