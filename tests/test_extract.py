@@ -500,6 +500,11 @@ def test_outputs_checked_before_work_and_never_overwritten(dataset, tmp_path, ca
     assert "is a file" in capsys.readouterr().err
     monkeypatch.undo()
 
+    assert cli.main([*base, "--out", str(link), "--overwrite"]) == 2  # not a features file: never replaced
+    assert "is not a features file written by flashdino" in capsys.readouterr().err
+    assert existing.read_bytes() == b"precious"
+    existing.unlink()
+    assert cli.main([*base, "--out", str(existing)]) == 0  # now a features file flashdino wrote
     assert cli.main([*base, "--out", str(link), "--overwrite"]) == 0
     assert link.is_symlink() and load_file(str(existing))["cls"].shape == (1, 32)  # written through the link
     deep = tmp_path / "no" / "such" / "x.safetensors"
