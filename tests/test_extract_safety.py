@@ -357,6 +357,17 @@ def test_read_features_checks_the_data_against_the_manifest(tmp_path, capsys):
 
     damaged(lambda d: set_format(d, "flashdino.features/99"), r"settings\.json: format 'flashdino\.features/99' .*upgrade")
     damaged(lambda d: set_format(d, "something/1"), r"settings\.json was not written by flashdino")
+
+    def drop_key(d, key):
+        s = json.loads((d / "settings.json").read_text())
+        del s[key]
+        (d / "settings.json").write_text(json.dumps(s))
+
+    damaged(lambda d: drop_key(d, "num_images"), r"settings\.json: damaged \(num_images missing or invalid\)")
+    no_row = json.loads(lines[3])
+    del no_row["row"]
+    damaged(lambda d: (d / "manifest.jsonl").write_text("\n".join([*lines[:3], json.dumps(no_row), *lines[4:]]) + "\n"),
+            r"manifest\.jsonl: line 4 is not an image record")
     damaged(lambda d: np.save(d / "cls.npy", np.zeros((5, 32), np.float32)), r"cls\.npy: 5 rows .* for the 6 good")
     damaged(lambda d: (d / "pooled.npy").write_bytes((d / "pooled.npy").read_bytes()[:100]), r"pooled\.npy: unreadable")
     damaged(lambda d: writer.shard_path(d, 1).write_bytes(writer.shard_path(d, 1).read_bytes()[:-64]),

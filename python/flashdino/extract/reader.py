@@ -42,7 +42,9 @@ def _read_manifest(path: Path, num_images: int, shard_size: int) -> list:
                         r = json.loads(line)
                     except ValueError as exc:
                         raise _damaged(path, f"line {n} is not a JSON record ({exc})") from None
-                    if not isinstance(r, dict) or not {"index", "id", "shard"} <= set(r):
+                    if not isinstance(r, dict) or not {"index", "id", "shard"} <= set(r) or (
+                            r.get("error") is None and not (isinstance(r.get("row"), int)
+                                                            and isinstance(r.get("grid"), list) and len(r["grid"]) == 2)):
                         raise _damaged(path, f"line {n} is not an image record")
                     records.append(r)
     except (OSError, UnicodeDecodeError) as exc:

@@ -271,6 +271,11 @@ def read_settings(out_dir: Path) -> dict:
     if d["format"] not in READABLE_FORMATS:
         raise OutputDirError(f"{sp}: format {d['format']!r} is not one this flashdino reads ({', '.join(READABLE_FORMATS)}); "
                              "upgrade flashdino to read it")
+    expected = {"num_images": int, "shard_size": int, "store": list, "model": str, "preprocess": dict}
+    bad = [k for k, t in expected.items() if not isinstance(d.get(k), t)]
+    if bad or d["shard_size"] < 1 or d["num_images"] < 0:
+        raise OutputDirError(f"{sp}: damaged ({', '.join(bad) or 'shard_size / num_images'} missing or invalid); "
+                             "rerun the features command with --overwrite to rebuild the folder")
     return d
 
 
@@ -346,8 +351,11 @@ def locked(out_dir: Path):
             raise OutputDirError(f"{path} is not flashdino's lock file; it was left alone: remove or rename it and rerun")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise busy(text) from None
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise busy(text) from None
+            raise OutputDirError(f"cannot lock {path} ({exc.strerror or exc}); the filesystem of --out does not "
+                                 "support file locks: choose an --out folder on another filesystem") from None
         with filesystem_errors(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
