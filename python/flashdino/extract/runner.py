@@ -409,8 +409,10 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
     dist_info.barrier()
     if dist_info.rank != 0:
         theirs = writer.read_settings(out)
-        # "inputs" records rank 0's spelling and absolute paths (for messages); nodes may mount data elsewhere
-        if {k: v for k, v in theirs.items() if k != "inputs"} != {k: v for k, v in settings.items() if k != "inputs"}:  # e.g. a rank that built another random model, or sees other files
+        # e.g. a rank that built another random model, or sees other files; "inputs" is left out: it
+        # records rank 0's spelling and absolute paths (for messages), and nodes may mount data elsewhere
+        same = {k: v for k, v in theirs.items() if k != "inputs"} == {k: v for k, v in settings.items() if k != "inputs"}
+        if not same:
             raise writer.OutputDirError(f"rank {dist_info.rank}: settings differ from rank 0's "
                                         f"({'; '.join(writer._diff(theirs, settings)[:4])})")
         resuming = False
