@@ -4,7 +4,7 @@
                                    store, inputs digest, shard size); a rerun must match it
     DIR/shards/NNNNNN.safetensors  images [k*S, (k+1)*S) of the input order; tensors of the good
                                    images (rows) plus, in the metadata, one record per image
-    DIR/shards/NNNNNN.check.json   its byte count, BLAKE2b digest and row counts (``shardfile``)
+    DIR/shards/NNNNNN.check.json   its byte count, SHA-256 digest and row counts (``shardfile``)
     DIR/manifest.rank<R>.jsonl     each rank's records, appended after each shard it commits
     DIR/manifest.jsonl             all records in input order (rank 0, after the run)
     DIR/cls.npy, DIR/pooled.npy    [N_good, D] float32, concatenated in input order (rank 0)
@@ -376,7 +376,7 @@ def write_shard(out_dir: Path, k: int, records: list, tensors: dict) -> Path:
     with filesystem_errors(path), atomic_write(path) as tmp:
         with open(tmp, "wb") as fh:
             nbytes, digest = shardfile.write_safetensors(fh, tensors, meta)
-        check = {"format": shardfile.CHECK_FORMAT, "shard": k, "bytes": nbytes, "blake2b": digest, "rows": len(ids),
+        check = {"format": shardfile.CHECK_FORMAT, "shard": k, "bytes": nbytes, "sha256": digest, "rows": len(ids),
                  "images": len(records)}
         with atomic_write(check_path(out_dir, k)) as ctmp:
             ctmp.write_text(json.dumps(check), encoding="utf-8")
