@@ -506,18 +506,26 @@ def _finished_shards(out: Path, items, S: int, num_shards: int, opts: ExtractOpt
                      log: Optional[Callable]) -> list[int]:
     """Shards that are committed and verified (sizes, header, records, row counts; the checksum unless
     ``opts.verify_checksums`` is off). Each rank checks its share (k % world == rank), so hashing a
-    large folder is spread over the ranks instead of keeping all but one waiting in a collective."""
-    flags = [0.0] * num_shards
-    for k in range(dist_info.rank, num_shards, dist_info.world):
+    large folder is spread over the ranks instead of keeping all but one waiting in a collective, and
+    over threads within a rank (hashlib and file reads release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(k: int) -> Optional[str]:
         if not writer.shard_path(out, k).exists():
-            continue
+            return "missing"
         lo, hi = k * S, min((k + 1) * S, len(items))
-        why = writer.shardfile.verify(out, k, indices=range(lo, hi), ids=[it.id for it in items[lo:hi]],
-                                      checksum=opts.verify_checksums)
-        if why is None:
-            flags[k] = 1.0
-        elif log is not None:
-            log(f"flashdino: shard {k} ({writer.shard_path(out, k)}) cannot be trusted: {why}; redoing it")
+        return writer.shardfile.verify(out, k, indices=range(lo, hi), ids=[it.id for it in items[lo:hi]],
+                                       checksum=opts.verify_checksums)
+
+    flags = [0.0] * num_shards
+    mine = list(range(dist_info.rank, num_shards, dist_info.world))
+    threads = max(1, min(8, (os.cpu_count() or 1) // max(1, dist_info.local_world)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for k, why in zip(mine, pool.map(check, mine)):
+            if why is None:
+                flags[k] = 1.0
+            elif why != "missing" and log is not None:
+                log(f"flashdino: shard {k} ({writer.shard_path(out, k)}) cannot be trusted: {why}; redoing it")
     flags = dist_info.all_reduce(flags)
     return [k for k in range(num_shards) if flags[k] > 0]
 
