@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -441,6 +442,15 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                      forward_features=forward_features)
     g_done = g_failed = g_nonfinite = 0.0
     t_start = time.perf_counter()
+    # a shard is written and hashed in this thread while the next one is computed; at most one waits
+    # (memory stays bounded at two shards) and its errors (a full disk) surface at the next commit
+    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashdino-shard-writer")
+    pending = None
+
+    def commit(k: int, recs: list, tensors: dict) -> None:
+        writer.write_shard(out, k, recs, tensors)
+        writer.append_records(out, dist_info.rank, recs)
+
     try:
         pos = 0
         for r in range(rounds):
@@ -470,10 +480,12 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                             rec["nonfinite"] = True
                         rows.append(row)
                     recs.append(rec)
+                tensors = stack_rows(rows, names, D, n_storage, pdt)
                 t0 = time.perf_counter()
-                writer.write_shard(out, k, recs, stack_rows(rows, names, D, n_storage, pdt))
-                writer.append_records(out, dist_info.rank, recs)
-                del rows, records
+                if pending is not None:
+                    pending.result()
+                pending = committer.submit(commit, k, recs, tensors)
+                del rows, records, tensors
                 release_freed_memory()
                 timings.write += time.perf_counter() - t0
             d, f, nf = dist_info.all_reduce([n_img, n_fail, n_nonfinite])
@@ -487,9 +499,14 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                     f"stopped: {int(g_failed)} of {int(g_done)} images failed (--max-failures {opts.max_failures}); "
                     f"the committed shards are kept: see the records in {out}/manifest.rank*.jsonl, fix the inputs "
                     "or raise --max-failures, then rerun the same command")
+        if pending is not None:
+            t0 = time.perf_counter()
+            pending.result()
+            timings.write += time.perf_counter() - t0
     finally:
         bar.close()
         stream.close()
+        committer.shutdown(wait=True)  # also on errors and Ctrl-C: the shard in the writer is finished
     seconds = time.perf_counter() - t_start
     tot = dist_info.all_reduce([timings.decode_wait, timings.model, timings.write, seconds], op="max")
     dist_info.barrier()
