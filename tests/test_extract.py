@@ -288,9 +288,24 @@ def test_one_process_workers_and_torchrun_agree(dataset, tmp_path, capsys):
     assert "finished" in info and "177 with features, 21 failed" in info and "empty file (0 bytes)" in info
 
 
+# the CLI with the decoding of any image named blocker.png held while the file $GATE exists
+_GATED_CLI = """
+import os, sys, time
+import flashdino.extract.dataset as d
+orig = d.decode_image
+def gated(src, *, name=None, check_size=None):
+    while str(name).endswith("blocker.png") and os.path.exists(os.environ["GATE"]):
+        time.sleep(0.05)
+    return orig(src, name=name, check_size=check_size)
+d.decode_image = gated
+from flashdino import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_then_rerun_matches_uninterrupted(dataset, tmp_path, capsys):
-    """A run blocked on a pipe in its 4th shard is killed with SIGKILL, the pipe becomes the real file,
-    the rerun finishes: the folder is byte-identical in content to one uninterrupted run."""
+    """A run stalled on one image in its 4th shard is killed with SIGKILL, the rerun finishes: the
+    folder is byte-identical in content to one uninterrupted run."""
     root, good, _ = dataset
     plain = [g for g in good if "shard.tar" not in g][:60]
     blocker = tmp_path / "blocker.png"
@@ -303,10 +318,11 @@ def test_sigkill_then_rerun_matches_uninterrupted(dataset, tmp_path, capsys):
     ref = subprocess.run([*args, "--out", str(tmp_path / "ref")], env=ENV, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    blocker.unlink()
-    os.mkfifo(blocker)  # opening it blocks until a writer comes: the run stalls inside shard 3
+    gate = tmp_path / "gate"
+    gate.write_text("held")  # while it exists, decoding blocker.png waits: the run stalls inside shard 3
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _GATED_CLI, *args[3:], "--out", str(out)],
+                            env=dict(ENV, GATE=str(gate)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while len(list((out / "shards").glob("*.safetensors"))) < 3 and time.time() < deadline:
@@ -330,8 +346,8 @@ def test_sigkill_then_rerun_matches_uninterrupted(dataset, tmp_path, capsys):
     (out / "shards" / ".000003.safetensors.x1y2.tmp.safetensors").write_bytes(b"half a shard")  # a writer's leftover
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").glob("0*.safetensors")}
 
-    blocker.unlink()
-    blocker.write_bytes(data)
+    gate.unlink()
+    assert blocker.read_bytes() == data
     rerun = subprocess.run([*args, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming" in rerun.stderr and "3 of 7 shards already done (30 images)" in rerun.stderr
@@ -339,7 +355,8 @@ def test_sigkill_then_rerun_matches_uninterrupted(dataset, tmp_path, capsys):
     for name, st in before.items():  # finished shards were not redone
         p = out / "shards" / name
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == st
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"{k:06d}.safetensors" for k in range(7)]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
+        f"{k:06d}.{ext}" for k in range(7) for ext in ("safetensors", "check.json"))
     assert (out / "manifest.jsonl").read_text() == (tmp_path / "ref" / "manifest.jsonl").read_text()
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 61
     for k in range(7):
@@ -483,17 +500,22 @@ def test_outputs_checked_before_work_and_never_overwritten(dataset, tmp_path, ca
     assert "is a file" in capsys.readouterr().err
     monkeypatch.undo()
 
+    assert cli.main([*base, "--out", str(link), "--overwrite"]) == 2  # not a features file: never replaced
+    assert "is not a features file written by flashdino" in capsys.readouterr().err
+    assert existing.read_bytes() == b"precious"
+    existing.unlink()
+    assert cli.main([*base, "--out", str(existing)]) == 0  # now a features file flashdino wrote
     assert cli.main([*base, "--out", str(link), "--overwrite"]) == 0
     assert link.is_symlink() and load_file(str(existing))["cls"].shape == (1, 32)  # written through the link
     deep = tmp_path / "no" / "such" / "x.safetensors"
     assert cli.main([*base, "--out", str(deep)]) == 0
     assert f"creating folder {tmp_path / 'no' / 'such'}" in capsys.readouterr().err and deep.is_file()
 
-    def interrupted(*a, **k):
-        Path(a[1]).write_bytes(b"half")
+    def interrupted(fh, *a, **k):
+        fh.write(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_file", interrupted)
+    monkeypatch.setattr("flashdino.extract.shardfile.write_safetensors", interrupted)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     assert cli.main([*base, "--out", str(fresh / "f.safetensors")]) == 130
@@ -575,14 +597,16 @@ def test_decoder_fuzz_only_decode_errors(fmt, edits, cut):
 def test_sigterm_keeps_committed_shards_and_leaves_no_temp_files(dataset, tmp_path):
     root, good, _ = dataset
     plain = [g for g in good if "shard.tar" not in g][:12]
-    blocker = tmp_path / "pipe.png"
-    os.mkfifo(blocker)  # the run stalls on it in its second shard
+    blocker = tmp_path / "blocker.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(blocker)
+    gate = tmp_path / "gate"
+    gate.write_text("held")  # the run stalls on the blocker in its second shard
     lst = tmp_path / "l.txt"
     lst.write_text("\n".join(plain[:7] + [str(blocker)] + plain[7:]) + "\n")
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "flashdino", "features", "--list", str(lst), *RUN_ARGS,
+    proc = subprocess.Popen([sys.executable, "-c", _GATED_CLI, "features", "--list", str(lst), *RUN_ARGS,
                              "--shard-size", "5", "--workers", "0", "--out", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=dict(ENV, GATE=str(gate)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         while not (out / "shards" / "000000.safetensors").exists() and time.time() < deadline:
@@ -595,5 +619,6 @@ def test_sigterm_keeps_committed_shards_and_leaves_no_temp_files(dataset, tmp_pa
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err, err[-2000:]
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.safetensors"]
+    assert f"the finished shards in {out} were kept: rerun the same command to resume" in err, err[-2000:]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.check.json", "000000.safetensors"]
     assert not [p for p in out.rglob(".*tmp*")]

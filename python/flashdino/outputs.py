@@ -45,12 +45,12 @@ def check_output_path(path: PathLike, *, overwrite: bool = False, inputs: Iterab
     they can be created; raises :class:`OutputPathError` otherwise.
     """
     out = Path(path).expanduser()
-    for item in inputs:
-        if item is None:
-            continue
-        src = Path(item).expanduser()
-        if _same_file(out, src) or out.resolve() == src.resolve():
-            raise OutputPathError(f"{what} {out} is also an input ({src}); choose another {what} path")
+    why = name_problem(out)
+    if why:
+        raise OutputPathError(f"cannot write {what}: {why}; choose a shorter name")
+    clash = input_clash(out, inputs)
+    if clash:
+        raise OutputPathError(f"{what} {out} {clash}; choose another {what} path")
     if out.is_dir():
         raise OutputPathError(f"{what} {out} is a folder; give a file name inside it, e.g. {out / 'out.safetensors'}")
     if out.exists() or out.is_symlink():
@@ -63,6 +63,44 @@ def check_output_path(path: PathLike, *, overwrite: bool = False, inputs: Iterab
     if out.exists() and not os.access(out.resolve().parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot replace {what} {out}: no write permission in {out.resolve().parent}")
     return out
+
+
+def input_clash(out: PathLike, inputs: Iterable[PathLike]) -> Optional[str]:
+    """How the output ``out`` collides with an input (is one, or lies inside an input folder), or None.
+
+    Inputs are files (images, lists, tars, weights) or folders (of images, of weights): an output in
+    an input folder would replace or join the inputs (and be read back as one by the next run).
+    """
+    o = Path(out).expanduser()
+    o_real = Path(os.path.realpath(o))
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).expanduser()
+        s_real = Path(os.path.realpath(src))
+        if _same_file(o, src) or o_real == s_real:
+            return f"is also an input ({src})"
+        if src.is_dir() and s_real in o_real.parents:
+            if o.exists():  # e.g. the checkpoint of an input weights folder
+                return f"is also an input (a file in the input folder {src})"
+            return f"lies inside the input folder {src}"
+    return None
+
+
+def name_problem(path: PathLike) -> Optional[str]:
+    """Why ``path`` cannot be a file name on its filesystem (a component over NAME_MAX bytes), or None."""
+    p = Path(path).expanduser()
+    limit = 255
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        anc = Path(os.path.abspath(p)).parent
+        while not os.path.isdir(anc) and anc != anc.parent:
+            anc = anc.parent
+        limit = os.pathconf(anc, "PC_NAME_MAX")
+    for part in p.parts:
+        n = len(os.fsencode(part))
+        if n > limit:
+            return f"the name {part[:40]}... is {n} bytes long, over this filesystem's limit of {limit}"
+    return None
 
 
 def folder_problem(folder: PathLike) -> Optional[str]:
@@ -154,4 +192,4 @@ def atomic_write(path: PathLike, *, suffix: Optional[str] = None, overwrite: boo
         raise
 
 
-__all__ = ["OutputPathError", "check_output_path", "folder_problem", "missing_parents", "atomic_write"]
+__all__ = ["OutputPathError", "check_output_path", "folder_problem", "input_clash", "name_problem", "missing_parents", "atomic_write"]

@@ -84,11 +84,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(argv)
-    except KeyboardInterrupt:
-        print("flashdino: interrupted (Ctrl-C); partial outputs were removed", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        hint = getattr(exc, "flashdino_hint", "partial outputs were removed")  # set by a command with more to say
+        print(f"flashdino: interrupted (Ctrl-C); {hint}", file=sys.stderr)
         return 130
-    except _Terminated:
-        print("flashdino: terminated (SIGTERM); partial outputs were removed", file=sys.stderr)
+    except _Terminated as exc:
+        print(f"flashdino: terminated (SIGTERM); {getattr(exc, 'flashdino_hint', 'partial outputs were removed')}",
+              file=sys.stderr)
         return 143
     finally:
         if previous is not None:

@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from ._common import DEFAULT_MODEL, CliError, build_model, check_model_args, parse_size
 from .features_info import add_parser as add_info_parser  # noqa: F401 - registered by cli.build_parser
-from .pca import PCA_MAX_IMAGES, PCA_SUFFIXES, render_pca
+from .pca import PCA_MAX_IMAGES, PCA_SUFFIXES, render_pca, written_by_pca
 
 # single-file tensor names (kept from the first file format) for the pipeline's row names
 _FILE_NAMES = {"cls": "cls", "patch": "patch_tokens", "pooled": "pooled", "storage": "storage_tokens"}
@@ -29,7 +30,7 @@ def collect_images(inputs) -> list[Path]:
 
 def _is_file_output(out: str) -> bool:
     p = Path(out)
-    if out.endswith(("/", "\\")) or p.is_dir():
+    if out.endswith(("/", "\\")) or os.path.isdir(p):  # os.path: a name too long is not a folder, not an error
         return False
     if p.suffix == ".safetensors":
         return True
@@ -37,6 +38,20 @@ def _is_file_output(out: str) -> bool:
         raise CliError(f"--out must end in .safetensors (one file) or name a folder (for shards), got {out}; "
                        "end it with / to use a folder name with a dot")
     return False
+
+
+FILE_FORMAT = "flashdino.features/1"  # the format marker of a single features file
+
+
+def _own_features_file(path: Path) -> bool:
+    """True for a file ``features --out FILE.safetensors`` wrote (by its format marker)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == FILE_FORMAT
+    except Exception:  # noqa: BLE001 - unreadable or not safetensors: not ours
+        return False
 
 
 def _parse_list(text: str, allowed, flag: str) -> tuple:
@@ -58,6 +73,10 @@ def _options(args, workers: int):
         raise CliError(f"--workers must be >= 0, got {args.workers}")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise CliError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    if args.max_source_pixels is not None and args.max_source_pixels < 1:
+        raise CliError(f"--max-source-pixels must be >= 1, got {args.max_source_pixels}")
+    if not args.decode_timeout > 0:
+        raise CliError(f"--decode-timeout must be a number of seconds > 0, got {args.decode_timeout}")
     parse_max_failures(args.max_failures)
     layers = ()
     if args.layers:
@@ -65,11 +84,13 @@ def _options(args, workers: int):
             layers = tuple(sorted({int(v) for v in args.layers.split(",") if v.strip()}))
         except ValueError:
             raise CliError(f"--layers expects block indices like 3,7,11; got {args.layers!r}") from None
-    from flashdino.extract.dataset import DEFAULT_MAX_PIXELS
+    from flashdino.extract.dataset import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SOURCE_PIXELS
 
     return ExtractOptions(store=_parse_list(args.store, STORE_KEYS, "--store"), patch_dtype=args.patch_dtype,
                           layers=layers, shard_size=args.shard_size, batch_size=args.batch_size, workers=workers,
                           dtype=args.dtype, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                          max_source_pixels=args.max_source_pixels or DEFAULT_MAX_SOURCE_PIXELS,
+                          verify_checksums=not args.skip_checksums, decode_timeout=args.decode_timeout,
                           max_failures=args.max_failures, overwrite=args.overwrite, quiet=args.quiet)
 
 
@@ -113,6 +134,10 @@ def _check_model_options(model, pre, opts) -> None:
         raise CliError(f"--layers {bad}: {model.cfg.name} has blocks 0..{depth - 1}")
     h, w = pre.output_size(10**4, 10**4)
     fixed = (h, w) == pre.output_size(37, 5000)  # a fixed --size: every input comes out alike
+    P = model.patch_size
+    if fixed and (h < P or w < P):
+        raise CliError(f"--size gives {w}x{h} pixels, less than one {P}x{P} patch of {model.cfg.name}; "
+                       f"use --size {P} or more (e.g. 224)")
     max_pixels = opts.max_pixels
     if fixed and h * w > max_pixels:
         raise CliError(f"--size gives {w}x{h} = {h * w} pixels per image, over --max-pixels {max_pixels}; "
@@ -151,20 +176,28 @@ def run(args) -> int:
     out = Path(args.out)
     weights_input = [args.weights] if args.weights and Path(args.weights).exists() else []
     # every output location is checked before the model is loaded or any image decoded
+    sources = inputs + ([args.list] if args.list else [])
+    every_input = weights_input + sources + sorted({it.path for it in items})
     if to_file:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise CliError("a single .safetensors --out is for one process; under torchrun give --out a folder")
-        check_output_path(out, overwrite=args.overwrite, inputs=weights_input + [it.path for it in items],
-                          what="--out")
+        check_output_path(out, overwrite=args.overwrite, inputs=every_input, what="--out")
+        if (out.exists() or out.is_symlink()) and not _own_features_file(out):
+            raise CliError(f"--out {out} exists and is not a features file written by flashdino (no "
+                           f"{FILE_FORMAT} marker); flashdino never replaces it, --overwrite included: choose another "
+                           "path or remove it yourself")
         _notice_parents(out, f"--out {out.name}")
     else:
         from flashdino.extract.writer import check_out_dir
 
-        check_out_dir(out, inputs=weights_input + inputs + ([args.list] if args.list else []))
+        check_out_dir(out, inputs=weights_input + sources)
         if not out.exists() and int(os.environ.get("RANK", "0")) == 0:
             _notice_parents(out / "settings.json", "the --out folder")
     if args.pca:
-        check_output_path(args.pca, overwrite=args.overwrite, inputs=weights_input + [args.out], what="--pca")
+        check_output_path(args.pca, overwrite=args.overwrite, inputs=every_input + [args.out], what="--pca")
+        if (Path(args.pca).exists() or Path(args.pca).is_symlink()) and not written_by_pca(args.pca):
+            raise CliError(f"--pca {args.pca} exists and is not a PCA picture flashdino wrote; flashdino never "
+                           "replaces it, --overwrite included: choose another path or remove it yourself")
 
     dist_info = init_distributed(args.device) if not to_file else None
     device = dist_info.device if dist_info else args.device
@@ -185,14 +218,24 @@ def run(args) -> int:
                 label = f"random (seed {args.seed})"
             try:
                 summary = extract_to_dir(model, pre, items, out, opts, dist_info, weights_label=label,
-                                         forward_features=fast)
+                                         forward_features=fast, sources=sources)
             except ExtractionStopped as exc:
                 raise CliError(str(exc)) from None
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: cli.main prints this hint
+                    exc.flashdino_hint = (f"the shard in progress was discarded, the finished shards in {out} were "
+                                          "kept: rerun the same command to resume")
+                raise
             if dist_info.rank != 0:
                 return 0
             print(summary_line(summary))
             print(f"wrote {out}: {summary['total_good']} images, {summary['total_failed']} failed "
                   f"(read it with flashdino.read_features({str(out)!r}); flashdino features-info {out})")
+            _warn_nonfinite(summary.get("total_nonfinite", 0), f"their records in {out}/manifest.jsonl say "
+                            f"nonfinite: true (flashdino features-info {out} lists them)")
+            if summary["total_good"] == 0:
+                raise CliError(f"none of the {summary['total_failed']} images gave features (all failed); see why "
+                               f"with: flashdino features-info {out}")
             shown = _rows_from_folder(out, items) if args.pca else []
         if args.pca and shown:
             _render(args.pca, pre, items, shown)
@@ -200,6 +243,12 @@ def run(args) -> int:
         if dist_info is not None:
             dist_info.close()
     return 0
+
+
+def _warn_nonfinite(n: int, where: str) -> None:
+    if n:
+        print(f"flashdino: warning: {n} images have non-finite features (NaN or inf): the weights or those images are "
+              f"broken; {where}", file=sys.stderr)
 
 
 def _runtime_forward(model, args, opts, device: str):
@@ -226,7 +275,7 @@ def _extract_in_memory(model, pre, items, opts, device, forward_features=None) -
     from flashdino.extract.dataset import ImageDataset
     from flashdino.extract.runner import Timings, iterate, shard_batches
 
-    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels)
+    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels, max_source_pixels=opts.max_source_pixels)
     rows: list = [None] * len(items)
     from tqdm import tqdm
 
@@ -249,14 +298,13 @@ def _extract_in_memory(model, pre, items, opts, device, forward_features=None) -
 
 def _write_file(out: Path, items, rows, model, args, opts) -> None:
     import torch
-    from safetensors.torch import save_file
 
     from flashdino.outputs import atomic_write
 
     grids = [tuple(r["grid"]) for r in rows]
     tensors = {}
     for name in rows[0]:
-        if name in ("grid", "size"):
+        if name in ("grid", "size", "nonfinite"):
             continue
         prefix, _, base = name.rpartition(".")
         fname = (prefix + "." if prefix else "") + _FILE_NAMES[base]
@@ -275,12 +323,18 @@ def _write_file(out: Path, items, rows, model, args, opts) -> None:
         "patch_size": str(model.patch_size),
         "store": ",".join(opts.store),
         "layers": json.dumps(list(opts.layers)),
-        "format": "flashdino.features/1",
+        "format": FILE_FORMAT,
     }
+    nonfinite = [it.id for it, r in zip(items, rows) if r.get("nonfinite")]
+    if nonfinite:
+        metadata["nonfinite"] = json.dumps(nonfinite)
+    from flashdino.extract.shardfile import write_safetensors
     from flashdino.extract.writer import filesystem_errors
 
-    with filesystem_errors(out), atomic_write(out, overwrite=args.overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    # ordinary writes: a full disk is an OSError reported in one line
+    with filesystem_errors(out), atomic_write(out, overwrite=args.overwrite) as tmp, open(tmp, "wb") as fh:
+        write_safetensors(fh, tensors, metadata)
+    _warn_nonfinite(len(nonfinite), "the file's metadata key nonfinite lists them")
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(tensors.items())[:4])
     more = f", ... ({len(tensors)} tensors: grids differ: {sorted(set(grids))})" if len(tensors) > 4 else ""
     print(f"wrote {out}: {shapes}{more}")
@@ -338,6 +392,15 @@ def add_parser(sub) -> None:
     f.add_argument("--max-pixels", type=int, default=None,
                    help="refuse images whose processed size exceeds this many pixels (default 2048*2048; "
                         "matters with --size 0)")
+    f.add_argument("--max-source-pixels", type=int, default=None,
+                   help="refuse source images over this many pixels before decoding them, at any --size "
+                        "(default 2**27, about 134 M)")
+    f.add_argument("--decode-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="with --workers: a batch not decoded within this time is redone image by image, and an image "
+                        "that stalls again is recorded as failed (default 600)")
+    f.add_argument("--skip-checksums", action="store_true",
+                   help="on resume, check finished shards' sizes, headers and records but not their checksums "
+                        "(faster for huge folders; default: verify every checksum)")
     f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu; under torchrun: "
                                                    "cuda means cuda:LOCAL_RANK)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

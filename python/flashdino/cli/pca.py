@@ -59,7 +59,35 @@ def render_pca(images, features, grids, path, max_images: int = PCA_MAX_IMAGES):
 
     path = Path(path)
     with atomic_write(path) as tmp:  # the temporary name keeps the suffix, which tells PIL the format
-        Image.fromarray(canvas).save(tmp)
+        Image.fromarray(canvas).save(tmp, **_marker_kwargs(path))
     return path
+
+
+PCA_MARKER = "flashdino features --pca"  # embedded in PNG / JPEG output: a later --overwrite may replace it
+
+
+def _marker_kwargs(path) -> dict:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("Software", PCA_MARKER)
+        return {"pnginfo": info}
+    if suffix in (".jpg", ".jpeg"):
+        return {"comment": PCA_MARKER}
+    return {}
+
+
+def written_by_pca(path) -> bool:
+    """True for an image this command wrote (its marker; formats without one are never claimed)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            text = img.info.get("Software") or img.info.get("comment") or b""
+    except Exception:  # noqa: BLE001 - unreadable or not an image: not ours
+        return False
+    return (text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)) == PCA_MARKER
 
 

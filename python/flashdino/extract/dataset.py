@@ -8,7 +8,10 @@ A bad image never raises: it comes back as a failure with its reason, and the ru
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -20,21 +23,31 @@ from .inputs import Item
 # Native-size inputs above this many pixels are refused per image (an 8000 x 8000 photo at --size 0
 # is 250k tokens: hours of attention on a CPU, an out-of-memory error on most GPUs).
 DEFAULT_MAX_PIXELS = 2048 * 2048
+# Source images above this many pixels are refused before their pixels are decoded, at any --size:
+# decoding needs several bytes per pixel (a 16-bit 12000 x 12000 PNG: gigabytes), and a worker the
+# OOM killer ends takes its whole batch with it. 2**27 = 134 M pixels passes a 100 MP camera's photos.
+DEFAULT_MAX_SOURCE_PIXELS = 2**27
 
 
 class ImageDataset(Dataset):
     """``dataset[i]`` -> dict(index, x [3, h, w] float32 or None, size (H, W) or None, error or None)."""
 
-    def __init__(self, items: Sequence[Item], preprocessor, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+    def __init__(self, items: Sequence[Item], preprocessor, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 max_source_pixels: Optional[int] = DEFAULT_MAX_SOURCE_PIXELS):
         self.items = items
         self.pre = preprocessor
         self.max_pixels = max_pixels
+        self.max_source_pixels = max_source_pixels
         self.patch = preprocessor.patch_size or 1
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _check(self, h: int, w: int) -> None:
+        if self.max_source_pixels is not None and h * w > self.max_source_pixels:
+            raise ValueError(f"too large to decode: {w}x{h} = {h * w} pixels, over --max-source-pixels "
+                             f"{self.max_source_pixels}; raise it for files you trust (decoding needs several bytes "
+                             "per pixel)")
         oh, ow = self.pre.output_size(h, w)
         if oh < self.patch or ow < self.patch:
             raise ValueError(f"too small: {w}x{h} pixels give a {ow}x{oh} input, less than one "
@@ -46,6 +59,8 @@ class ImageDataset(Dataset):
     def load(self, index: int):
         """(pixels [3, H, W] as decoded, (H, W)); raises DecodeError."""
         item = self.items[index]
+        if item.error is not None:
+            raise DecodeError(item.id, item.error)
         try:
             source = item.read_bytes() if item.in_tar else item.path
         except OSError as exc:
@@ -81,6 +96,91 @@ def collate_by_size(samples: list) -> dict:
     }
 
 
+def _one(sample):
+    return sample
+
+
+# A batch whose decoding takes longer than this (a worker stuck on a hostile file or a hung network
+# filesystem) is given up on and redone image by image, each image with the same limit.
+DEFAULT_DECODE_TIMEOUT = 600.0
+
+
+class DecodeStalled(RuntimeError):
+    """The decoding workers delivered nothing within the deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: Optional[float]):
+    """Raises :class:`DecodeStalled` in the main thread if the block runs longer than ``seconds``.
+
+    Not the DataLoader's own ``timeout``: with one set, the loader stops polling its workers'
+    liveness and would notice a dead worker only when the timeout ends. A real-time timer
+    (SIGALRM) leaves that 5-second polling in place. Elsewhere than in the main thread: no deadline.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise DecodeStalled(f"no image decoded within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def worker_died(exc: BaseException) -> bool:
+    """True for the DataLoader's error when a worker process died (killed by a signal, e.g. the OOM
+    killer), and for a :class:`DecodeStalled` deadline."""
+    return isinstance(exc, DecodeStalled) or (isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc))
+
+
+def decode_isolated(dataset: ImageDataset, indices: Sequence[int], timeout: float = DEFAULT_DECODE_TIMEOUT) -> dict:
+    """A batch decoded one image per short-lived worker process, as ``collate_by_size`` gives it.
+
+    The fallback after a decoding worker died or stalled: the image that kills (or stalls) its
+    process again is named and recorded as failed, the others of its batch come back as usual.
+    """
+    samples = []
+    for i in indices:
+        loader = DataLoader(dataset, batch_size=None, sampler=[i], num_workers=1, collate_fn=_one,
+                            worker_init_fn=_worker_init)
+        try:
+            with deadline(timeout):
+                samples.append(next(iter(loader)))
+        except RuntimeError as exc:
+            if not worker_died(exc):
+                raise
+            if isinstance(exc, DecodeStalled):
+                why = (f"decoding it took longer than {timeout:g} s (a damaged file, or a stalled filesystem?); "
+                       "raise --decode-timeout if it is just slow")
+            else:
+                why = (f"the decoding process died on this image ({str(exc).rstrip('. ')}; out of memory? lower "
+                       "--max-source-pixels or give the machine more memory)")
+            samples.append({"index": i, "x": None, "size": None, "error": why})
+        finally:
+            del loader
+    return collate_by_size(samples)
+
+
+def quiet_sigchld() -> None:
+    """Removes PyTorch's SIGCHLD handler, which raises a worker's death in the main thread wherever it
+    happens to be (inside the model, inside a write); the loader's own liveness check then reports it
+    from ``next()``, where the extraction loop handles it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if callable(handler) and getattr(handler, "__module__", "").startswith("torch.utils.data"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def _worker_init(_worker_id: int) -> None:
     # one thread per worker: N workers x all cores each would oversubscribe the CPU that also runs the model
     torch.set_num_threads(1)
@@ -103,4 +203,5 @@ def make_loader(dataset: ImageDataset, batches: Sequence[Sequence[int]], *, work
                       pin_memory=cuda, **kwargs)
 
 
-__all__ = ["ImageDataset", "collate_by_size", "make_loader", "default_workers", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ImageDataset", "collate_by_size", "make_loader", "default_workers", "decode_isolated", "worker_died",
+           "quiet_sigchld", "deadline", "DecodeStalled", "DEFAULT_MAX_PIXELS", "DEFAULT_DECODE_TIMEOUT", "DEFAULT_MAX_SOURCE_PIXELS"]

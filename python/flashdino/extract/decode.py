@@ -60,7 +60,11 @@ def _open(source: Source, name: str):
             raise DecodeError(name, f"cannot access the file ({exc.strerror or exc})") from None
         if stat.S_ISDIR(st.st_mode):
             raise DecodeError(name, "is a folder, not an image file")
-        if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # pipes and devices report 0 and still have bytes
+        if not stat.S_ISREG(st.st_mode):  # never opened: reading a FIFO blocks forever, a device may never end
+            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else (
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "a device or other special file")
+            raise DecodeError(name, f"is {kind}, not a regular image file")
+        if st.st_size == 0:
             raise DecodeError(name, "empty file (0 bytes)")
         fp = path
     try:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import posixpath
+import stat
 import tarfile
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
@@ -31,12 +33,17 @@ class InputError(ValueError):
 
 
 class Item(NamedTuple):
-    """One image: ``id`` (unique), ``path`` of the file or tar, and for tar members (offset, size)."""
+    """One image: ``id`` (unique), ``path`` of the file or tar, and for tar members (offset, size).
+
+    ``error``: set for an entry found while listing that cannot be an image (a tar link to nothing,
+    a FIFO, a folder loop): it is recorded as a failure like an unreadable file, never dropped.
+    """
 
     id: str
     path: str
     offset: int = -1
     size: int = -1
+    error: Optional[str] = None
 
     @property
     def in_tar(self) -> bool:
@@ -59,21 +66,120 @@ def _is_tar(name: str) -> bool:
     return name.lower().endswith(".tar")
 
 
-def _tar_items(path: Path) -> list[Item]:
+def special_file(st) -> Optional[str]:
+    """What a non-regular file is (for the failure record), or None for a regular file."""
+    mode = st.st_mode
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _compressed(path: Path) -> Optional[str]:
+    magic = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
     try:
-        with tarfile.open(path, mode="r:") as tf:
-            # offset_data / size let any worker read a member with one seek, without the tar module
-            return [Item(f"{path}/{m.name}", str(path), m.offset_data, m.size)
-                    for m in tf.getmembers() if m.isfile() and _is_image(m.name)]
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return None
+    return next((name for m, name in magic.items() if head.startswith(m)), None)
+
+
+def _tar_items(path: Path) -> list[Item]:
+    """The image members of an uncompressed tar, in archive order.
+
+    Hard links point at an earlier member's data (as ``tar`` stores them) and symbolic links at a
+    member by name: both resolve to that member's bytes. Links to nothing, device / FIFO members,
+    sparse members and members cut off by a truncated archive are recorded as failures.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InputError(f"cannot read tar shard {path}: {exc.strerror or exc}") from None
+    kind = special_file(st)
+    if kind:  # never opened: reading a FIFO blocks, a device may have side effects
+        return [Item(str(path), str(path), error=f"is {kind}, not a tar file")]
+    comp = _compressed(path)
+    if comp:
+        raise InputError(f"cannot read tar shard {path}: it is {comp}-compressed (only uncompressed .tar files can be "
+                         f"read image by image; decompress it first)")
+    items: list[Item] = []
+    data: dict = {}  # member name -> (offset, size) of the regular members so far
+    try:
+        tf = tarfile.open(path, mode="r:")
     except tarfile.ReadError as exc:
-        raise InputError(f"cannot read tar shard {path}: {exc} (only uncompressed .tar files can be read "
-                         "image by image; decompress .tar.gz shards first)") from None
+        raise InputError(f"cannot read tar shard {path}: not a tar file, or damaged ({exc})") from None
+    with tf:
+        while True:
+            try:
+                m = tf.next()
+            except (tarfile.ReadError, EOFError, OSError) as exc:
+                items.append(Item(f"{path}/<after byte {tf.offset}>", str(path),
+                                  error=f"truncated or damaged tar: the archive ends or breaks at byte {tf.offset} "
+                                        f"({exc}); the members after it cannot be listed"))
+                break
+            if m is None:
+                break
+            name = m.name
+            if m.isreg() and not m.issparse():
+                data[name] = (m.offset_data, m.size)
+            if not _is_image(name):
+                continue
+            ident = f"{path}/{name}"
+            if m.isreg() and not m.issparse():
+                items.append(Item(ident, str(path), m.offset_data, m.size))
+            elif m.islnk() or m.issym():
+                target = m.linkname if m.islnk() else posixpath.normpath(posixpath.join(posixpath.dirname(name),
+                                                                                      m.linkname))
+                if target in data:
+                    items.append(Item(ident, str(path), *data[target]))
+                else:
+                    how = "hard link" if m.islnk() else "symbolic link"
+                    items.append(Item(ident, str(path), error=f"tar {how} to {m.linkname!r}, which is not a file "
+                                                              "stored before it in the archive"))
+            else:
+                what = "a sparse file" if m.issparse() else "not a regular file"
+                items.append(Item(ident, str(path), error=f"tar member is {what}"))
+        end = tf.offset
+    size = st.st_size
+    if not (items and items[-1].error and "truncated" in items[-1].error) and end >= size and size > 0:
+        # a complete archive ends with zero blocks; without them it was most likely cut at a header boundary
+        items.append(Item(f"{path}/<after byte {end}>", str(path),
+                          error=f"truncated tar: no end-of-archive marker after byte {end}; members after it "
+                                "(if there were any) are lost"))
+    for n, it in enumerate(items):
+        if it.error is None and it.offset + it.size > size:
+            items[n] = it._replace(offset=-1, size=-1, error=f"truncated tar: the member's data ends at byte "
+                                                           f"{it.offset + it.size}, the file at {size}")
+    return items
 
 
 def _folder_items(folder: Path) -> list[Item]:
+    """Images and tars under ``folder``, symbolic links to folders followed; a folder reached twice
+    (a link loop, or two links to one folder) is listed once, the first time it is reached."""
     found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen: set = set()
+    loops = []
+    unlisted: list[Item] = []
+
+    def unreadable(exc: OSError) -> None:  # os.walk skips a folder it cannot list: record it instead
+        where = exc.filename or str(folder)
+        unlisted.append(Item(str(where), str(where), error=f"cannot list this folder ({exc.strerror or exc}); "
+                                                          "the images in it were not processed"))
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
+        try:
+            st = os.stat(root)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            loops.append(root)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
             if not f.startswith(".") and (_is_image(f) or _is_tar(f)):
                 rel = os.path.relpath(os.path.join(root, f), folder)
@@ -82,17 +188,23 @@ def _folder_items(folder: Path) -> list[Item]:
     for parts in sorted(found):
         p = folder.joinpath(*parts)
         items.extend(_tar_items(p) if _is_tar(p.name) else [Item(str(p), str(p))])
+    items.extend(sorted(unlisted))
     if not items:
         raise InputError(f"no images found in folder {folder} (looked recursively for {', '.join(IMAGE_EXTENSIONS)} "
-                         "and .tar shards)")
+                         "and .tar shards)" + (f"; {len(loops)} folders skipped as links to folders already searched"
+                                               if loops else ""))
     return items
 
 
 def read_list(list_file) -> list[Item]:
     """Items of a ``--list`` file (text or CSV), ids from its id column or the path."""
     lf = Path(list_file)
-    if not lf.is_file():
-        raise InputError(f"--list {lf}: no such file")
+    try:
+        kind = special_file(lf.stat())
+    except OSError:
+        raise InputError(f"--list {lf}: no such file") from None
+    if kind:
+        raise InputError(f"--list {lf}: is {kind}, not a list file")
     base = lf.parent
     rows: list[tuple[int, str, Optional[str]]] = []
     try:
@@ -137,12 +249,17 @@ def collect_items(inputs: Sequence[str] = (), list_file=None) -> list[Item]:
     items: list[Item] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        try:
+            st = p.stat()
+        except OSError:
+            raise InputError(f"no such file or folder: {p}") from None
+        kind = special_file(st)
+        if kind == "a folder":
             items.extend(_folder_items(p))
-        elif p.is_file():
+        elif kind is None:
             items.extend(_tar_items(p) if _is_tar(p.name) else [Item(str(p), str(p))])
         else:
-            raise InputError(f"no such file or folder: {p}")
+            raise InputError(f"input {p} is {kind}, not an image file, a folder or a .tar shard")
     if list_file is not None:
         items.extend(read_list(list_file))
     if not items:
@@ -167,4 +284,4 @@ def fingerprint(items: Iterable[Item]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["IMAGE_EXTENSIONS", "InputError", "Item", "collect_items", "read_list", "fingerprint"]
+__all__ = ["IMAGE_EXTENSIONS", "InputError", "Item", "special_file", "collect_items", "read_list", "fingerprint"]

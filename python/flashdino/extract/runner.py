@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,7 +28,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import writer
-from .dataset import ImageDataset, make_loader
+from .dataset import (DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_SOURCE_PIXELS, ImageDataset, deadline, decode_isolated,
+                      make_loader, quiet_sigchld, worker_died)
 from .inputs import Item, fingerprint
 
 STORE_KEYS = ("cls", "pooled", "patch", "storage")
@@ -129,12 +131,21 @@ class ExtractOptions:
     workers: int = 0
     dtype: str = "float32"
     max_pixels: Optional[int] = None
+    max_source_pixels: Optional[int] = DEFAULT_MAX_SOURCE_PIXELS
     max_failures: Optional[str] = None
+    verify_checksums: bool = True  # a resume hashes every finished shard before trusting it
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT  # seconds to wait for a batch from the decoding workers
     overwrite: bool = False
     quiet: bool = False
 
 
-def settings_for(model, pre, items: Sequence[Item], opts: ExtractOptions, weights_label: str) -> dict:
+def describe_sources(sources: Sequence[str]) -> list:
+    """The inputs as given and as absolute paths: a refused resume then names the input that changed."""
+    return [{"given": str(x), "absolute": os.path.abspath(os.path.expanduser(str(x)))} for x in sources]
+
+
+def settings_for(model, pre, items: Sequence[Item], opts: ExtractOptions, weights_label: str,
+                 sources: Sequence[str] = ()) -> dict:
     """Everything that changes the folder's contents; a rerun with other values is refused."""
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model.cfg).items()
            if k != "weights"}
@@ -152,8 +163,10 @@ def settings_for(model, pre, items: Sequence[Item], opts: ExtractOptions, weight
         "layers": list(opts.layers),
         "dtype": opts.dtype,
         "max_pixels": opts.max_pixels,
+        "max_source_pixels": opts.max_source_pixels,
         "shard_size": opts.shard_size,
         "num_images": len(items),
+        "inputs": describe_sources(sources),
         "inputs_sha256": fingerprint(items),
     }
 
@@ -205,6 +218,13 @@ def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Op
         outs[""] = (o["x_norm_clstoken"], o[model.extra_tokens_key], o["x_norm_patchtokens"])
     pdt = PATCH_DTYPES[opts.patch_dtype]
     rows = [{"grid": grid} for _ in range(x.shape[0])]
+    finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for cls, extra, patch in outs.values():  # the outputs themselves, before any dtype narrowing
+        for t in (cls, extra, patch):
+            if t is not None and t.numel():
+                finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    for row, ok in zip(rows, finite.tolist()):
+        row["nonfinite"] = not ok
     for prefix, (cls, extra, patch) in outs.items():
         pooled = patch.float().mean(dim=1) if "pooled" in opts.store else None
         cls_c = cls.float().cpu() if "cls" in opts.store else None
@@ -265,14 +285,26 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
     """
     dtype = PATCH_DTYPES[opts.dtype]
     flush = {len(batches) - 1} if flush_after is None else set(flush_after)
-    loader = make_loader(dataset, batches, workers=opts.workers, device=device)
-    it = iter(loader)
+    it = iter(make_loader(dataset, batches, workers=opts.workers, device=device))
+    if opts.workers > 0:
+        quiet_sigchld()
     cuda = str(device).startswith("cuda")
     waiting: dict = {}  # processed shape -> [(indices, x)], in arrival order
     sizes: dict = {}
     for pos, batch in enumerate(batches):
         t0 = time.perf_counter()
-        b = next(it)
+        try:
+            with deadline(opts.decode_timeout if opts.workers > 0 else None):
+                b = next(it)
+        except RuntimeError as exc:
+            if opts.workers == 0 or not worker_died(exc):
+                raise
+            # a worker died (the OOM killer?) or stalled and took the loader with it: this batch image by
+            # image, each in its own process, then a fresh loader for the rest
+            del it
+            b = decode_isolated(dataset, batch, opts.decode_timeout)
+            rest = batches[pos + 1:]
+            it = iter(make_loader(dataset, rest, workers=opts.workers, device=device)) if rest else iter(())
         t1 = time.perf_counter()
         sizes.update(b["sizes"])
         for indices, x in b["groups"]:
@@ -356,11 +388,15 @@ def _over_limit(limit, failed: float, seen: float, total: int) -> bool:
 
 def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOptions, dist_info: Dist, *,
                    weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-                   forward_features: Optional[Callable] = None) -> dict:
-    """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary."""
+                   forward_features: Optional[Callable] = None, sources: Sequence[str] = ()) -> dict:
+    """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary.
+
+    ``sources``: the inputs as the user gave them (recorded, so that a refused resume names the one
+    that changed).
+    """
     out = Path(out_dir)
     parse_max_failures(opts.max_failures)
-    settings = settings_for(model, pre, items, opts, weights_label)
+    settings = settings_for(model, pre, items, opts, weights_label, sources)
     with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
         return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features)
 
@@ -370,17 +406,20 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
 
     limit = parse_max_failures(opts.max_failures)
     if dist_info.rank == 0:
-        resuming = writer.prepare_dir(out, settings, overwrite=opts.overwrite)
+        resuming = writer.prepare_dir(out, settings, overwrite=opts.overwrite, ids=[it.id for it in items])
     dist_info.barrier()
     if dist_info.rank != 0:
         theirs = writer.read_settings(out)
-        if theirs != settings:  # e.g. a rank that built another random model, or sees other files
+        # e.g. a rank that built another random model, or sees other files; "inputs" is left out: it
+        # records rank 0's spelling and absolute paths (for messages), and nodes may mount data elsewhere
+        same = {k: v for k, v in theirs.items() if k != "inputs"} == {k: v for k, v in settings.items() if k != "inputs"}
+        if not same:
             raise writer.OutputDirError(f"rank {dist_info.rank}: settings differ from rank 0's "
                                         f"({'; '.join(writer._diff(theirs, settings)[:4])})")
         resuming = False
     S = opts.shard_size
     num_shards = math.ceil(len(items) / S)
-    done = [k for k in range(num_shards) if writer.shard_done(out, k)]
+    done = _finished_shards(out, items, S, num_shards, opts, dist_info, log)
     done_set = set(done)
     mine = [k for k in range(dist_info.rank, num_shards, dist_info.world) if k not in done_set]
     skipped = sum(min(S, len(items) - k * S) for k in done)
@@ -388,7 +427,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
     if dist_info.rank == 0 and resuming and done:
         log(f"flashdino: resuming {out}: {len(done)} of {num_shards} shards already done ({skipped} images)")
 
-    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels)
+    dataset = ImageDataset(items, pre, max_pixels=opts.max_pixels, max_source_pixels=opts.max_source_pixels)
     plan = [(k, b) for k in mine for b in shard_batches(k * S, min((k + 1) * S, len(items)), opts.batch_size)]
     names = tensor_names(opts, len(model.blocks))
     D = model.cfg.embed_dim
@@ -401,12 +440,21 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
     shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
     stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends,
                      forward_features=forward_features)
-    g_done = g_failed = 0.0
+    g_done = g_failed = g_nonfinite = 0.0
     t_start = time.perf_counter()
+    # a shard is written and hashed in this thread while the next one is computed; at most one waits
+    # (memory stays bounded at two shards) and its errors (a full disk) surface at the next commit
+    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashdino-shard-writer")
+    pending = None
+
+    def commit(k: int, recs: list, tensors: dict) -> None:
+        writer.write_shard(out, k, recs, tensors)
+        writer.append_records(out, dist_info.rank, recs)
+
     try:
         pos = 0
         for r in range(rounds):
-            n_img = n_fail = 0
+            n_img = n_fail = n_nonfinite = 0
             if r < len(mine):
                 k = mine[r]
                 rows, records = [], {}
@@ -415,6 +463,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                     pos += 1
                     for i, reason in failures:
                         records[i] = {"error": reason}
+                    n_nonfinite += sum(bool(r.get("nonfinite")) for r in got.values())
                     records.update(got)
                     n_img += len(batch)
                     n_fail += len(failures)
@@ -427,17 +476,22 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                         rec.update(row=None, error=row["error"])
                     else:
                         rec.update(row=len(rows), size=list(row["size"]), grid=list(row["grid"]), error=None)
+                        if row.get("nonfinite"):
+                            rec["nonfinite"] = True
                         rows.append(row)
                     recs.append(rec)
+                tensors = stack_rows(rows, names, D, n_storage, pdt)
                 t0 = time.perf_counter()
-                writer.write_shard(out, k, recs, stack_rows(rows, names, D, n_storage, pdt))
-                writer.append_records(out, dist_info.rank, recs)
-                del rows, records
+                if pending is not None:
+                    pending.result()
+                pending = committer.submit(commit, k, recs, tensors)
+                del rows, records, tensors
                 release_freed_memory()
                 timings.write += time.perf_counter() - t0
-            d, f = dist_info.all_reduce([n_img, n_fail])
+            d, f, nf = dist_info.all_reduce([n_img, n_fail, n_nonfinite])
             g_done += d
             g_failed += f
+            g_nonfinite += nf
             bar.n = int(skipped + g_done)
             bar.refresh()
             if _over_limit(limit, g_failed, g_done, len(items) - skipped):
@@ -445,18 +499,52 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                     f"stopped: {int(g_failed)} of {int(g_done)} images failed (--max-failures {opts.max_failures}); "
                     f"the committed shards are kept: see the records in {out}/manifest.rank*.jsonl, fix the inputs "
                     "or raise --max-failures, then rerun the same command")
+        if pending is not None:
+            t0 = time.perf_counter()
+            pending.result()
+            timings.write += time.perf_counter() - t0
     finally:
         bar.close()
         stream.close()
+        committer.shutdown(wait=True)  # also on errors and Ctrl-C: the shard in the writer is finished
     seconds = time.perf_counter() - t_start
     tot = dist_info.all_reduce([timings.decode_wait, timings.model, timings.write, seconds], op="max")
     dist_info.barrier()
-    summary = {"images": int(g_done), "failed": int(g_failed), "skipped": skipped, "seconds": tot[3],
+    summary = {"images": int(g_done), "failed": int(g_failed), "nonfinite": int(g_nonfinite), "skipped": skipped,
+               "seconds": tot[3],
                "decode_wait": tot[0], "model": tot[1], "write": tot[2], "shards": num_shards, "ranks": dist_info.world}
     if dist_info.rank == 0:
         counts = writer.merge(out, num_shards)
-        summary.update(total_good=counts["good"], total_failed=counts["failed"])
+        summary.update(total_good=counts["good"], total_failed=counts["failed"], total_nonfinite=counts["nonfinite"])
     return summary
+
+
+def _finished_shards(out: Path, items, S: int, num_shards: int, opts: ExtractOptions, dist_info: Dist,
+                     log: Optional[Callable]) -> list[int]:
+    """Shards that are committed and verified (sizes, header, records, row counts; the checksum unless
+    ``opts.verify_checksums`` is off). Each rank checks its share (k % world == rank), so hashing a
+    large folder is spread over the ranks instead of keeping all but one waiting in a collective, and
+    over threads within a rank (hashlib and file reads release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(k: int) -> Optional[str]:
+        if not writer.shard_path(out, k).exists():
+            return "missing"
+        lo, hi = k * S, min((k + 1) * S, len(items))
+        return writer.shardfile.verify(out, k, indices=range(lo, hi), ids=[it.id for it in items[lo:hi]],
+                                       checksum=opts.verify_checksums)
+
+    flags = [0.0] * num_shards
+    mine = list(range(dist_info.rank, num_shards, dist_info.world))
+    threads = max(1, min(8, (os.cpu_count() or 1) // max(1, dist_info.local_world)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for k, why in zip(mine, pool.map(check, mine)):
+            if why is None:
+                flags[k] = 1.0
+            elif why != "missing" and log is not None:
+                log(f"flashdino: shard {k} ({writer.shard_path(out, k)}) cannot be trusted: {why}; redoing it")
+    flags = dist_info.all_reduce(flags)
+    return [k for k in range(num_shards) if flags[k] > 0]
 
 
 def summary_line(s: dict) -> str:
