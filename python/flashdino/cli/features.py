@@ -397,7 +397,7 @@ def add_parser(sub) -> None:
                         "(default 2**27, about 134 M)")
     f.add_argument("--decode-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="with --workers: a batch not decoded within this time is redone image by image, and an image "
-                        "that stalls again is recorded as failed (default 600)")
+                        "that stalls again is recorded as failed (default 600.0)")
     f.add_argument("--skip-checksums", action="store_true",
                    help="on resume, check finished shards' sizes, headers and records but not their checksums "
                         "(faster for huge folders; default: verify every checksum)")
