@@ -243,3 +243,55 @@ def test_torch_compile_fullgraph_fused_chain(count_calls):
         count_calls.clear()
         torch.testing.assert_close(compiled(x), eager)
     assert len(count_calls) == 2 * 3 - 1  # traced through the same fused chain
+
+
+def test_hooks_on_blocks_still_fire(count_calls, monkeypatch):
+    """A forward hook on a block (feature extraction's usual way) sees the block's output, the
+    residual stream; that block then runs unfused, the rest stay fused; outputs are unchanged."""
+    depth = 4
+    model, (H, W) = _models(depth)["dinov3"]
+    x = torch.randn(2, 3, H, W)
+    seen = {}
+    handle = model.blocks[1].register_forward_hook(lambda mod, args, out: seen.setdefault(1, out))
+    with torch.no_grad():
+        hooked = model.forward_features(x)
+    assert 2 * depth - 1 - 2 == len(count_calls)  # the hooked block's two boundaries are not fused
+    handle.remove()
+    count_calls.clear()
+    with torch.no_grad():
+        fused = model.forward_features(x)
+    assert len(count_calls) == 2 * depth - 1
+    with torch.no_grad():
+        stream, rope = model.prepare_tokens_with_masks(x)[:2]
+        for block in model.blocks[:2]:
+            stream = _plain_block(block, stream, rope)
+    assert torch.equal(seen[1], stream)
+    for key in fused:
+        if fused[key] is not None:
+            assert torch.equal(hooked[key], fused[key]), key
+    # hooks on the modules the fused path does not call (norm1, ls2), and global module hooks
+    for module in (model.blocks[2].norm1, model.blocks[0].ls2):
+        fired = []
+        handle = module.register_forward_hook(lambda *a: fired.append(1))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        assert fired == [1]
+    fired = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: fired.append(type(mod).__name__))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    assert fired.count("Block") == depth
+
+
+def test_backward_hook_on_a_block_fires():
+    model, (H, W) = _models(2)["dinov2"]
+    fired = []
+    model.blocks[0].register_full_backward_hook(lambda mod, gin, gout: fired.append(gout[0].shape))
+    x = torch.randn(1, 3, H, W)
+    model(x).sum().backward()
+    assert len(fired) == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from ..ops import RopeGrid
 from .attention import Attention
@@ -37,8 +38,12 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x, rope: Optional[RopeGrid] = None):
-        x, branch, gamma = self.forward_open(x, self.norm1(x), rope)
-        return x + (branch * gamma if gamma is not None else branch)
+        x, h = self._attend(x, self.norm1(x), rope)
+        return x + self.drop_path(self.ls2(self.mlp(h)))
+
+    def _attend(self, x: Tensor, h: Tensor, rope: Optional[RopeGrid]) -> tuple[Tensor, Tensor]:
+        branch = self.drop_path(self.attn(h, rope))
+        return self.norm2.add_and_norm(x, branch, _gamma(self.ls1))  # x += ls1 * branch, then norm2, fused
 
     def forward_open(self, x: Tensor, h: Tensor, rope: Optional[RopeGrid] = None
                      ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -48,9 +53,25 @@ class Block(nn.Module):
         (``gamma`` the second LayerScale or None), left to the caller so that it can run that add
         and the next block's ``norm1`` as one ``residual_layernorm`` call.
         """
-        branch = self.drop_path(self.attn(h, rope))
-        x, h = self.norm2.add_and_norm(x, branch, _gamma(self.ls1))  # x += ls1 * branch, then norm2, fused
+        x, h = self._attend(x, h, rope)
         return x, self.drop_path(self.mlp(h)), _gamma(self.ls2)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks watch calls of ``module`` itself (the fused path never calls it)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    return any(getattr(_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _runs_whole(block: Block) -> bool:
+    """A block with hooks on itself, its ``norm1`` or its ``ls2`` (modules the fused path does not
+    call) runs as ``block(x)``, so that the hooks see what they would see in the plain stack."""
+    return _hooked(block) or _hooked(block.norm1) or _hooked(block.ls2)
 
 
 def run_blocks(blocks: Sequence[Block], x: Tensor, rope: Optional[RopeGrid] = None, *,
@@ -66,23 +87,41 @@ def run_blocks(blocks: Sequence[Block], x: Tensor, rope: Optional[RopeGrid] = No
     (the un-normalised output of ``block(x)``). ``shapes[i]``, when given and not None, is the
     shape the stream is reshaped to before block i (VGGT alternates [B*S, N, C] and [B, S*N, C];
     LayerNorm acts per token, so the reshape commutes with the fused op).
+
+    Forward / backward hooks keep working: a block observed by hooks (on the block, its ``norm1``
+    or its ``ls2``; or global module hooks) runs as ``block(x)``, unfused at its two boundaries.
     """
+    whole = _global_hooks()
     pending = None  # (branch, gamma) of the previous block's unfinished residual add
     for i, block in enumerate(blocks):
+        shape = shapes[i] if shapes is not None else None
+        if whole or _runs_whole(block):
+            if pending is not None:
+                x = _finish(x, *pending)
+                pending = None
+                if each is not None:
+                    each(i - 1, x)
+            x = block(x.reshape(shape) if shape is not None else x, rope)
+            if each is not None:
+                each(i, x)
+            continue
         if pending is None:
             h = block.norm1(x)
         else:
             x, h = block.norm1.add_and_norm(x, *pending)
             if each is not None:
                 each(i - 1, x)
-        shape = shapes[i] if shapes is not None else None
         if shape is not None:
             x, h = x.reshape(shape), h.reshape(shape)
         x, branch, gamma = block.forward_open(x, h, rope)
         pending = (branch, gamma)
     if pending is not None:
-        branch, gamma = pending
-        x = x + (branch * gamma if gamma is not None else branch)
+        x = _finish(x, *pending)
         if each is not None:
             each(len(blocks) - 1, x)
     return x
+
+
+def _finish(x: Tensor, branch: Tensor, gamma: Optional[Tensor]) -> Tensor:
+    """A block's last residual add without a fused norm (the last block, or before a hooked one)."""
+    return x + (branch * gamma if gamma is not None else branch)
