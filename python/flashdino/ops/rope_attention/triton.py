@@ -91,7 +91,9 @@ BWD_CONFIGS = {
     ("tf32", 128): (32, 32, 8, 2),
 }
 # (BLOCK_T tokens, num_warps) of the element-wise kernels (prepass, delta, post-pass) by head dim.
-ELEM_CONFIGS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (32, 4)}
+# d=128 uses 8 warps: the prepass / post-pass keep the [32, 128] fp32 cos/sin tile live across
+# their loop over heads, which took the qk-norm post-pass to 255 registers with 4 warps (128 with 8).
+ELEM_CONFIGS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (32, 8)}
 _INTERPRETER_CFG = (16, 16, 1, 1)  # small tiles keep the CPU interpreter fast
 # The prepass / post-pass programs each handle several heads of one image (one table tile load,
 # reused per head) while at least this many programs remain: about 16 per SM of an H100, enough
