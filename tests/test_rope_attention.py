@@ -225,6 +225,117 @@ def test_batch_split_beyond_grid_limit(monkeypatch):
                                                   0.25, "prepass")
 
 
+# ------------------------------------------------------------------------------------------------
+# prepass / post-pass: cos/sin from the grid's table, several heads per program
+# ------------------------------------------------------------------------------------------------
+
+def test_heads_per_program_keeps_enough_programs():
+    assert tra._PREPASS_MIN_PROGRAMS == 2048
+    assert tra._heads_per_program(17, 64, 16) == 16  # ViT-L 512 px, batch 64: 2176 programs
+    assert tra._heads_per_program(17, 8, 16) == 2  # 272 programs per head group: 8 groups of 2
+    assert tra._heads_per_program(17, 1, 16) == 1  # batch 1: one head per program
+    assert tra._heads_per_program(33, 64, 6) == 6
+    assert tra._heads_per_program(20, 32, 6) == 3  # 1280 programs per head group: 2 groups of 3
+    assert tra._heads_per_program(20, 16, 6) == 1  # 640 per group: 2048 needs 6 groups (4 does not divide 6)
+    for blocks, batch, heads in ((1, 1, 1), (3, 5, 7), (17, 64, 16), (9, 3, 12)):
+        h = tra._heads_per_program(blocks, batch, heads)
+        assert heads % h == 0 and (h == 1 or blocks * batch * (heads // h) * 2 >= tra._PREPASS_MIN_PROGRAMS)
+
+
+def _reference_rotated(qkv, heads, rope, q_norm, k_norm, eps=1e-5):
+    """q, k [B, h, N, d] after the reference's qk-norm + RoPE (what the prepass must write)."""
+    from flashdino.ops.rope_attention.reference import apply_rope, split_qkv
+
+    q, k, _ = split_qkv(qkv, heads)
+    d = q.shape[-1]
+    if q_norm is not None:
+        q = torch.nn.functional.layer_norm(q, (d,), q_norm[0], q_norm[1], eps)
+    if k_norm is not None:
+        k = torch.nn.functional.layer_norm(k, (d,), k_norm[0], k_norm[1], eps)
+    return apply_rope(q, k, rope) if rope is not None else (q, k)
+
+
+PREPASS_CASES = [  # (mode, batch, heads, H, W, n_prefix, frames, qk_norm, layout, heads per program)
+    ("dinov3", 2, 3, 3, 5, 5, 1, False, "contiguous", 3),  # odd heads, all in one program, N=20
+    ("dinov3", 1, 4, 2, 3, 1, 3, True, "slice", 2),        # 3 frames, two groups of 2 heads
+    ("vggt", 2, 2, 3, 2, 5, 2, True, "nbatch", 2),         # VGGT global: camera + 4 registers, 2 frames
+    ("vggt", 1, 3, 1, 7, 0, 1, False, "contiguous", 1),    # no prefix, 1-row grid
+    ("none", 2, 2, 1, 1, 0, 1, True, "slice", 2),          # qk-norm without RoPE
+]
+
+
+def _force_heads(monkeypatch, per_program):
+    real = tra._heads_per_program
+    monkeypatch.setattr(tra, "_heads_per_program", lambda blocks, batch, heads: per_program)
+    return real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", PREPASS_CASES, ids=lambda c: f"{c[0]}-h{c[2]}-f{c[6]}-{c[8]}-x{c[9]}")
+def test_prepass_writes_the_reference_rotation(monkeypatch, case, dtype):
+    """The prepass buffer is the reference's normalised + rotated q/k (same cos/sin values, from the
+    grid's table), whatever the number of heads one program handles."""
+    mode, batch, heads, H, W, n_prefix, frames, qk_norm, layout, per_program = case
+    _force_heads(monkeypatch, per_program)
+    d = 16
+    n = frames * (n_prefix + H * W) if mode != "none" else 11
+    qkv = _qkv(batch, n, heads, d, dtype=dtype, layout=layout)
+    rope = _grid(mode, H, W, n_prefix, d)
+    (qw, qb), (kw, kb) = _norms(d, dtype=dtype) if qk_norm else ((None, None), (None, None))
+    table = rope.kernel_table(d, dtype, qkv.device) if rope is not None else None
+    rqk = tra._prepass(tra._prepare(qkv), table, qw, qb, kw, kb, heads, mode, H, W, n_prefix, 1e-5)
+    want_q, want_k = _reference_rotated(qkv, heads, rope, (qw, qb) if qk_norm else None,
+                                        (kw, kb) if qk_norm else None)
+    assert rqk.dtype == dtype and rqk.shape == (2, batch, heads, n, d)
+    if dtype == torch.float32 and not qk_norm:  # same products and sums in fp32: bit for bit
+        assert torch.equal(rqk[0], want_q) and torch.equal(rqk[1], want_k)
+    else:  # one rounding (kernel, fp32 math) against the reference's per-op roundings / LayerNorm
+        tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(rqk[0].float(), want_q.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(rqk[1].float(), want_k.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", PREPASS_CASES, ids=lambda c: f"{c[0]}-h{c[2]}-f{c[6]}-{c[8]}-x{c[9]}")
+def test_multi_head_programs_forward_backward_match_the_oracle(monkeypatch, case):
+    """Forward and backward (post-pass: inverse rotation, qk-norm backward and its weight-gradient
+    partial rows per head) with several heads per program, against the fp64 oracle."""
+    mode, batch, heads, H, W, n_prefix, frames, qk_norm, layout, per_program = case
+    _force_heads(monkeypatch, per_program)
+    d = 16
+    n = frames * (n_prefix + H * W) if mode != "none" else 11
+    qkv = _qkv(batch, n, heads, d, layout=layout).requires_grad_()
+    rope = _grid(mode, H, W, n_prefix, d)
+    q_norm, k_norm = _norms(d, requires_grad=True) if qk_norm else (None, None)
+    out = tra.rope_attention(qkv, heads, rope, q_norm, k_norm, 1e-5, None)
+    want = _oracle(qkv, heads, rope, q_norm, k_norm)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=2e-5)
+    leaves = [qkv] + [t for nrm in (q_norm, k_norm) if nrm is not None for t in nrm]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    expected = torch.autograd.grad(want, leaves, g.double())
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a.double(), e.double(), rtol=1e-3, atol=5e-5)
+
+
+def test_cos_sin_are_computed_once_per_grid(monkeypatch):
+    """The trigonometry runs once per grid and device (tokens x head dim), not per call, image or
+    head: forward + backward of two calls with 2 images x 2 heads compute the tables once."""
+    d, heads, H, W, n_prefix = 16, 2, 3, 2, 1
+    rope = _grid("vggt", H, W, n_prefix, d)
+    calls = []
+    compute = RopeGrid._compute_tables
+    monkeypatch.setattr(RopeGrid, "_compute_tables", lambda self, *a: calls.append(a) or compute(self, *a))
+    qkv = _qkv(2, 2 * (n_prefix + H * W), heads, d).requires_grad_()
+    for _ in range(2):
+        out = tra.rope_attention(qkv, heads, rope)
+        torch.autograd.grad(out, qkv, torch.ones_like(out))
+    assert len(calls) == 1
+    table = rope.kernel_table(d, qkv.dtype, qkv.device)
+    assert table is rope.kernel_table(d, qkv.dtype, qkv.device) and table.is_contiguous()
+    cos, sin = rope.tables(d, qkv.dtype, qkv.device)
+    assert table.dtype == torch.float32 and torch.equal(table[0], cos) and torch.equal(table[1], sin)
+
+
 class _GuardedTorch:
     """Stands in for ``torch`` inside the kernel module: ``torch.empty`` buffers get NaN guard zones.
 
@@ -253,12 +364,14 @@ class _GuardedTorch:
             assert flat[:self.PAD].isnan().all() and flat[-self.PAD:].isnan().all(), "out-of-bounds write"
 
 
+@pytest.mark.parametrize("per_program", [1, 2])
 @pytest.mark.parametrize("mode", ["vggt", "none"])
-def test_no_out_of_bounds_access(monkeypatch, mode):
+def test_no_out_of_bounds_access(monkeypatch, mode, per_program):
     """Reads: qkv lives inside a NaN-filled buffer (extra rows and columns); any unmasked read outside
     the [B, N, 3*h*d] view poisons the result. Writes: every kernel output has NaN guard zones."""
     guarded = _GuardedTorch()
     monkeypatch.setattr(tra, "torch", guarded)
+    _force_heads(monkeypatch, per_program)  # the prepass / post-pass with 1 or both heads per program
     d, heads, H, W, n_prefix = 16, 2, 3, 2, 5
     n = 2 * (n_prefix + H * W) if mode == "vggt" else 21
     width = 3 * heads * d
@@ -326,8 +439,10 @@ def test_opcheck():
     n = n_prefix + H * W
     qkv = _qkv(1, n, heads, d).requires_grad_()
     (qw, qb), (kw, kb) = _norms(d, requires_grad=True)
-    freqs = RopeGrid("vggt", H, W, n_prefix).frequencies(d, qkv.device)
-    args = (qkv, freqs, None, qw, qb, kw, kb, heads, H, W, n_prefix, "vggt", 1.0, 1.0, 1e-5, d ** -0.5, "prepass")
+    grid = RopeGrid("vggt", H, W, n_prefix)
+    freqs = grid.frequencies(d, qkv.device)
+    cos_sin = grid.kernel_table(d, qkv.dtype, qkv.device)
+    args = (qkv, freqs, cos_sin, qw, qb, kw, kb, heads, H, W, n_prefix, "vggt", 1.0, 1.0, 1e-5, d ** -0.5, "prepass")
     torch.library.opcheck(torch.ops.flashdino.rope_attention_triton.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -393,17 +508,23 @@ def test_bad_inputs():
         tra.rope_attention(qkv, heads, rope, k_rotation="sideways")
     # direct op calls are checked too (the kernels do not bounds-check tables or weights)
     op = torch.ops.flashdino.rope_attention_triton
+    table = rope.kernel_table(d, qkv.dtype, qkv.device)
     scalars = (heads, 3, 4, 1, "dinov3", 3.0, 4.0, 1e-5, 0.25, "prepass")
     with pytest.raises(ValueError, match="frequency table of shape"):
         op(qkv, _periods(d)[:2], None, None, None, None, None, *scalars)
     with pytest.raises(ValueError, match="qk-norm parameters"):
-        op(qkv, _periods(d), None, qw[:4], None, None, None, *scalars)
+        op(qkv, _periods(d), table, qw[:4], None, None, None, *scalars)
     with pytest.raises(ValueError, match="not a multiple"):
         op(qkv, _periods(d), None, None, None, None, None, heads, 3, 3, 1, *scalars[4:])
     with pytest.raises(ValueError, match="head_dim 24"):
         op(_qkv(1, 13, 1, 24), None, None, None, None, None, None, 1, 3, 4, 1, "vggt", *scalars[5:])
-    with pytest.raises(ValueError, match="needs cos_sin"):
-        op(qkv, _periods(d), None, None, None, None, None, *scalars[:-1], "table")
+    for k_rotation in ("prepass", "table"):  # the prepass reads the table too
+        with pytest.raises(ValueError, match=r"cos/sin table \[2, 13, 16\].*got None"):
+            op(qkv, _periods(d), None, None, None, None, None, *scalars[:-1], k_rotation)
+        with pytest.raises(ValueError, match=r"cos/sin table .*got torch.float32 \(2, 12, 16\)"):
+            op(qkv, _periods(d), table[:, 1:], None, None, None, None, *scalars[:-1], k_rotation)
+        with pytest.raises(ValueError, match=r"cos/sin table .*got torch.float16"):
+            op(qkv, _periods(d), table.half(), None, None, None, None, *scalars[:-1], k_rotation)
 
 
 # ------------------------------------------------------------------------------------------------

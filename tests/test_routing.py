@@ -250,7 +250,7 @@ def test_grad_out_with_a_huge_token_stride_is_copied(monkeypatch):
     lse = torch.empty(1, heads, n, device="meta")
     wide = torch.empty(1, n, 2**30, device="meta")[..., :heads * d]  # token stride 2**30, span 4 * 2**30
     with pytest.raises(RuntimeError, match="stop"):
-        tra._backward(wide, qkv, out, lse, None, None, None, None, None, heads, 1, 1, 0, "none", 1.0, 1.0, 1e-5, 0.25)
+        tra._backward(wide, qkv, out, lse, None, None, None, None, None, None, heads, 1, 1, 0, "none", 1.0, 1.0, 1e-5, 0.25)
     assert captured["grad_out"].stride(1) == heads * d
 
 

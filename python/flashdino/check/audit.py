@@ -241,8 +241,8 @@ def _rope_runner(tra, d, heads, dtype, mode, norm, k_rotation, bwd, fwd_config=N
         B = 2
         qkv = _meta(B, n, 3 * heads * d, dtype=dtype)
         freqs = _meta(d // 4, dtype=torch.float32) if mode != "none" else None
-        table = k_rotation == "table" and mode != "none"
-        cos_sin = _meta(2, n_prefix + H * W, d, dtype=torch.float32) if table else None
+        # the prepass, its backward post-pass and k_rotation="table" read the cos/sin table
+        cos_sin = _meta(2, n_prefix + H * W, d, dtype=torch.float32) if mode != "none" else None
         qw = qb = kw = kb = None
         if norm:
             qw, qb, kw, kb = (_meta(d, dtype=dtype) for _ in range(4))
@@ -254,7 +254,7 @@ def _rope_runner(tra, d, heads, dtype, mode, norm, k_rotation, bwd, fwd_config=N
             else:
                 out = _meta(B, n, heads * d, dtype=dtype)
                 lse = _meta(B, heads, n, dtype=torch.float32)
-                tra._backward(out, qkv, out, lse, freqs, qw, qb, kw, kb, *scalars)
+                tra._backward(out, qkv, out, lse, freqs, cos_sin, qw, qb, kw, kb, *scalars)
     return run
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Block, PatchEmbed
+from ..layers import Block, PatchEmbed, run_blocks
 from ..ops import RopeGrid
 from ..variants import VARIANTS, get_config, resolve_name
 from .vision_transformer import DinoVisionTransformer, build_model
@@ -353,24 +353,37 @@ class Aggregator(nn.Module):
         last = self.depth - 1 if keep is None else keep[-1]
         keep_set = None if keep is None else set(keep)
         size = self.aa_block_size
-        for start in range(0, self.depth, size):
-            if start > last:
-                break
-            wanted = [i for i in range(start, start + size) if keep_set is None or i in keep_set]
-            saved: dict = {}
+        # Every block to run, in order: per group of aa_block_size layers, the frame blocks on
+        # [B*S, N, C] and the global blocks on [B, S*N, C] (in aa_order).
+        steps, shapes, layers = [], [], []
+        for start in range(0, last + 1, size):
             for kind in self.aa_order:
                 blocks = self.frame_blocks if kind == "frame" else self.global_blocks
-                tokens = tokens.reshape((B * S, N, C) if kind == "frame" else (B, S * N, C))
+                shape = (B * S, N, C) if kind == "frame" else (B, S * N, C)
                 for i in range(start, start + size):
-                    tokens = self._block(blocks[i], tokens, rope)
-                    if i in wanted:
-                        saved[(kind, i)] = tokens
-            for i in wanted:
+                    steps.append(blocks[i])
+                    shapes.append(shape)
+                    layers.append((kind, i))
+        saved: dict = {}
+
+        def keep_output(step: int, out: Tensor) -> None:
+            kind, i = layers[step]
+            if keep_set is not None and i not in keep_set:
+                return
+            saved[(kind, i)] = out
+            if ("frame", i) in saved and ("global", i) in saved:  # layer i complete: its output now
                 frame_out = saved.pop(("frame", i)).reshape(B, S, N, C)
                 global_out = saved.pop(("global", i)).reshape(B, S, N, C)
                 output_list[i] = torch.cat([frame_out, global_out], dim=-1)
-                del frame_out, global_out
-            del saved
+
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # One checkpoint per block saves one tensor (its input); fusing a block's last add into
+            # the next block's norm1 across checkpoints would save two (the stream and the branch).
+            for step, (block, shape) in enumerate(zip(steps, shapes)):
+                tokens = self._block(block, tokens.reshape(shape), rope)
+                keep_output(step, tokens)
+        else:  # each block boundary is one fused residual + LayerScale + norm1 call
+            run_blocks(steps, tokens, rope, shapes=shapes, each=keep_output)
         return output_list, self.patch_start_idx
 
     # -- checkpoints ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import Block, LayerNorm, PatchEmbed, RopePositionEmbedding
+from ..layers import Block, LayerNorm, PatchEmbed, RopePositionEmbedding, run_blocks
 from ..variants import VitConfig
 
 
@@ -132,10 +132,13 @@ class DinoVisionTransformer(nn.Module):
         """
         last = len(self.blocks) - 1 if until is None else until
         kept = {}
-        for i, block in enumerate(self.blocks[: last + 1]):
-            x = block(x, rope)
+
+        def keep_output(i: int, out: Tensor) -> None:
             if i in keep:
-                kept[i] = x
+                kept[i] = out
+
+        # Each block boundary is one fused residual + LayerScale + norm1 call (run_blocks).
+        x = run_blocks(self.blocks[: last + 1], x, rope, each=keep_output)
         return x, [kept[i] for i in keep]
 
     def _final_norm(self, x: Tensor, patch_grid: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:

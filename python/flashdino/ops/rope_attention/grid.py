@@ -15,9 +15,11 @@ Prefix tokens (CLS + storage tokens, or camera + register tokens) get the identi
 cos = 1 and sin = 0 reproduce them bit for bit. A sequence may hold several frames of
 ``tokens_per_frame`` tokens each (VGGT global attention); every frame reuses the same positions.
 
-The kernels recompute the angles from :meth:`RopeGrid.frequencies` and
-:meth:`RopeGrid.denominators`; the reference and the Triton "table" variant read
-:meth:`RopeGrid.tables`.
+The reference reads :meth:`RopeGrid.tables`; the Triton prepass, its backward post-pass and the
+"table" variant read the same values as one fp32 tensor (:meth:`RopeGrid.kernel_table`), so the
+trigonometry runs once per grid (tokens x head dim), not per image and head. The CUDA kernels
+and the opt-in "inline" Triton variant recompute the angles from :meth:`RopeGrid.frequencies`
+and :meth:`RopeGrid.denominators`.
 """
 
 from __future__ import annotations
@@ -95,15 +97,31 @@ class RopeGrid:
         if self.mode == "dinov3":
             dtype = torch.float32
         key = (head_dim, dtype, device)
+        if torch.compiler.is_compiling():  # a traced graph computes them; no Python cache inside a trace
+            return self._compute_tables(head_dim, dtype, device)
         if key not in self._cache:
-            if self.mode == "dinov3":
-                cos, sin = dinov3_rope_tables(self.height, self.width, self.periods.to(device), self.normalize)
-            elif self.mode == "vggt":
-                cos, sin = vggt_rope_tables(self.height, self.width, self.frequencies(head_dim, device), dtype)
-            else:
-                raise ValueError(f"unknown RoPE mode {self.mode!r} (expected one of {MODES})")
-            self._cache[key] = (_with_identity_prefix(cos, self.n_prefix, 1.0),
-                                _with_identity_prefix(sin, self.n_prefix, 0.0))
+            self._cache[key] = self._compute_tables(head_dim, dtype, device)
+        return self._cache[key]
+
+    def _compute_tables(self, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.mode == "dinov3":
+            cos, sin = dinov3_rope_tables(self.height, self.width, self.periods.to(device), self.normalize)
+        elif self.mode == "vggt":
+            cos, sin = vggt_rope_tables(self.height, self.width, self.frequencies(head_dim, device), dtype)
+        else:
+            raise ValueError(f"unknown RoPE mode {self.mode!r} (expected one of {MODES})")
+        return _with_identity_prefix(cos, self.n_prefix, 1.0), _with_identity_prefix(sin, self.n_prefix, 0.0)
+
+    def kernel_table(self, head_dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:meth:`tables` as one contiguous fp32 tensor ``[2 (cos, sin), tokens_per_frame, head_dim]``
+        (the values rounded to ``dtype`` first, exactly as the reference rotates), for the kernels."""
+        if torch.compiler.is_compiling():
+            cos, sin = self.tables(head_dim, dtype, device)
+            return torch.stack([cos.float(), sin.float()])
+        key = ("kernel_table", head_dim, torch.float32 if self.mode == "dinov3" else dtype, device)
+        if key not in self._cache:
+            cos, sin = self.tables(head_dim, dtype, device)
+            self._cache[key] = torch.stack([cos.float(), sin.float()])
         return self._cache[key]
 
 

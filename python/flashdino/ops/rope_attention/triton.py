@@ -12,7 +12,10 @@ How K (and Q) get rotated, ``k_rotation`` (``FLASHDINO_ROPE_ATTN_K_ROTATION``, d
 * ``"prepass"``: one small kernel writes the normalised, rotated q and k once, in the token dtype,
   to a ``[2, B, h, N, d]`` buffer; the attention kernels are then plain flash attention. O(N*d)
   extra traffic against O(N^2*d) work, no transcendental in the inner loop, and the rounding to
-  the token dtype before the QK^T product is what the reference does.
+  the token dtype before the QK^T product is what the reference does. The prepass (and the
+  backward's post-pass) read cos/sin from the grid's cached fp32 table (``RopeGrid.kernel_table``,
+  the reference's own values) instead of evaluating sin/cos per batch x head x token x channel;
+  one program applies a table tile to several heads (``_heads_per_program``).
 * ``"inline"``: Q is rotated in the prologue of each program and every K tile right after its
   load inside the inner loop (cos/sin recomputed per tile).
 * ``"table"``: like "inline" but cos/sin come from the fp32 ``[2, tokens_per_frame, d]`` table.
@@ -99,8 +102,14 @@ BWD_CONFIGS = {
     ("tf32", 128): (32, 32, 8, 2),
 }
 # (BLOCK_T tokens, num_warps) of the element-wise kernels (prepass, delta, post-pass) by head dim.
-ELEM_CONFIGS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (32, 4)}
+# d=128 uses 8 warps: the prepass / post-pass keep the [32, 128] fp32 cos/sin tile live across
+# their loop over heads, which took the qk-norm post-pass to 255 registers with 4 warps (128 with 8).
+ELEM_CONFIGS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (32, 8)}
 _INTERPRETER_CFG = (16, 16, 1, 1)  # small tiles keep the CPU interpreter fast
+# The prepass / post-pass programs each handle several heads of one image (one table tile load,
+# reused per head) while at least this many programs remain: about 16 per SM of an H100, enough
+# in flight to cover memory latency. A heuristic, not measured on a GPU.
+_PREPASS_MIN_PROGRAMS = 2048
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -184,17 +193,28 @@ def _dot_prec(dtype) -> str:
     return "tf32"
 
 
-def _prepass(qkv, freqs, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, denom_h, denom_w, eps):
+def _heads_per_program(token_blocks: int, batch: int, num_heads: int) -> int:
+    """Heads per prepass / post-pass program: the largest divisor of ``num_heads`` that still
+    leaves ``_PREPASS_MIN_PROGRAMS`` programs (grid: token blocks x batch x head groups x q/k)."""
+    for heads in range(num_heads, 1, -1):
+        if num_heads % heads == 0 and token_blocks * batch * (num_heads // heads) * 2 >= _PREPASS_MIN_PROGRAMS:
+            return heads
+    return 1
+
+
+def _prepass(qkv, cos_sin, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, eps):
     B, N, D, tpf = _geometry(qkv, num_heads, mode, height, width, n_prefix)
     rqk = torch.empty(2, B, num_heads, N, D, device=qkv.device, dtype=qkv.dtype)
     block_t, warps = _elem_block(D)
+    n_t = triton.cdiv(N, block_t)
+    heads = _heads_per_program(n_t, B, num_heads)
     dummy = qkv
-    _prepass_kernel[(triton.cdiv(N, block_t), B * num_heads, 2)](
-        qkv, rqk, freqs if freqs is not None else dummy,
+    _prepass_kernel[(n_t, B * (num_heads // heads), 2)](
+        qkv, rqk, cos_sin if mode != "none" else dummy,
         qw if qw is not None else dummy, qb if qb is not None else dummy,
         kw if kw is not None else dummy, kb if kb is not None else dummy,
-        qkv.stride(0), qkv.stride(1), N, num_heads, B, tpf, n_prefix, width, denom_h, denom_w, eps,
-        D=D, BLOCK_T=block_t, ROPE=_MODES[mode], NORM_Q=qw is not None, HAS_BQ=qb is not None,
+        qkv.stride(0), qkv.stride(1), N, num_heads, B, tpf, heads, eps,
+        D=D, BLOCK_T=block_t, ROTATE=int(mode != "none"), NORM_Q=qw is not None, HAS_BQ=qb is not None,
         NORM_K=kw is not None, HAS_BK=kb is not None, HALF_G=_half_group(mode, D), num_warps=warps,
     )
     return rqk
@@ -206,7 +226,7 @@ def _prepare(qkv: Tensor) -> Tensor:
     return qkv
 
 
-def _validate(qkv, freqs, norm_tensors, num_heads, height, width, n_prefix, mode):
+def _validate(qkv, freqs, cos_sin, norm_tensors, num_heads, height, width, n_prefix, mode):
     """Host-side checks of a direct op call (the kernels do not bounds-check tables or weights)."""
     name = "rope_attention_triton"
     if mode not in _MODES:
@@ -229,23 +249,26 @@ def _validate(qkv, freqs, norm_tensors, num_heads, height, width, n_prefix, mode
             got = None if freqs is None else f"{freqs.dtype} {tuple(freqs.shape)}"
             raise ValueError(f"{name}: RoPE needs an fp32 frequency table of shape [{head_dim // 4}] "
                              f"(RopeGrid.frequencies), got {got}")
-    for t in ([freqs] if mode != "none" else []) + [t for t in norm_tensors if t is not None]:
+        if cos_sin is None or cos_sin.shape != (2, tpf, head_dim) or cos_sin.dtype != torch.float32:
+            got = None if cos_sin is None else f"{cos_sin.dtype} {tuple(cos_sin.shape)}"
+            raise ValueError(f"{name}: RoPE needs the fp32 cos/sin table [2, {tpf}, {head_dim}] "
+                             f"(RopeGrid.kernel_table), got {got}")
+    tables = [freqs, cos_sin] if mode != "none" else []
+    for t in tables + [t for t in norm_tensors if t is not None]:
         if t.device != qkv.device:
             raise ValueError(f"{name}: a parameter is on {t.device}, qkv on {qkv.device}")
-        if t is not freqs and t.shape != (head_dim,):
+        if all(t is not table for table in tables) and t.shape != (head_dim,):
             raise ValueError(f"{name}: qk-norm parameters must be [{head_dim}], got {tuple(t.shape)}")
 
 
 def _forward(qkv, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode, denom_h, denom_w, eps,
              scale, k_rotation, fwd_config=None):
-    _validate(qkv, freqs, (qw, qb, kw, kb), num_heads, height, width, n_prefix, mode)
+    _validate(qkv, freqs, cos_sin, (qw, qb, kw, kb), num_heads, height, width, n_prefix, mode)
     if k_rotation not in K_ROTATIONS:
         raise ValueError(f"rope_attention_triton: unknown k_rotation {k_rotation!r} (expected one of {K_ROTATIONS})")
     qkv = _prepare(qkv)
     B, N, D, tpf = _geometry(qkv, num_heads, mode, height, width, n_prefix)
-    if k_rotation == "table" and mode != "none" and (cos_sin is None or cos_sin.shape != (2, tpf, D)):
-        raise ValueError(f"rope_attention_triton: k_rotation='table' needs cos_sin [2, {tpf}, {D}] "
-                         f"(RopeGrid.tables), got {None if cos_sin is None else tuple(cos_sin.shape)}")
+    cos_sin = cos_sin.contiguous() if mode != "none" else None
     transform = mode != "none" or qw is not None or kw is not None
     out = torch.empty(B, N, num_heads * D, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B, num_heads, N, device=qkv.device, dtype=torch.float32)
@@ -254,12 +277,12 @@ def _forward(qkv, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_pr
         source = 0
     elif k_rotation == "prepass":
         source = 1
-        rqk = _prepass(qkv, freqs, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, denom_h, denom_w, eps)
+        rqk = _prepass(qkv, cos_sin, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, eps)
     elif k_rotation == "inline":
         source = 2
     else:
         source = 3 if mode != "none" else 2
-        cs = cos_sin.contiguous() if mode != "none" else None
+        cs = cos_sin
     bm, bn, warps, stages = _fwd_config(D, qkv.dtype, fwd_config)
     if source == 3:  # the fp32 cos/sin tiles are pipelined too: 3 stages need 192 KiB smem at d=128,
         # 2 stages 144 KiB (over the 99 KiB of sm_86 / sm_89): one stage at d=128 (flashdino check --audit)
@@ -283,12 +306,13 @@ def _forward(qkv, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_pr
     return out, lse
 
 
-def _backward(grad_out, qkv, out, lse, freqs, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode,
+def _backward(grad_out, qkv, out, lse, freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode,
               denom_h, denom_w, eps, scale):
-    _validate(qkv, freqs, (qw, qb, kw, kb), num_heads, height, width, n_prefix, mode)
+    _validate(qkv, freqs, cos_sin, (qw, qb, kw, kb), num_heads, height, width, n_prefix, mode)
     if grad_out.shape != out.shape:
         raise ValueError(f"rope_attention_triton_bwd: grad_out {tuple(grad_out.shape)} != out {tuple(out.shape)}")
     qkv = _prepare(qkv)
+    cos_sin = cos_sin.contiguous() if mode != "none" else None
     # The kernels address a token of grad_out as ``tok * stride`` in int32 (like qkv, whose span
     # supports() bounds): a gradient view with a larger token stride is made contiguous, whose span
     # (N * h * d) is below qkv's (N * 3 * h * d).
@@ -306,7 +330,7 @@ def _backward(grad_out, qkv, out, lse, freqs, qw, qb, kw, kb, num_heads, height,
         num_warps=ewarps)
     rqk = grqk = None
     if transform:
-        rqk = _prepass(qkv, freqs, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, denom_h, denom_w, eps)
+        rqk = _prepass(qkv, cos_sin, qw, qb, kw, kb, num_heads, mode, height, width, n_prefix, eps)
         grqk = torch.empty(2, B, num_heads, N, D, device=qkv.device, dtype=torch.float32)
     source = 1 if transform else 0
     bm, bn, warps, stages = _bwd_config(D, qkv.dtype)
@@ -322,11 +346,12 @@ def _backward(grad_out, qkv, out, lse, freqs, qw, qb, kw, kb, num_heads, height,
         n_t = triton.cdiv(N, block_t)
         has_norm = qw is not None or kw is not None
         part = torch.empty(2, bh * n_t, 2, D, device=qkv.device, dtype=torch.float32) if has_norm else None
-        _bwd_post_kernel[(n_t, bh, 2)](
-            qkv, grqk, dqkv, part if part is not None else grqk, freqs if freqs is not None else qkv,
+        heads = _heads_per_program(n_t, B, num_heads)
+        _bwd_post_kernel[(n_t, B * (num_heads // heads), 2)](
+            qkv, grqk, dqkv, part if part is not None else grqk, cos_sin if mode != "none" else qkv,
             qw if qw is not None else qkv, kw if kw is not None else qkv,
-            qkv.stride(0), qkv.stride(1), N, num_heads, B, tpf, n_prefix, width, denom_h, denom_w, eps,
-            D=D, BLOCK_T=block_t, ROPE=_MODES[mode], NORM_Q=qw is not None, NORM_K=kw is not None,
+            qkv.stride(0), qkv.stride(1), N, num_heads, B, tpf, heads, eps,
+            D=D, BLOCK_T=block_t, ROTATE=int(mode != "none"), NORM_Q=qw is not None, NORM_K=kw is not None,
             HALF_G=_half_group(mode, D), num_warps=ewarps,
         )
         for sec, weight, bias in ((0, qw, qb), (1, kw, kb)):
@@ -351,9 +376,11 @@ def rope_attention_triton(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, N, h*d], logsumexp [B, h, N] fp32, base-2 and pre-scaled: for the backward).
 
-    ``freqs``: the [d/4] fp32 table of ``RopeGrid.frequencies`` (None without RoPE); ``cos_sin``:
-    the fp32 [2, tokens_per_frame, d] tables, read only with ``k_rotation="table"``. ``fwd_config``:
-    ``[BLOCK_M, BLOCK_N, num_warps, num_stages]`` chosen by tuning (None: the default table).
+    ``freqs``: the [d/4] fp32 table of ``RopeGrid.frequencies`` (None without RoPE), read by
+    ``k_rotation="inline"``; ``cos_sin``: the fp32 [2, tokens_per_frame, d] table of
+    ``RopeGrid.kernel_table`` (None without RoPE), read by the prepass and ``k_rotation="table"``.
+    ``fwd_config``: ``[BLOCK_M, BLOCK_N, num_warps, num_stages]`` chosen by tuning (None: the
+    default table).
     """
     return _forward(qkv, freqs, cos_sin, q_weight, q_bias, k_weight, k_bias, num_heads, height, width, n_prefix,
                     mode, denom_h, denom_w, eps, scale, k_rotation, fwd_config)
@@ -370,18 +397,18 @@ def _(qkv, freqs, cos_sin, q_weight, q_bias, k_weight, k_bias, num_heads, height
 
 @torch.library.custom_op("flashdino::rope_attention_triton_bwd", mutates_args=())
 def rope_attention_triton_bwd(
-    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, freqs: Optional[Tensor],
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, freqs: Optional[Tensor], cos_sin: Optional[Tensor],
     q_weight: Optional[Tensor], q_bias: Optional[Tensor], k_weight: Optional[Tensor], k_bias: Optional[Tensor],
     num_heads: int, height: int, width: int, n_prefix: int, mode: str, denom_h: float, denom_w: float, eps: float,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dqkv [B, N, 3*h*d] contiguous, d q_weight, d q_bias, d k_weight, d k_bias); empty when absent."""
-    return _backward(grad_out, qkv, out, lse, freqs, q_weight, q_bias, k_weight, k_bias, num_heads, height,
-                     width, n_prefix, mode, denom_h, denom_w, eps, scale)
+    return _backward(grad_out, qkv, out, lse, freqs, cos_sin, q_weight, q_bias, k_weight, k_bias, num_heads,
+                     height, width, n_prefix, mode, denom_h, denom_w, eps, scale)
 
 
 @rope_attention_triton_bwd.register_fake
-def _(grad_out, qkv, out, lse, freqs, q_weight, q_bias, k_weight, k_bias, num_heads, height, width,
+def _(grad_out, qkv, out, lse, freqs, cos_sin, q_weight, q_bias, k_weight, k_bias, num_heads, height, width,
       n_prefix, mode, denom_h, denom_w, eps, scale):
     return (qkv.new_empty(qkv.shape),
             torch.empty_like(q_weight) if q_weight is not None else qkv.new_empty(0),
@@ -394,16 +421,16 @@ _N_SCALAR_ARGS = 11  # num_heads ... k_rotation, fwd_config
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, freqs, _cos_sin, qw, qb, kw, kb = inputs[:7]
+    qkv, freqs, cos_sin, qw, qb, kw, kb = inputs[:7]
     ctx.scalars = inputs[7:16]  # num_heads .. scale (k_rotation and fwd_config are forward-only)
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, freqs, qw, qb, kw, kb)
+    ctx.save_for_backward(qkv, out, lse, freqs, cos_sin, qw, qb, kw, kb)
 
 
 def _backward_autograd(ctx, grad_out, grad_lse):
-    qkv, out, lse, freqs, qw, qb, kw, kb = ctx.saved_tensors
+    qkv, out, lse, freqs, cos_sin, qw, qb, kw, kb = ctx.saved_tensors
     dqkv, dqw, dqb, dkw, dkb = torch.ops.flashdino.rope_attention_triton_bwd(
-        grad_out, qkv, out, lse, freqs, qw, qb, kw, kb, *ctx.scalars)
+        grad_out, qkv, out, lse, freqs, cos_sin, qw, qb, kw, kb, *ctx.scalars)
     return (dqkv, None, None,
             dqw if qw is not None else None,
             dqb if qw is not None and qb is not None else None,
@@ -443,9 +470,7 @@ def rope_attention(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid] = None,
         rot_dtype = rotation_dtype(qkv.dtype, q_norm is not None, qkv.device)
         if mode == "vggt" and rot_dtype != qkv.dtype:
             mode = "vggt_f32"
-        if k_rotation == "table":
-            cos, sin = rope.tables(head_dim, rot_dtype, qkv.device)
-            cos_sin = torch.stack([cos.float(), sin.float()])
+        cos_sin = rope.kernel_table(head_dim, rot_dtype, qkv.device)
     qw, qb = q_norm if q_norm is not None else (None, None)
     kw, kb = k_norm if k_norm is not None else (None, None)
     args = (freqs, cos_sin, qw, qb, kw, kb, num_heads, height, width, n_prefix, mode, float(denom_h), float(denom_w),

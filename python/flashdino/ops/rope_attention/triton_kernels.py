@@ -26,6 +26,11 @@ the same cache lines; with qk_norm both loads are normalised with the row's mean
 prepass buffer (normalised + rotated once, in the token dtype), 2 transformed in the tile with
 cos/sin recomputed, 3 transformed with cos/sin from the fp32 ``[2, tokens_per_frame, d]`` table.
 
+The prepass and the backward's post-pass do no trigonometry: they read cos/sin from that table
+(``RopeGrid.kernel_table``, computed once per grid, O(tokens x d)), and each program loads the
+table tile of its tokens once and applies it to ``HEADS`` heads of one image in a loop, so the
+table is read ``B * h / HEADS`` times, not recomputed for every batch x head.
+
 Backward: flash-attention 2 (logsumexp saved by the forward, ``delta = rowsum(dO*O)``, one kernel
 for dK/dV over query blocks, one for dQ over key blocks), gradients of the rotated q/k in fp32,
 then a post-pass applies the inverse rotation and the LayerNorm backward and writes dq/dk into
@@ -43,14 +48,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _table_cos_sin(tok, cols, CS, TPF, D: tl.constexpr):
+    """cos, sin [BLOCK, D] (fp32) of the tokens ``tok`` from the ``[2, TPF, D]`` table (identity
+    rows for prefix tokens). No mask: ``tok % TPF`` is a valid row even for tokens past N."""
+    offs = (tok % TPF)[:, None] * D + cols[None, :]
+    return tl.load(CS + offs), tl.load(CS + TPF * D + offs)
+
+
+@triton.jit
 def _cos_sin(tok, cols, TAB, CS, TPF, n_prefix, GRID_W, denom_h, denom_w,
              ROUND_TY: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, FROM_TABLE: tl.constexpr):
     """cos, sin [BLOCK, D] (fp32) of the tokens ``tok``; identity for prefix tokens."""
     t = tok % TPF
     if FROM_TABLE:
-        offs = t[:, None] * D + cols[None, :]
-        cos = tl.load(CS + offs)
-        sin = tl.load(CS + TPF * D + offs)
+        cos, sin = _table_cos_sin(tok, cols, CS, TPF, D)
     else:
         is_patch = t >= n_prefix
         p = tl.where(is_patch, t - n_prefix, 0)
@@ -152,31 +163,35 @@ def _qk_tile(QKV, RQK, TAB, CS, W, Bias, b, hh, sec, tok, tmask, cols,
 
 
 @triton.jit
-def _prepass_kernel(QKV, RQK, TAB, QW, QB, KW, KB,
-                    s_b, s_n, N, NH, B, TPF, n_prefix, GRID_W, denom_h, denom_w, eps,
-                    D: tl.constexpr, BLOCK_T: tl.constexpr, ROPE: tl.constexpr,
+def _prepass_kernel(QKV, RQK, CS, QW, QB, KW, KB,
+                    s_b, s_n, N, NH, B, TPF, HEADS, eps,
+                    D: tl.constexpr, BLOCK_T: tl.constexpr, ROTATE: tl.constexpr,
                     NORM_Q: tl.constexpr, HAS_BQ: tl.constexpr, NORM_K: tl.constexpr, HAS_BK: tl.constexpr,
                     HALF_G: tl.constexpr):
+    """Grid (token blocks, B * NH / HEADS, 2 for q / k): HEADS heads of one image per program,
+    cos/sin loaded once from the table and reused for each."""
     pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_g = tl.program_id(1)
     sec = tl.program_id(2)
-    b = pid_bh // NH
-    hh = pid_bh % NH
+    groups = NH // HEADS
+    b = pid_g // groups
+    h0 = (pid_g % groups) * HEADS
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < N
     cols = tl.arange(0, D)
     cos = 1.0
     sin = 0.0
-    if ROPE != 0:
-        cos, sin = _cos_sin(tok, cols, TAB, TAB, TPF, n_prefix, GRID_W, denom_h, denom_w,
-                            QKV.dtype.element_ty, D, ROPE, False)
-    base = QKV + b.to(tl.int64) * s_b + (sec * NH + hh) * D
-    if sec == 0:
-        x = _transform(base, s_n, tok, tmask, cols, QW, QB, eps, cos, sin, D, ROPE, NORM_Q, HAS_BQ, HALF_G)
-    else:
-        x = _transform(base, s_n, tok, tmask, cols, KW, KB, eps, cos, sin, D, ROPE, NORM_K, HAS_BK, HALF_G)
-    out = RQK + ((sec * B + b) * NH + hh).to(tl.int64) * N * D
-    tl.store(out + tok[:, None] * D + cols[None, :], x.to(RQK.dtype.element_ty), mask=tmask[:, None])
+    if ROTATE:
+        cos, sin = _table_cos_sin(tok, cols, CS, TPF, D)
+    for i in range(HEADS):
+        hh = h0 + i
+        base = QKV + b.to(tl.int64) * s_b + (sec * NH + hh) * D
+        if sec == 0:
+            x = _transform(base, s_n, tok, tmask, cols, QW, QB, eps, cos, sin, D, ROTATE, NORM_Q, HAS_BQ, HALF_G)
+        else:
+            x = _transform(base, s_n, tok, tmask, cols, KW, KB, eps, cos, sin, D, ROTATE, NORM_K, HAS_BK, HALF_G)
+        out = RQK + ((sec * B + b) * NH + hh).to(tl.int64) * N * D
+        tl.store(out + tok[:, None] * D + cols[None, :], x.to(RQK.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
@@ -363,27 +378,31 @@ def _post_one(QKV, G, DQKV, PART, W, b, hh, sec, tok, tmask, cols, cos, sin, par
 
 
 @triton.jit
-def _bwd_post_kernel(QKV, G, DQKV, PART, TAB, QW, KW,
-                     s_b, s_n, N, NH, B, TPF, n_prefix, GRID_W, denom_h, denom_w, eps,
-                     D: tl.constexpr, BLOCK_T: tl.constexpr, ROPE: tl.constexpr,
+def _bwd_post_kernel(QKV, G, DQKV, PART, CS, QW, KW,
+                     s_b, s_n, N, NH, B, TPF, HEADS, eps,
+                     D: tl.constexpr, BLOCK_T: tl.constexpr, ROTATE: tl.constexpr,
                      NORM_Q: tl.constexpr, NORM_K: tl.constexpr, HALF_G: tl.constexpr):
+    """Grid as the prepass: HEADS heads of one image per program, cos/sin from the table once."""
     pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_g = tl.program_id(1)
     sec = tl.program_id(2)
-    b = pid_bh // NH
-    hh = pid_bh % NH
+    groups = NH // HEADS
+    b = pid_g // groups
+    h0 = (pid_g % groups) * HEADS
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < N
     cols = tl.arange(0, D)
     cos = 1.0
     sin = 0.0
-    if ROPE != 0:
-        cos, sin = _cos_sin(tok, cols, TAB, TAB, TPF, n_prefix, GRID_W, denom_h, denom_w,
-                            QKV.dtype.element_ty, D, ROPE, False)
-    part_row = (sec * B * NH + pid_bh).to(tl.int64) * tl.num_programs(0) + pid_t
-    if sec == 0:
-        _post_one(QKV, G, DQKV, PART, QW, b, hh, sec, tok, tmask, cols, cos, sin, part_row,
-                  s_b, s_n, N, NH, B, eps, D, ROPE, NORM_Q, HALF_G)
-    else:
-        _post_one(QKV, G, DQKV, PART, KW, b, hh, sec, tok, tmask, cols, cos, sin, part_row,
-                  s_b, s_n, N, NH, B, eps, D, ROPE, NORM_K, HALF_G)
+    if ROTATE:
+        cos, sin = _table_cos_sin(tok, cols, CS, TPF, D)
+    for i in range(HEADS):
+        hh = h0 + i
+        # one row of weight-gradient partial sums per (q/k, image, head, token block)
+        part_row = ((sec * B + b) * NH + hh).to(tl.int64) * tl.num_programs(0) + pid_t
+        if sec == 0:
+            _post_one(QKV, G, DQKV, PART, QW, b, hh, sec, tok, tmask, cols, cos, sin, part_row,
+                      s_b, s_n, N, NH, B, eps, D, ROTATE, NORM_Q, HALF_G)
+        else:
+            _post_one(QKV, G, DQKV, PART, KW, b, hh, sec, tok, tmask, cols, cos, sin, part_row,
+                      s_b, s_n, N, NH, B, eps, D, ROTATE, NORM_K, HALF_G)
