@@ -154,6 +154,8 @@ class CacheEntry:
         self.rebuilt_because: Optional[str] = None
         self.hit = False
         self.temporary = False  # True: the cache could not be written; the folder is private and removed later
+        self.blobs_loaded = 0  # compiled models served from the cache (a warm start compiles nothing)
+        max_bytes()  # a bad FLASHDINO_CACHE_MAX_GB is reported before any export
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -281,6 +283,7 @@ class CacheEntry:
             return None
         if len(data) == record.get("size") and _sha256(data) == record.get("sha256") \
                 and record.get("entry") == self.digest:
+            self.blobs_loaded += 1
             return data
         warnings.warn(f"flashdino.optimize: the compiled model {blob} does not match its record (corrupt or "
                       "replaced); compiling again", stacklevel=4)
