@@ -133,3 +133,12 @@ def cut_short(body: bytes, keep: int):
     def respond(conn, stop):
         conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body[:keep])
     return respond
+
+
+def slow_headers(interval: float):
+    """A ``raw_server`` responder that sends its header lines one byte per ``interval`` seconds, forever."""
+    def respond(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not stop.wait(interval):
+            conn.sendall(b"a")
+    return respond

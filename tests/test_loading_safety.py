@@ -476,3 +476,28 @@ def test_cli_names_a_bad_world_size(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("flashdino: error: WORLD_SIZE='abc' is not an integer")
     assert "Traceback" not in "\n".join(err)
+
+
+def test_headers_sent_a_byte_at_a_time_fail_within_the_timeout(fast_network, monkeypatch):
+    from _servers import raw_server, slow_headers
+
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_TIMEOUT", "1")
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_RETRIES", "0")
+    with raw_server(slow_headers(0.2)) as (base, _):
+        start = time.perf_counter()
+        with pytest.raises(WeightsUnavailableError, match="did not finish its response headers within 1 s"):
+            flashdino.create_model("dinov3_vits16", weights=f"{base}/w.pth", **TINY)
+        assert time.perf_counter() - start < 4
+
+
+def test_a_download_cut_short_with_a_length_is_retried_then_named(fast_network):
+    from _servers import raw_server
+
+    def respond(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n" + b"x" * 1000)
+
+    with raw_server(respond) as (base, conns):
+        with pytest.raises(WeightsUnavailableError, match="cannot download .* after 2 attempt"):
+            flashdino.create_model("dinov3_vits16", weights=f"{base}/w.pth", **TINY)
+        assert len(conns) == 2
+    assert not list(fast_network.glob("*"))

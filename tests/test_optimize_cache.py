@@ -279,3 +279,34 @@ def test_bad_cache_size_setting_is_named_before_any_export(tmp_path, monkeypatch
     monkeypatch.setattr(optimize_mod, "export_onnx", lambda *a, **k: pytest.fail("exported before the check"))
     with pytest.raises(ValueError, match="FLASHDINO_CACHE_MAX_GB='lots' is not a finite number"):
         _optimize(_model(1), "onnxruntime", tmp_path)
+
+
+CONCURRENT_SCRIPT = textwrap.dedent('''
+    import sys, torch, flashdino
+    root, weights = sys.argv[1], sys.argv[2]
+    model = flashdino.create_model("dinov3_vits16", weights=weights, depth=1, embed_dim=64, num_heads=2).eval()
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        ref = model(x)
+    out = flashdino.optimize(model, runtime="onnxruntime", cache_dir=root)(x)
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+    print("ok")
+''')
+
+
+def test_processes_filling_the_same_entry_at_once_all_succeed(tmp_path):
+    model = _model(4)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    script = tmp_path / "run.py"
+    script.write_text(CONCURRENT_SCRIPT)
+    root = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(Path(flashdino.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(root), str(weights)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 and out.strip() == "ok" for p, (out, _) in zip(procs, results)), results
+    entries = [p for p in root.iterdir()]
+    assert len(entries) == 1 and not entries[0].name.startswith(".staging"), entries
+    loaded = flashdino.create_model("dinov3_vits16", weights=weights, **TINY).eval()
+    assert _optimize(loaded, "onnxruntime", root).cache_entry.hit

@@ -225,6 +225,8 @@ class CacheEntry:
 
     def _publish(self, staging: Path) -> None:
         if self.folder.exists():
+            if self.problem() is None:  # another process published this entry while we built it: use theirs
+                return
             _remove_own(self.folder)
         try:
             os.rename(staging, self.folder)  # the usual case: no folder (or an empty one) under that name

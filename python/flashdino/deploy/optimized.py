@@ -213,14 +213,21 @@ def _onnxruntime(model, names, precision, entry_root, threads):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    def load():
+        return ort.InferenceSession(str(entry.path(fname)), opts, providers=["CPUExecutionProvider"])
+
     try:
         try:
-            session = ort.InferenceSession(str(entry.path(fname)), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # a file that passed its hash check but does not load: rebuild once
-            entry.rebuilt_because = f"ONNX Runtime could not load it ({type(exc).__name__})"
-            entry.invalidate()
+            session = load()
+        except Exception:  # noqa: BLE001 - verified again: another process may have replaced the entry meanwhile
             entry.get(build)
-            session = ort.InferenceSession(str(entry.path(fname)), opts, providers=["CPUExecutionProvider"])
+            try:
+                session = load()
+            except Exception as exc:  # noqa: BLE001 - it verifies but does not load: rebuild once
+                entry.rebuilt_because = f"ONNX Runtime could not load it ({type(exc).__name__})"
+                entry.invalidate()
+                entry.get(build)
+                session = load()
     finally:
         entry.release()  # a private (no-cache) export is not needed once loaded
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import re
 import socket
 import ssl
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -221,6 +223,60 @@ class _RateGuard:
         self.mark_time, self.mark_bytes = now, received
 
 
+class _HeaderDeadline:
+    """Shuts the connection down when the response headers have not all arrived within ``seconds``
+    (the socket timeout only bounds each receive, and a server may send its headers a byte at a time)."""
+
+    def __init__(self, seconds: float):
+        self.sock = None
+        self.fired = False
+        self.seconds = seconds
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        deadline = self
+
+        def watched(connection_class):
+            class Connection(connection_class):
+                def connect(self):
+                    super().connect()
+                    deadline.sock = self.sock
+
+            return Connection
+
+        class Http(urllib.request.HTTPHandler):
+            def do_open(self, http_class, req, **kwargs):
+                return super().do_open(watched(http_class), req, **kwargs)
+
+        class Https(urllib.request.HTTPSHandler):
+            def do_open(self, http_class, req, **kwargs):
+                return super().do_open(watched(http_class), req, **kwargs)
+
+        return urllib.request.build_opener(Http, Https)
+
+    def open(self, request):
+        self.timer.start()
+        late = _Stalled(f"the server did not finish its response headers within {self.seconds:g} s")
+        try:
+            response = self.opener().open(request, timeout=self.seconds)
+        except (OSError, http.client.HTTPException) as exc:
+            if self.fired:
+                raise late from exc
+            raise
+        finally:
+            self.timer.cancel()
+        if self.fired:  # the shutdown can also read as the end of the headers
+            response.close()
+            raise late
+        return response
+
+
 def _fetch_once(url: str, dest: Path, timeout: float, min_rate: float) -> None:
     # A unique partial file per attempt, in the cache folder: concurrent downloads never mix bytes,
     # and an interrupted one leaves nothing behind.
@@ -228,7 +284,7 @@ def _fetch_once(url: str, dest: Path, timeout: float, min_rate: float) -> None:
     try:
         with os.fdopen(fd, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "flashdino"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _HeaderDeadline(timeout).open(request) as response:
                 expected = response.headers.get("Content-Length")
                 received = 0
                 total = int(expected) if expected is not None and expected.isdigit() else None
@@ -272,7 +328,8 @@ def _write_local(out, chunk: bytes, dest: Path) -> None:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in (408, 429, 500, 502, 503, 504)
-    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError))
+    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError,
+                            http.client.HTTPException))  # e.g. IncompleteRead, a garbled status line
 
 
 def download_url(url: str) -> Path:
@@ -299,7 +356,7 @@ def download_url(url: str) -> Path:
                 time.sleep(min(0.5 * 2 ** attempt, 4.0))
                 continue
             raise WeightsUnavailableError(_http_advice(url, exc, dest)) from exc
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             if attempt < retries and _retryable(exc):
                 time.sleep(min(0.5 * 2 ** attempt, 4.0))
                 continue
