@@ -185,6 +185,12 @@ def _to_numpy(x: Tensor):
     return x.detach().contiguous().numpy()
 
 
+def _need_exporter(purpose: str) -> None:
+    # Checked without importing onnxscript (about a second): a warm start never exports.
+    if not available("onnxscript"):
+        require("onnxscript", purpose)
+
+
 def _entry(model, runtime: str, precision: str, names, root: Path) -> CacheEntry:
     # Weights without a recorded source (random, or set by hand) differ in every process: such
     # entries share one slot per variant/runtime/precision instead of piling up (cache.py).
@@ -194,7 +200,7 @@ def _entry(model, runtime: str, precision: str, names, root: Path) -> CacheEntry
 
 def _onnxruntime(model, names, precision, entry_root, threads):
     ort = require("onnxruntime", 'optimize(runtime="onnxruntime")')
-    require("onnxscript", 'optimize(runtime="onnxruntime") (the ONNX export)')
+    _need_exporter('optimize(runtime="onnxruntime") (the ONNX export)')
     entry = _entry(model, "onnxruntime", precision, names, entry_root)
     fname = "model.onnx" if precision == "fp32" else "model.int8.onnx"
 
@@ -239,7 +245,7 @@ def _onnxruntime(model, names, precision, entry_root, threads):
 
 def _openvino(model, names, precision, entry_root, threads):
     ov = require("openvino", 'optimize(runtime="openvino")')
-    require("onnxscript", 'optimize(runtime="openvino") (the ONNX export)')
+    _need_exporter('optimize(runtime="openvino") (the ONNX export)')
     entry = _entry(model, "openvino", precision, names, entry_root)
 
     def build(folder: Path):
