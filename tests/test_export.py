@@ -422,3 +422,116 @@ def test_features_cli_runtime_matches_eager(tmp_path):
     assert ((shards.cls - eager["cls"]).abs().max() / eager["cls"].abs().max()) <= 1e-5
     assert cli.main(common + ["--out", str(tmp_path / "x.safetensors"), "--runtime", "onnxruntime",
                               "--layers", "0"]) == 2
+
+
+# -- export arguments: checked before any work, one line each -----------------------------------------
+
+TINY_ARGS = ["--override", "depth=1", "--override", "embed_dim=64", "--override", "num_heads=2"]
+
+
+def _no_model(monkeypatch):
+    from flashdino.cli import export as export_cli
+
+    def refuse(args):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(export_cli, "build_model", refuse)
+
+
+def _cli(args, capsys):
+    from flashdino.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--static", "100000"], "over the limit of 8192 pixels a side"),
+    (["--static", "64", "--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+    (["--static", "64", "--batch-size", "-3"], "--batch-size: expected a positive integer, got -3"),
+    (["--static", "64", "--batch-size", "5000"], "over the limit of 1024"),
+    (["--batch-size", "4"], "a dynamic export (no --static) runs any batch size"),
+    (["--opset", "7"], "--opset 7 is not supported: the exporter writes opsets 18 to"),
+    (["--opset", "99"], "--opset 99 is not supported"),
+])
+def test_cli_export_refuses_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys, extra, message):
+    _no_model(monkeypatch)
+    code, err = _cli(["export", "dinov3_vits16", "--out", str(tmp_path / "m.onnx"), *TINY_ARGS, *extra], capsys)
+    assert code == 2 and message in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_out_must_be_an_onnx_file(tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    (tmp_path / "folder").mkdir()
+    code, err = _cli(["export", "dinov3_vits16", "--out", str(tmp_path / "folder")], capsys)
+    assert code == 2 and f"e.g. --out {tmp_path / 'folder' / 'model.onnx'}" in err[-1]
+    assert ".safetensors" not in err[-1]
+    code, err = _cli(["export", "dinov3_vits16", "--out", str(tmp_path / "m.safetensors")], capsys)
+    assert code == 2 and "must end in .onnx" in err[-1] and str(tmp_path / "m.onnx") in err[-1]
+    code, err = _cli(["export", "dinov3_vits16", "--out", str(tmp_path / ("x" * 300 + ".onnx"))], capsys)
+    assert code == 2 and len(err) == 1 and "shorter" in err[0], err
+    # the weights file itself
+    weights = tmp_path / "w.onnx"
+    weights.write_bytes(b"precious")
+    code, err = _cli(["export", "dinov3_vits16", "--weights", str(weights), "--out", str(weights), "--overwrite"],
+                     capsys)
+    assert code == 2 and "is also an input" in err[-1] and weights.read_bytes() == b"precious"
+
+
+@pytest.mark.skipif(not hasattr(__import__("flashdino.outputs").outputs, "input_clash"),
+                    reason="outputs.input_clash (output inside an input folder) comes from the safety branch")
+def test_cli_export_refuses_an_output_inside_the_weights_folder(tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    code, err = _cli(["export", "dinov3_vits16", "--weights", str(folder), "--out", str(folder / "m.onnx")], capsys)
+    assert code == 2 and "inside the input folder" in err[-1]
+
+
+def test_api_export_refuses_bad_arguments(tmp_path):
+    model = _model("dinov3_vits16", depth=1, embed_dim=64, num_heads=2)
+    for kwargs, message in [(dict(dynamic=False, batch_size=0), "batch_size must be an integer from 1"),
+                            (dict(dynamic=False, batch_size=-3), "batch_size must be an integer from 1"),
+                            (dict(dynamic=False, static_size=100000), "over the limit of 8192"),
+                            (dict(opset=7), "opset 7 is not supported")]:
+        with pytest.raises(ValueError, match=message):
+            export_onnx(model, tmp_path / "m.onnx", **kwargs)
+    with pytest.raises(ValueError, match="is a folder.*model.onnx"):
+        export_onnx(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import onnx_ir
+
+    def full(model, path, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx_ir, "save", full)
+    code, err = _cli(["export", "dinov3_vits16", "--out", str(tmp_path / "m.onnx"), *TINY_ARGS], capsys)
+    assert code == 2 and "No space left on device; free space there" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert not list(tmp_path.iterdir()), "no partial or temporary file may stay"
+
+
+def test_cli_export_honours_the_opset_and_says_random_weights_once(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    code, err = _cli(["export", "dinov3_vits16", "--out", str(out), "--opset", "20", *TINY_ARGS], capsys)
+    assert code == 0, err
+    assert [o.version for o in onnx.load(str(out)).opset_import if o.domain == ""] == [20]
+    notices = [line for line in err if "RANDOM weights" in line]
+    assert len(notices) == 1 and "exported model" in notices[0] and "features" not in notices[0]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    cls = session.run(["x_norm_clstoken"], {"pixel_values": torch.randn(2, 3, 48, 64).numpy()})[0]
+    assert cls.shape == (2, 64) and torch.isfinite(torch.from_numpy(cls)).all()

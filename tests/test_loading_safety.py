@@ -346,3 +346,184 @@ def test_training_only_fields_do_not_block_hf_weights(tmp_path):
     folder = hf_folder(tmp_path, image_size=224)
     model = flashdino.create_model("dinov3_vitl16_sat493m", weights=folder, **TINY)
     assert model.cfg.local_cls_norm and torch.equal(model.local_cls_norm.weight, torch.ones(64))
+
+
+# ------------------------------------------------------------------------- downloads that never end or end early
+
+
+def test_a_trickling_server_fails_within_the_rate_window(fast_network, monkeypatch):
+    """1 byte a second never trips the idle timeout; the minimum rate over the window does."""
+    from _servers import raw_server, trickle
+
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_TIMEOUT", "1")
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_RETRIES", "0")
+    with raw_server(trickle(b"x" * 10_000, 0.2)) as (base, conns):
+        start = time.perf_counter()
+        with pytest.raises(WeightsUnavailableError, match="bytes/s, below FLASHDINO_DOWNLOAD_MIN_RATE=1024") as info:
+            flashdino.create_model("dinov3_vits16", weights=f"{base}/w.pth", **TINY)
+        elapsed = time.perf_counter() - start
+    assert elapsed < 4, elapsed  # one window of 1 s (+ one read), not the 2000 s the trickle would take
+    assert "FLASHDINO_DOWNLOAD_MIN_RATE" in str(info.value) and len(conns) == 1
+    assert not list(fast_network.glob("*"))
+
+
+def test_min_rate_zero_switches_the_rate_check_off(fast_network, monkeypatch):
+    from _servers import raw_server, trickle
+
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_TIMEOUT", "0.3")
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_MIN_RATE", "0")
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_RETRIES", "0")
+    model = flashdino.create_model("dinov3_vits16", depth=1, embed_dim=32, num_heads=2)
+    body = _safetensors_bytes(model)
+    with raw_server(trickle(body, 0.0001)) as (base, _):  # slow in bytes/s but never idle for 0.3 s
+        got = flashdino.create_model("dinov3_vits16", weights=f"{base}/w.safetensors", depth=1, embed_dim=32, num_heads=2)
+    assert torch.equal(got.cls_token, model.cls_token)
+
+
+def _safetensors_bytes(model) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy"])
+def test_a_download_cut_short_without_length_is_not_cached(fast_network, tmp_path, fmt):
+    from _servers import raw_server, cut_short
+
+    model = flashdino.create_model("dinov3_vits16", **TINY)
+    if fmt == "safetensors":
+        body = _safetensors_bytes(model)
+    else:
+        torch.save(model.state_dict(), tmp_path / "w.pth", _use_new_zipfile_serialization=fmt == "zip")
+        body = (tmp_path / "w.pth").read_bytes()
+    with raw_server(cut_short(body, len(body) * 2 // 3)) as (base, conns):
+        with pytest.raises(WeightsUnavailableError, match="no Content-Length.*not a whole checkpoint"):
+            flashdino.create_model("dinov3_vits16", weights=f"{base}/w.bin", **TINY)
+        assert len(conns) == 2  # a cut is retried (FLASHDINO_DOWNLOAD_RETRIES=1)
+    assert not list(fast_network.glob("*")), "a truncated download must not enter the cache"
+    # the whole file without a length is accepted and cached
+    with raw_server(cut_short(body, len(body))) as (base, conns):
+        got = flashdino.create_model("dinov3_vits16", weights=f"{base}/w.bin", **TINY)
+        assert torch.equal(got.cls_token, model.cls_token)
+        again = flashdino.create_model("dinov3_vits16", weights=f"{base}/w.bin", **TINY)
+        assert len(conns) == 1 and torch.equal(again.cls_token, model.cls_token)
+    assert len(list(fast_network.glob("*w.bin"))) == 1
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("FLASHDINO_DOWNLOAD_TIMEOUT", "soon", "FLASHDINO_DOWNLOAD_TIMEOUT='soon' is not a finite number"),
+    ("FLASHDINO_DOWNLOAD_TIMEOUT", "-1", "FLASHDINO_DOWNLOAD_TIMEOUT='-1' is out of range"),
+    ("FLASHDINO_DOWNLOAD_MIN_RATE", "nan", "FLASHDINO_DOWNLOAD_MIN_RATE='nan' is not a finite number"),
+    ("FLASHDINO_DOWNLOAD_RETRIES", "2.5", "FLASHDINO_DOWNLOAD_RETRIES='2.5' is not an integer"),
+])
+def test_bad_download_settings_name_the_variable(fast_network, monkeypatch, name, value, match):
+    monkeypatch.setenv(name, value)
+    with serve({}) as (base, requested):
+        with pytest.raises(ValueError, match=match):
+            flashdino.create_model("dinov3_vits16", weights=f"{base}/w.pth", **TINY)
+        assert not requested
+
+
+# ------------------------------------------------------------------------- non-finite weights
+
+
+def test_non_finite_weights_warn_naming_the_tensors(tmp_path):
+    from flashdino.loading import NonFiniteWeightsWarning
+
+    model = flashdino.create_model("dinov3_vits16", depth=2, embed_dim=64, num_heads=2)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = ["cls_token", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias"]
+    sd[bad[0]][0, 0, 3] = float("nan")
+    sd[bad[1]][5, 7] = float("inf")
+    sd[bad[2]][1] = -float("inf")
+    save_file(sd, tmp_path / "w.safetensors")
+    with pytest.warns(NonFiniteWeightsWarning) as record:
+        flashdino.create_model("dinov3_vits16", weights=tmp_path / "w.safetensors", depth=2, embed_dim=64, num_heads=2)
+    assert len(record) == 1
+    text = str(record[0].message)
+    assert "3 weight tensor(s) hold inf or NaN" in text and all(name in text for name in bad)
+    assert str(tmp_path / "w.safetensors") in text
+    assert record[0].filename == __file__, "the warning points at the caller's line"
+    # many bad tensors: the first names and a count, one line
+    many = {k: torch.full_like(v, float("nan")) for k, v in sd.items()}
+    with pytest.warns(NonFiniteWeightsWarning, match=rf"{len(many)} weight tensor\(s\).* and {len(many) - 8} more"):
+        flashdino.create_model("dinov3_vits16", weights=many, depth=2, embed_dim=64, num_heads=2)
+
+
+def test_finite_weights_load_without_the_warning(tmp_path):
+    import warnings
+
+    from flashdino.loading import NonFiniteWeightsWarning
+
+    model = flashdino.create_model("dinov3_vits16", **TINY)
+    big = {k: v * 1e30 if v.is_floating_point() and v.numel() > 1 else v for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteWeightsWarning)
+        flashdino.create_model("dinov3_vits16", weights=big, **TINY)  # large but finite: a float64 sum holds it
+
+
+# ------------------------------------------------------------------------- environment variables
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("WORLD_SIZE", "abc", "WORLD_SIZE='abc' is not an integer"),
+    ("RANK", "x1", "RANK='x1' is not an integer"),
+    ("LOCAL_RANK", "-1", "LOCAL_RANK='-1' is out of range"),
+    ("WORLD_SIZE", "0", "WORLD_SIZE='0' is out of range"),
+])
+def test_bad_torchrun_variables_are_named(monkeypatch, name, value, match):
+    from flashdino.env import torchrun_env
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        torchrun_env()
+
+
+def test_torchrun_rank_beyond_world_is_named(monkeypatch):
+    from flashdino.env import torchrun_env
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2 but WORLD_SIZE=2"):
+        torchrun_env()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # without LOCAL_WORLD_SIZE (some launchers) it is not checked
+    assert torchrun_env() == (1, 2, 1, 1)
+
+
+def test_cli_names_a_bad_world_size(tmp_path, monkeypatch, capsys):
+    from flashdino.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    code = main(["features", "--sample", "--model", "dinov3_vits16", "--override", "depth=1", "--out",
+                 str(tmp_path / "shards")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("flashdino: error: WORLD_SIZE='abc' is not an integer")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_headers_sent_a_byte_at_a_time_fail_within_the_timeout(fast_network, monkeypatch):
+    from _servers import raw_server, slow_headers
+
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_TIMEOUT", "1")
+    monkeypatch.setenv("FLASHDINO_DOWNLOAD_RETRIES", "0")
+    with raw_server(slow_headers(0.2)) as (base, _):
+        start = time.perf_counter()
+        with pytest.raises(WeightsUnavailableError, match="did not finish its response headers within 1 s"):
+            flashdino.create_model("dinov3_vits16", weights=f"{base}/w.pth", **TINY)
+        assert time.perf_counter() - start < 4
+
+
+def test_a_download_cut_short_with_a_length_is_retried_then_named(fast_network):
+    from _servers import raw_server
+
+    def respond(conn, stop):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n" + b"x" * 1000)
+
+    with raw_server(respond) as (base, conns):
+        with pytest.raises(WeightsUnavailableError, match="cannot download .* after 2 attempt"):
+            flashdino.create_model("dinov3_vits16", weights=f"{base}/w.pth", **TINY)
+        assert len(conns) == 2
+    assert not list(fast_network.glob("*"))

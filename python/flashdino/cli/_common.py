@@ -141,9 +141,9 @@ def build_model(args):
     requested = getattr(args, "model", None)
     name, overrides = check_model_args(args)
     if args.weights is None:
-        print(f"flashdino: notice: no --weights given: {name} uses RANDOM weights, so the features are "
-              "meaningless (fine for a smoke test). Pass --weights CHECKPOINT|HF_FOLDER|HUB_ID for real features.",
-              file=sys.stderr)
+        made = "the exported model's outputs are" if getattr(args, "command", None) == "export" else "the features are"
+        print(f"flashdino: notice: no --weights given: {name} uses RANDOM weights, so {made} meaningless (fine for "
+              "a smoke test). Pass --weights CHECKPOINT|HF_FOLDER|HUB_ID for real weights.", file=sys.stderr)
         with warnings.catch_warnings():  # the notice above says it once, in CLI words
             warnings.simplefilter("ignore", flashdino.RandomWeightsWarning)
             return flashdino.create_model(name, **overrides), None

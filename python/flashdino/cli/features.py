@@ -164,9 +164,9 @@ def run(args) -> int:
         raise CliError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
     if args.pca and Path(args.pca).suffix.lower() not in PCA_SUFFIXES:
         raise CliError(f"--pca must name an image file (.png, .jpg, ...), got {args.pca}")
-    import os
+    from flashdino.env import env_int
 
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_world = env_int("LOCAL_WORLD_SIZE", 1, minimum=1)
     opts = _options(args, default_workers(local_world) if args.workers is None else args.workers)
     if args.pca and "patch" not in opts.store:
         raise CliError("--pca needs the patch tokens: add patch to --store")
@@ -179,7 +179,7 @@ def run(args) -> int:
     sources = inputs + ([args.list] if args.list else [])
     every_input = weights_input + sources + sorted({it.path for it in items})
     if to_file:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if env_int("WORLD_SIZE", 1, minimum=1) > 1:
             raise CliError("a single .safetensors --out is for one process; under torchrun give --out a folder")
         check_output_path(out, overwrite=args.overwrite, inputs=every_input, what="--out")
         if (out.exists() or out.is_symlink()) and not _own_features_file(out):
@@ -191,7 +191,7 @@ def run(args) -> int:
         from flashdino.extract.writer import check_out_dir
 
         check_out_dir(out, inputs=weights_input + sources)
-        if not out.exists() and int(os.environ.get("RANK", "0")) == 0:
+        if not out.exists() and env_int("RANK", 0, minimum=0) == 0:
             _notice_parents(out / "settings.json", "the --out folder")
     if args.pca:
         check_output_path(args.pca, overwrite=args.overwrite, inputs=every_input + [args.out], what="--pca")

@@ -33,6 +33,13 @@ from ._extras import require
 INPUT_NAME = "pixel_values"
 ONNX_2GB = 2 * 1024**3
 DEFAULT_OPSET = 18  # the dynamo exporter's well-tested opset; ONNX Runtime and OpenVINO both run it
+# The exporter has no implementations below 18 and its down-conversion fails on these graphs
+# (LayerNormalization has no earlier version; Split's attributes differ before 18).
+MIN_OPSET = 18
+# A static export traces a real example of the fixed shape: sizes that cannot be allocated or run
+# are refused up front, with the limit named, instead of failing inside the tracer.
+MAX_STATIC_SIDE = 8192
+MAX_STATIC_BATCH = 1024
 _LAYER = re.compile(r"^layer_(\d+)$")
 
 PathLike = Union[str, os.PathLike]
@@ -220,7 +227,48 @@ def _parse_static(static, patch: int) -> Optional[tuple[int, int]]:
     h, w = (int(v) for v in static)
     if h < patch or w < patch:
         raise ValueError(f"export_onnx: static size {h}x{w} is smaller than one {patch}x{patch} patch")
+    if h > MAX_STATIC_SIDE or w > MAX_STATIC_SIDE:
+        raise ValueError(f"export_onnx: static size {h}x{w} is over the limit of {MAX_STATIC_SIDE} pixels a side; "
+                         "choose a smaller size, or a dynamic export (any size at run time)")
     return h, w
+
+
+def check_batch_size(batch_size, flag: str = "batch_size") -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_STATIC_BATCH:
+        raise ValueError(f"export_onnx: {flag} must be an integer from 1 to {MAX_STATIC_BATCH}, got {batch_size!r}")
+    return batch_size
+
+
+def supported_opsets() -> range:
+    """Opsets both the installed onnx package and torch's exporter know."""
+    import onnx
+
+    top = onnx.defs.onnx_opset_version()
+    try:
+        from torch.onnx import _constants  # private, hence the guard; 23 in torch 2.14
+
+        top = min(top, int(_constants.ONNX_MAX_OPSET))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass
+    return range(MIN_OPSET, top + 1)
+
+
+def check_opset(opset: Optional[int], flag: str = "opset") -> int:
+    """The opset to export with; one the exporter cannot write is refused before any tracing."""
+    if opset is None:
+        return DEFAULT_OPSET
+    ok = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
+        raise ValueError(f"export_onnx: {flag} {opset!r} is not supported: the exporter writes opsets "
+                         f"{ok.start} to {ok.stop - 1} (default {DEFAULT_OPSET}); runtimes that need an older opset "
+                         "cannot run these graphs (LayerNormalization is opset 17+)")
+    return opset
+
+
+def _check_destination(path) -> None:
+    if Path(path).expanduser().is_dir():
+        raise ValueError(f"export_onnx: {path} is a folder; give a file name inside it, e.g. "
+                         f"{Path(path) / 'model.onnx'}")
 
 
 def metadata(model, names: Sequence[str], dynamic: bool, dtype: torch.dtype) -> dict[str, str]:
@@ -273,6 +321,9 @@ def export_onnx(model, path: PathLike, *, dynamic: bool = True, outputs: Optiona
         raise TypeError(f"export_onnx: expected a flashdino backbone (flashdino.create_model(...)), got {type(model).__name__}")
     require("onnxscript", "export_onnx")
     require("onnx", "export_onnx")  # fails early, naming the extra, before any tracing
+    opset = check_opset(opset)
+    check_batch_size(batch_size)
+    _check_destination(path)
     out = check_output_path(path, overwrite=overwrite, what="ONNX file")
     names = resolve_outputs(model, outputs)
     P = model.patch_size
@@ -307,24 +358,32 @@ def export_onnx(model, path: PathLike, *, dynamic: bool = True, outputs: Optiona
             warnings.filterwarnings("ignore", message=".*is_compiling.*")
             program = torch.onnx.export(
                 graph, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=names,
-                dynamic_shapes=dynamic_shapes, opset_version=opset or DEFAULT_OPSET,
+                dynamic_shapes=dynamic_shapes, opset_version=opset,
                 verbose=False)
     except Exception as exc:
         raise ExportError(f"export_onnx: torch.onnx (dynamo) could not export {model.cfg.name}: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:
         model.train(was_training)
-    return _finish(program, model, metadata(model, names, dynamic, dtype), out, external_data, check)
+    return _finish(program, model, metadata(model, names, dynamic, dtype), out, external_data, check, opset)
 
 
-def _finish(program, model, props: dict, out: Path, external_data: Optional[bool], check: bool) -> Path:
+def _finish(program, model, props: dict, out: Path, external_data: Optional[bool], check: bool, opset: int) -> Path:
     """Metadata into the graph, the file written (with external weights above ~2 GB), checked."""
     import onnx
 
+    written = program.model.opset_imports.get("", None)
+    if written != opset:  # the exporter falls back silently (with a logged traceback) when it cannot convert
+        raise ExportError(f"export_onnx: asked for opset {opset} but the exporter produced opset {written}; "
+                          f"use --opset {DEFAULT_OPSET} (the default)")
     for key, value in props.items():
         program.model.metadata_props[key] = value
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    _save(program.model, out, external_data if external_data is not None else size > ONNX_2GB * 0.9)
+    try:
+        _save(program.model, out, external_data if external_data is not None else size > ONNX_2GB * 0.9)
+    except OSError as exc:  # disk full, a name too long for the filesystem, permissions changed meanwhile
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}; free space there, or choose another (shorter) "
+                          "output path") from exc
     if check:
         onnx.checker.check_model(str(out), full_check=False)
     return out
@@ -380,6 +439,9 @@ def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, layer
 
     require("onnxscript", "export_onnx")
     require("onnx", "export_onnx")  # fails early, naming the extra, before any tracing
+    opset = check_opset(opset)
+    check_batch_size(frames, "frames")
+    _check_destination(path)
     out = check_output_path(path, overwrite=overwrite, what="ONNX file")
     P = model.patch_size
     if layers is None:
@@ -405,7 +467,7 @@ def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, layer
             warnings.filterwarnings("ignore", message=".*side effects happened.*")
             program = torch.onnx.export(AggregatorGraph(model, layers).eval(), (example,), None, dynamo=True,
                                         input_names=["images"], output_names=names, dynamic_shapes=dynamic_shapes,
-                                        opset_version=opset or DEFAULT_OPSET, verbose=False)
+                                        opset_version=opset, verbose=False)
     except Exception as exc:
         raise ExportError(f"export_onnx: torch.onnx (dynamo) could not export the Aggregator: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
@@ -430,8 +492,8 @@ def export_aggregator_onnx(model, path: PathLike, *, dynamic: bool = True, layer
         "dynamic_shapes": "batch, frames, height, width" if dynamic else "none",
         "torch_version": torch.__version__,
     }
-    return _finish(program, model, props, out, external_data, check)
+    return _finish(program, model, props, out, external_data, check, opset)
 
 
 __all__ = ["export_onnx", "export_aggregator_onnx", "read_metadata", "resolve_outputs", "default_outputs", "ExportGraph", "ExportError",
-           "INPUT_NAME"]
+           "INPUT_NAME", "check_opset", "check_batch_size", "supported_opsets", "MAX_STATIC_SIDE", "MAX_STATIC_BATCH"]

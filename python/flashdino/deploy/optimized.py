@@ -15,8 +15,9 @@ Runtimes (``runtime=``):
 Exports are cached on disk under ``cache_dir`` (default ``$FLASHDINO_CACHE_DIR`` or
 ``~/.cache/flashdino/optimized``), keyed by the architecture, a hash of the weights, the runtime
 and its version, the precision and the flashdino / torch versions, so a second process starts
-without exporting. An entry whose record is unreadable, whose key differs or whose file hash does
-not match is rebuilt, never used. OpenVINO's own compiled-blob cache lives in the same folder.
+without exporting; OpenVINO's compiled models are stored there too (one per input shape), so a
+warm start does not compile either. Every file is verified before it is loaded, the cache is
+bounded in size, and a cache that cannot be written means running without one (``deploy/cache.py``).
 Reduced precision changes the numbers and is therefore never chosen unless asked for.
 """
 
@@ -27,8 +28,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..outputs import atomic_write
+from .cache import CacheEntry, default_cache_dir
 from .measured import ranked as measured_ranking
 from ._extras import available, require, version
 from .onnx_export import DEFAULT_OPSET, INPUT_NAME, ExportGraph, export_onnx
@@ -52,13 +51,8 @@ _PRECISION_SUPPORT = {
     "eager": ("fp32", "bf16", "int8"),
 }
 _RUNTIME_MODULE = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _OV_SHAPES_KEPT = 4  # compiled OpenVINO models kept per object, one per input shape
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("FLASHDINO_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "flashdino" / "optimized"
 
 
 def installed_runtimes() -> list[str]:
@@ -92,14 +86,6 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _runtime_version(runtime: str) -> str:
     if runtime in _RUNTIME_MODULE:
         return f"{_RUNTIME_MODULE[runtime]} {version(_RUNTIME_MODULE[runtime])}"
@@ -123,55 +109,6 @@ def cache_key(model, runtime: str, precision: str, names: Sequence[str]) -> dict
         "flashdino": flashdino.__version__,
         "torch": torch.__version__,
     }
-
-
-class CacheEntry:
-    """One folder of the cache: the artefact files plus ``entry.json`` (key and file hashes)."""
-
-    RECORD = "entry.json"
-
-    def __init__(self, root: Path, key: dict):
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.key = key
-        self.folder = Path(root) / f"{key['variant']}-{key['runtime']}-{key['precision']}-{digest}"
-        self.rebuilt_because: Optional[str] = None
-        self.hit = False
-
-    def path(self, name: str) -> Path:
-        return self.folder / name
-
-    def problem(self, files: Sequence[str]) -> Optional[str]:
-        """None when the entry can be used, else why not."""
-        record = self.folder / self.RECORD
-        if not record.is_file():
-            return "no entry record" if not self.folder.exists() else "incomplete entry (no record)"
-        try:
-            data = json.loads(record.read_text())
-            if data["key"] != self.key:
-                return "the entry was made for other weights, versions or options"
-            for name in files:
-                if data["files"][name] != _file_sha256(self.folder / name):
-                    return f"{name} does not match its recorded hash (corrupt or modified)"
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return f"unreadable entry ({type(exc).__name__}: {exc})"
-        return None
-
-    def get(self, files: Sequence[str], build: Callable[["CacheEntry"], None]) -> "CacheEntry":
-        why = self.problem(files)
-        if why is None:
-            self.hit = True
-            return self
-        if self.folder.exists():
-            self.rebuilt_because = why
-            warnings.warn(f"flashdino.optimize: rebuilding the cache entry {self.folder}: {why}", stacklevel=4)
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        build(self)
-        record = {"key": self.key, "files": {name: _file_sha256(self.folder / name) for name in files},
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with atomic_write(self.folder / self.RECORD) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        return self
 
 
 class OptimizedModel:
@@ -248,41 +185,57 @@ def _to_numpy(x: Tensor):
     return x.detach().contiguous().numpy()
 
 
-def _export_into(model, names: Sequence[str]):
-    def build(entry: CacheEntry):
-        export_onnx(model, entry.path("model.onnx"), outputs=names, check=False)
+def _need_exporter(purpose: str) -> None:
+    # Checked without importing onnxscript (about a second): a warm start never exports.
+    if not available("onnxscript"):
+        require("onnxscript", purpose)
 
-    return build
+
+def _entry(model, runtime: str, precision: str, names, root: Path) -> CacheEntry:
+    # Weights without a recorded source (random, or set by hand) differ in every process: such
+    # entries share one slot per variant/runtime/precision instead of piling up (cache.py).
+    unnamed = getattr(model, "weights_source", None) is None
+    return CacheEntry(root, cache_key(model, runtime, precision, names), unnamed_weights=unnamed)
 
 
 def _onnxruntime(model, names, precision, entry_root, threads):
     ort = require("onnxruntime", 'optimize(runtime="onnxruntime")')
-    require("onnxscript", 'optimize(runtime="onnxruntime") (the ONNX export)')
-    key = cache_key(model, "onnxruntime", precision, names)
-    entry = CacheEntry(entry_root, key)
+    _need_exporter('optimize(runtime="onnxruntime") (the ONNX export)')
+    entry = _entry(model, "onnxruntime", precision, names, entry_root)
     fname = "model.onnx" if precision == "fp32" else "model.int8.onnx"
 
-    def build(e: CacheEntry):
-        export_onnx(model, e.path("model.onnx"), outputs=names, check=False)
+    def build(folder: Path):
+        export_onnx(model, folder / "model.onnx", outputs=names, check=False)
         if precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(e.path("model.onnx")), str(e.path(fname)), weight_type=QuantType.QInt8)
+            quantize_dynamic(str(folder / "model.onnx"), str(folder / fname), weight_type=QuantType.QInt8)
+            (folder / "model.onnx").unlink()  # only the quantised graph is loaded
 
-    entry.get([fname], build)
+    entry.get(build)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle ONNX Runtime threads otherwise spin after each call and slow whatever PyTorch runs next.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    def load():
+        return ort.InferenceSession(str(entry.path(fname)), opts, providers=["CPUExecutionProvider"])
+
     try:
-        session = ort.InferenceSession(str(entry.path(fname)), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # a file that passed its hash check but does not load: rebuild once
-        entry.rebuilt_because = f"ONNX Runtime could not load it ({type(exc).__name__})"
-        shutil.rmtree(entry.folder, ignore_errors=True)
-        entry.get([fname], build)
-        session = ort.InferenceSession(str(entry.path(fname)), opts, providers=["CPUExecutionProvider"])
+        try:
+            session = load()
+        except Exception:  # noqa: BLE001 - verified again: another process may have replaced the entry meanwhile
+            entry.get(build)
+            try:
+                session = load()
+            except Exception as exc:  # noqa: BLE001 - it verifies but does not load: rebuild once
+                entry.rebuilt_because = f"ONNX Runtime could not load it ({type(exc).__name__})"
+                entry.invalidate()
+                entry.get(build)
+                session = load()
+    finally:
+        entry.release()  # a private (no-cache) export is not needed once loaded
 
     def run(x: Tensor):
         return tuple(torch.from_numpy(o) for o in session.run(names, {INPUT_NAME: _to_numpy(x)}))
@@ -292,22 +245,54 @@ def _onnxruntime(model, names, precision, entry_root, threads):
 
 def _openvino(model, names, precision, entry_root, threads):
     ov = require("openvino", 'optimize(runtime="openvino")')
-    require("onnxscript", 'optimize(runtime="openvino") (the ONNX export)')
-    entry = CacheEntry(entry_root, cache_key(model, "openvino", precision, names)).get(
-        ["model.onnx"], _export_into(model, names))
+    _need_exporter('optimize(runtime="openvino") (the ONNX export)')
+    entry = _entry(model, "openvino", precision, names, entry_root)
+
+    def build(folder: Path):
+        export_onnx(model, folder / "model.onnx", outputs=names, check=False)
+
+    entry.get(build)
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-              "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(entry.path("openvino_blobs"))}
+    # Compiled models go through export_model / import_model rather than OpenVINO's CACHE_DIR, so that
+    # flashdino records and verifies each blob and a read-only cache still serves the stored ones.
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
+    graph = []  # the ONNX graph, read on the first compile (a warm start with stored blobs never reads it)
     compiled: "OrderedDict[tuple, object]" = OrderedDict()
+
+    def read_graph():
+        if not graph:
+            try:
+                graph.append(core.read_model(str(entry.path("model.onnx"))))
+            except RuntimeError:  # evicted or removed by another process since: export it again
+                entry.get(build)
+                graph.append(core.read_model(str(entry.path("model.onnx"))))
+            entry.release()  # a private (no-cache) export: the graph is in memory now
+        return graph[0]
+
+    if entry.temporary:
+        read_graph()  # nothing stays behind in the temporary folder
+
+    def compile_for(shape: tuple):
+        tag = "x".join(str(d) for d in shape)
+        blob = entry.read_blob(tag)
+        if blob is not None:
+            try:
+                return core.import_model(blob, "CPU", config)
+            except RuntimeError:  # recorded but unusable (another OpenVINO build): compile again
+                pass
+        shaped = read_graph().clone()
+        shaped.reshape({INPUT_NAME: list(shape)})
+        cm = core.compile_model(shaped, "CPU", config)
+        if not entry.temporary:
+            entry.write_blob(tag, cm.export_model().getvalue())
+        return cm
 
     def compiled_for(shape: tuple):
         # One compiled model per input shape: static shapes are what OpenVINO's CPU plugin runs fastest.
         if shape not in compiled:
-            ov_model = core.read_model(str(entry.path("model.onnx")))
-            ov_model.reshape({INPUT_NAME: list(shape)})
-            compiled[shape] = core.compile_model(ov_model, "CPU", config)
+            compiled[shape] = compile_for(shape)
             while len(compiled) > _OV_SHAPES_KEPT:
                 compiled.popitem(last=False)
         compiled.move_to_end(shape)

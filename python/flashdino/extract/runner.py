@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..env import torchrun_env
 from . import writer
 from .dataset import (DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_SOURCE_PIXELS, ImageDataset, deadline, decode_isolated,
                       make_loader, quiet_sigchld, worker_died)
@@ -85,10 +86,7 @@ def init_distributed(device: str) -> Dist:
 
     gloo on CPU, nccl on CUDA with one GPU per rank (``cuda:LOCAL_RANK``). A plain process is rank 0 of 1.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank, world, local_rank, local_world = torchrun_env()
     cuda = str(device).startswith("cuda")
     if cuda and world > 1:
         if ":" in str(device):

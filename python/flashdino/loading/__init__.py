@@ -12,7 +12,7 @@ module that downloads.
 """
 
 from .converter import convert
-from .errors import CheckpointError, Fix, WeightsUnavailableError
+from .errors import CheckpointError, Fix, NonFiniteWeightsWarning, WeightsUnavailableError
 from .files import read_state_dict, unwrap_state_dict
 from .formats import FORMATS, canonicalize, detect_format, to_canonical
 from .hf import config_from_hf
@@ -21,7 +21,7 @@ from .load import (Checkpoint, LoadReport, config_for_source, expected_shapes, l
                    read_checkpoint, read_hf_folder)
 from .sources import Source, download_hub, download_url, looks_like_pretrained_source, resolve
 
-__all__ = ["CheckpointError", "WeightsUnavailableError", "Fix", "read_state_dict", "unwrap_state_dict", "FORMATS",
+__all__ = ["CheckpointError", "WeightsUnavailableError", "NonFiniteWeightsWarning", "Fix", "read_state_dict", "unwrap_state_dict", "FORMATS",
            "canonicalize", "detect_format", "to_canonical", "config_from_hf", "read_hf_folder", "LoadReport",
            "Checkpoint", "read_checkpoint", "canonical_shapes", "config_for_source", "expected_shapes",
            "load_source", "load_weights", "Source", "download_hub", "download_url", "looks_like_pretrained_source",

@@ -69,3 +69,8 @@ class CheckpointError(ValueError):
 
 class WeightsUnavailableError(RuntimeError):
     """Weights cannot be obtained (gated, offline, missing, timed out); the message says what to do."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """A checkpoint holds inf / NaN weights: every output that touches them will be NaN or inf."""
+

@@ -8,9 +8,13 @@ error instead of being fed to an unpickler.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
+import sys
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NonFiniteWeightsWarning
 
 # Containers that training scripts wrap state dicts in (checked in this order).
 _WRAPPER_KEYS = ("state_dict", "model", "module", "teacher", "model_state_dict", "model_ema")
@@ -87,6 +91,39 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     if kind == "safetensors" or (path.suffix == ".safetensors" and kind != "torch"):
         return _read_safetensors(path)
     return _read_torch(path)
+
+
+def completeness_problem(path: Path) -> Optional[str]:
+    """None when ``path`` is a whole checkpoint, else what is missing (for downloads of unknown length).
+
+    Cheap structural checks where the format allows (safetensors: the header's last data offset is
+    the file's end; zip: the central directory at the end is readable), else a full safe load.
+    """
+    kind, what = sniff(path)
+    size = path.stat().st_size
+    if kind == "safetensors":
+        try:
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+            return f"unreadable safetensors header ({type(exc).__name__})"
+        if 8 + n + end != size:
+            return f"the safetensors header describes {8 + n + end} bytes, the file has {size}"
+        return None
+    if kind == "torch" and what == "a zip archive":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            return f"zip archive without its central directory ({exc})"
+        return None
+    try:
+        read_state_dict(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -162,3 +199,35 @@ def check_floating(state_dict: dict, origin: str) -> None:
         raise CheckpointError(
             f"{origin} holds non-floating tensors: {shown}{more}; model weights must be float32 / bfloat16 / "
             "float16 (a quantised or non-model file cannot be loaded: dequantise it, or pass the original weights)")
+
+
+_NON_FINITE_SHOWN = 8
+
+
+def non_finite_tensors(state_dict: dict) -> list[str]:
+    """Names of the floating tensors holding inf or NaN (one float64 sum per tensor: no mask allocated;
+    a finite checkpoint's sum cannot overflow float64)."""
+    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()
+            and not torch.isfinite(v.sum(dtype=torch.float64))]
+
+
+def _caller_outside_flashdino() -> int:
+    """The ``stacklevel`` of the first frame outside flashdino (where the user's call is)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("flashdino", "hubconf"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_non_finite(state_dict: dict, origin: str) -> list[str]:
+    """One :class:`NonFiniteWeightsWarning` naming the tensors with inf / NaN values (the first few and a
+    count); returns all their names. Loading goes on: the file may be wanted for inspection."""
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        shown = ", ".join(bad[:_NON_FINITE_SHOWN])
+        more = f" and {len(bad) - _NON_FINITE_SHOWN} more" if len(bad) > _NON_FINITE_SHOWN else ""
+        warnings.warn(f"{origin}: {len(bad)} weight tensor(s) hold inf or NaN values ({shown}{more}); outputs that "
+                      "depend on them will be NaN or inf: the checkpoint is damaged or diverged in training, load "
+                      "another one", NonFiniteWeightsWarning, stacklevel=_caller_outside_flashdino())
+    return bad
+

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..variants import VARIANTS, VitConfig, get_config
 from .errors import CheckpointError, Fix
-from .files import check_floating
+from .files import check_floating, warn_non_finite
 from .formats import Canonical, canonicalize, describe_arch, guess_variants
 from .hf import CONFIG_NAME, check_config_against, config_from_hf, read_hf_folder_raw
 from .layout import canonical_shapes
@@ -177,6 +177,7 @@ def _canonical_for(src: Source, cfg: VitConfig, expected: dict, strict: bool, *,
     if check_config:  # cfg did not come from the source: the source's own config must agree with it
         _config_fits(src, cfg)
     check_floating(src.state_dict, src.origin)
+    warn_non_finite(src.state_dict, src.origin)
     canon = canonicalize(src.state_dict, cfg)
     report = match_state_dict(canon, cfg, expected, src.origin, config_origin)
     if src.metadata.get("format") == FLASHDINO_FORMAT:

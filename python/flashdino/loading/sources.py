@@ -1,12 +1,19 @@
 """Turning a ``weights=`` argument into tensors: files, folders, tags, URLs, hub ids, dicts.
 
 This is the only module of flashdino that touches the network. Every download has a bounded
-wait: ``FLASHDINO_DOWNLOAD_TIMEOUT`` seconds (default 30) without a byte ends an attempt, at most
-``FLASHDINO_DOWNLOAD_RETRIES`` more attempts follow (default 2), and ``FLASHDINO_OFFLINE=1`` (or
-``HF_HUB_OFFLINE=1``) uses caches only and fails at once when something is missing.
+wait: ``FLASHDINO_DOWNLOAD_TIMEOUT`` seconds (default 30) without a byte ends an attempt, and so does
+a server slower than ``FLASHDINO_DOWNLOAD_MIN_RATE`` bytes/s (default 1024) over any window of
+``FLASHDINO_DOWNLOAD_TIMEOUT`` seconds (a server trickling one byte a second never makes the wait
+endless); at most ``FLASHDINO_DOWNLOAD_RETRIES`` more attempts follow (default 2), and
+``FLASHDINO_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) uses caches only and fails at once when something
+is missing. So a URL download that receives nothing ends within about
+``(RETRIES + 1) * TIMEOUT`` seconds plus short pauses.
 
 URLs are cached under ``torch.hub.get_dir()/checkpoints`` by a hash of the whole URL (two URLs with
-the same file name are two files); partial downloads never stay behind. Hub ids go through
+the same file name are two files); partial downloads never stay behind. A download enters the
+cache only when it is known to be complete: its length equals the server's ``Content-Length``, or,
+when the server sends none, the file parses as a whole checkpoint (safetensors header and data
+size, zip central directory, or a full safe load). Hub ids go through
 ``huggingface_hub`` (its cache), after a quick check that the hub answers at all, because the
 client's own retries turn a silent endpoint into minutes of waiting. Failures that the user can fix
 (gated repository, no login, offline, missing file) become :class:`WeightsUnavailableError` with
@@ -17,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import re
 import socket
 import ssl
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,8 +45,9 @@ import torch.hub
 from safetensors import safe_open
 from tqdm import tqdm
 
+from ..env import env_float, env_int
 from .errors import CheckpointError, WeightsUnavailableError
-from .files import read_state_dict, unwrap_state_dict
+from .files import completeness_problem, read_state_dict, unwrap_state_dict
 from .hf import (CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, read_hf_folder_raw,
                  shard_names)
 
@@ -46,7 +56,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$
 TIMEOUT_ENV = "FLASHDINO_DOWNLOAD_TIMEOUT"
 RETRIES_ENV = "FLASHDINO_DOWNLOAD_RETRIES"
 OFFLINE_ENV = "FLASHDINO_OFFLINE"
+MIN_RATE_ENV = "FLASHDINO_DOWNLOAD_MIN_RATE"
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MIN_RATE = 1024.0
 DEFAULT_RETRIES = 2
 _CHUNK = 1 << 20
 
@@ -81,26 +93,20 @@ def looks_like_pretrained_source(s) -> bool:
 # ------------------------------------------------------------------------------------- settings
 
 
-def _env_number(name: str, default: float, kind=float):
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number; unset it or give e.g. {name}={kind(default)}") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r} must not be negative")
-    return value
-
-
 def download_timeout() -> float:
-    """Seconds an attempt may wait for the server (connect, or between two received bytes)."""
-    return _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S
+    """Seconds an attempt may wait for the server (connect, or between two received bytes); also the
+    window over which the minimum rate is measured. 0 means the default."""
+    return env_float(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, minimum=0) or DEFAULT_TIMEOUT_S
+
+
+def download_min_rate() -> float:
+    """Bytes per second below which (averaged over a window of :func:`download_timeout` seconds) an
+    attempt is given up. 0 switches the check off."""
+    return env_float(MIN_RATE_ENV, DEFAULT_MIN_RATE, minimum=0)
 
 
 def download_retries() -> int:
-    return int(_env_number(RETRIES_ENV, DEFAULT_RETRIES, int))
+    return env_int(RETRIES_ENV, DEFAULT_RETRIES, minimum=0, maximum=100)
 
 
 def offline() -> bool:
@@ -109,8 +115,9 @@ def offline() -> bool:
 
 
 def _settings_hint() -> str:
-    return (f"waits are limited by {TIMEOUT_ENV} (now {download_timeout():g} s) and {RETRIES_ENV} "
-            f"(now {download_retries()}); set {OFFLINE_ENV}=1 to use cached files only")
+    return (f"waits are limited by {TIMEOUT_ENV} (now {download_timeout():g} s), {MIN_RATE_ENV} (now "
+            f"{download_min_rate():g} bytes/s) and {RETRIES_ENV} (now {download_retries()}); set {OFFLINE_ENV}=1 "
+            "to use cached files only")
 
 
 # ------------------------------------------------------------------------------------- resolving
@@ -191,29 +198,117 @@ def url_cache_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / f"{digest}-{name}"
 
 
-def _fetch_once(url: str, dest: Path, timeout: float) -> None:
+class _Stalled(TimeoutError):
+    """The server sends, but slower than the minimum rate: the attempt ends (and may be retried)."""
+
+
+class _RateGuard:
+    """Fails an attempt whose bytes arrive slower than ``min_rate`` over any ``window`` seconds."""
+
+    def __init__(self, window: float, min_rate: float):
+        self.window, self.min_rate = window, min_rate
+        self.start = self.mark_time = time.monotonic()
+        self.mark_bytes = 0
+
+    def update(self, received: int) -> None:
+        if not self.min_rate:
+            return
+        now = time.monotonic()
+        if now - self.mark_time < self.window:
+            return
+        rate = (received - self.mark_bytes) / (now - self.mark_time)
+        if rate < self.min_rate:
+            raise _Stalled(f"the server sent {received - self.mark_bytes} bytes in the last {now - self.mark_time:.0f} s "
+                           f"({rate:.0f} bytes/s, below {MIN_RATE_ENV}={self.min_rate:g})")
+        self.mark_time, self.mark_bytes = now, received
+
+
+class _HeaderDeadline:
+    """Shuts the connection down when the response headers have not all arrived within ``seconds``
+    (the socket timeout only bounds each receive, and a server may send its headers a byte at a time)."""
+
+    def __init__(self, seconds: float):
+        self.sock = None
+        self.fired = False
+        self.seconds = seconds
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError, AttributeError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        deadline = self
+
+        def watched(connection_class):
+            class Connection(connection_class):
+                def connect(self):
+                    super().connect()
+                    deadline.sock = self.sock
+
+            return Connection
+
+        class Http(urllib.request.HTTPHandler):
+            def do_open(self, http_class, req, **kwargs):
+                return super().do_open(watched(http_class), req, **kwargs)
+
+        class Https(urllib.request.HTTPSHandler):
+            def do_open(self, http_class, req, **kwargs):
+                return super().do_open(watched(http_class), req, **kwargs)
+
+        return urllib.request.build_opener(Http, Https)
+
+    def open(self, request):
+        self.timer.start()
+        late = _Stalled(f"the server did not finish its response headers within {self.seconds:g} s")
+        try:
+            response = self.opener().open(request, timeout=self.seconds)
+        except (OSError, http.client.HTTPException) as exc:
+            if self.fired:
+                raise late from exc
+            raise
+        finally:
+            self.timer.cancel()
+        if self.fired:  # the shutdown can also read as the end of the headers
+            response.close()
+            raise late
+        return response
+
+
+def _fetch_once(url: str, dest: Path, timeout: float, min_rate: float) -> None:
     # A unique partial file per attempt, in the cache folder: concurrent downloads never mix bytes,
     # and an interrupted one leaves nothing behind.
     fd, partial = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "flashdino"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with _HeaderDeadline(timeout).open(request) as response:
                 expected = response.headers.get("Content-Length")
                 received = 0
                 total = int(expected) if expected is not None and expected.isdigit() else None
+                guard = _RateGuard(timeout, min_rate)
                 with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name.split("-", 1)[-1], leave=False,
                           disable=not sys.stderr.isatty()) as bar:
-                    while chunk := response.read(_CHUNK):
+                    # read1: whatever one receive brings (read(n) would wait for all n bytes, so a
+                    # trickling server would never reach the rate check)
+                    while chunk := response.read1(_CHUNK):
                         _write_local(out, chunk, dest)
                         received += len(chunk)
                         bar.update(len(chunk))
-            if expected is not None and expected.isdigit() and received != int(expected):
+                        guard.update(received)
+            if total is not None and received != total:
                 raise ConnectionError(f"the connection closed after {received} of {expected} bytes")
             out.flush()
             os.fsync(out.fileno())
         if received == 0:
             raise ConnectionError("the server sent an empty file")
+        if total is None:  # no length to compare with: the file itself must prove it is whole
+            why = completeness_problem(Path(partial))
+            if why is not None:
+                raise ConnectionError(f"the server sent no Content-Length and the {received} bytes received are not a "
+                                      f"whole checkpoint ({why}); the connection was probably cut short")
         os.replace(partial, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -233,7 +328,8 @@ def _write_local(out, chunk: bytes, dest: Path) -> None:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in (408, 429, 500, 502, 503, 504)
-    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError))
+    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError,
+                            http.client.HTTPException))  # e.g. IncompleteRead, a garbled status line
 
 
 def download_url(url: str) -> Path:
@@ -250,17 +346,17 @@ def download_url(url: str) -> Path:
     except OSError as exc:
         raise WeightsUnavailableError(f"cannot create the download cache folder {dest.parent}: {exc.strerror or exc}; "
                                       "set TORCH_HOME to a writable folder, or pass weights=PATH") from exc
-    timeout, retries = download_timeout(), download_retries()
+    timeout, retries, min_rate = download_timeout(), download_retries(), download_min_rate()
     for attempt in range(retries + 1):
         try:
-            _fetch_once(url, dest, timeout)
+            _fetch_once(url, dest, timeout, min_rate)
             return dest
         except urllib.error.HTTPError as exc:
             if attempt < retries and _retryable(exc):
                 time.sleep(min(0.5 * 2 ** attempt, 4.0))
                 continue
             raise WeightsUnavailableError(_http_advice(url, exc, dest)) from exc
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             if attempt < retries and _retryable(exc):
                 time.sleep(min(0.5 * 2 ** attempt, 4.0))
                 continue

@@ -21,7 +21,7 @@ import torch
 
 from ..variants import infer_variant
 from .errors import CheckpointError
-from .files import read_state_dict, unwrap_state_dict
+from .files import read_state_dict, unwrap_state_dict, warn_non_finite
 from .sources import download_hub_file, download_url, is_hub_id, is_url
 
 logger = logging.getLogger("flashdino")
@@ -100,7 +100,9 @@ def read_vggt_checkpoint(source: Union[str, os.PathLike, Mapping]) -> dict[str, 
     """A flat state dict from a file (.pt/.pth/.bin/.safetensors), a folder holding one, a Hugging
     Face repository id (``"facebook/VGGT-1B"``), a URL, or a (possibly wrapped) dict."""
     if isinstance(source, Mapping):
-        return unwrap_state_dict(dict(source), "state dict")
+        sd = unwrap_state_dict(dict(source), "state dict")
+        warn_non_finite(sd, "state dict")
+        return sd
     path = Path(source)
     if not path.exists():
         text = os.fspath(source)
@@ -110,7 +112,9 @@ def read_vggt_checkpoint(source: Union[str, os.PathLike, Mapping]) -> dict[str, 
             path = download_hub_file(text, VGGT_HUB_FILES)
     elif path.is_dir():
         path = _checkpoint_in_folder(path)
-    return read_state_dict(path)
+    sd = read_state_dict(path)
+    warn_non_finite(sd, str(path))
+    return sd
 
 
 def _describe(keys: list[str]) -> str:
