@@ -181,11 +181,13 @@ def release_freed_memory() -> None:
 
 
 # -- the model step -------------------------------------------------------------------------------
-def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Optional[Callable] = None) -> list[dict]:
+def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Optional[Callable] = None,
+              intermediate_layers: Optional[Callable] = None) -> list[dict]:
     """Per-image dicts of CPU tensors for one equal-size batch (names as in the shards).
 
-    ``forward_features``: another implementation of ``model.forward_features`` (e.g. the object
-    ``flashdino.optimize(model)`` returns, for ONNX Runtime / OpenVINO on CPU); same outputs.
+    ``forward_features`` / ``intermediate_layers``: other implementations of the model's
+    ``forward_features`` / ``get_intermediate_layers`` (those of the object ``flashdino.optimize(model)``
+    returns, for OpenVINO / ONNX Runtime / oneDNN on CPU); same outputs.
     """
     P = model.patch_size
     grid = (x.shape[-2] // P, x.shape[-1] // P)
@@ -193,7 +195,8 @@ def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Op
     outs = {}
     if opts.layers:
         wanted = sorted(set(opts.layers) | {depth - 1})
-        res = model.get_intermediate_layers(x, n=wanted, return_class_token=True, return_extra_tokens=True)
+        res = (intermediate_layers or model.get_intermediate_layers)(x, n=wanted, return_class_token=True,
+                                                                     return_extra_tokens=True)
         for L, (patch, cls, extra) in zip(wanted, res):
             prefix = "" if L == depth - 1 else f"layer{L}."
             outs[prefix] = (cls, extra, patch)
@@ -254,7 +257,7 @@ class Timings:
 
 def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts: ExtractOptions, device: str,
             timings: Timings, flush_after: Optional[Sequence[int]] = None,
-            forward_features: Optional[Callable] = None):
+            forward_features: Optional[Callable] = None, intermediate_layers: Optional[Callable] = None):
     """Yields (batch index list, {index: row dict}, [(index, reason)]) for each of ``batches``, in order.
 
     Images of one processed size wait (at most 4 x batch_size images in all) for more of their size,
@@ -281,7 +284,7 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
         with torch.inference_mode():
             for indices, x in _model_batches(waiting, opts.batch_size, 4 * opts.batch_size, pos in flush):
                 x = x.to(device, non_blocking=cuda).to(dtype)
-                for i, row in zip(indices, run_model(model, x, opts, forward_features)):
+                for i, row in zip(indices, run_model(model, x, opts, forward_features, intermediate_layers)):
                     row["size"] = sizes.pop(i)
                     rows[i] = row
         t2 = time.perf_counter()
@@ -356,16 +359,18 @@ def _over_limit(limit, failed: float, seen: float, total: int) -> bool:
 
 def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOptions, dist_info: Dist, *,
                    weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-                   forward_features: Optional[Callable] = None) -> dict:
+                   forward_features: Optional[Callable] = None, intermediate_layers: Optional[Callable] = None) -> dict:
     """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary."""
     out = Path(out_dir)
     parse_max_failures(opts.max_failures)
     settings = settings_for(model, pre, items, opts, weights_label)
     with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
-        return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features)
+        return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features,
+                               intermediate_layers)
 
 
-def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features=None) -> dict:
+def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features=None,
+                    intermediate_layers=None) -> dict:
     from tqdm import tqdm
 
     limit = parse_max_failures(opts.max_failures)
@@ -400,7 +405,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
     stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends,
-                     forward_features=forward_features)
+                     forward_features=forward_features, intermediate_layers=intermediate_layers)
     g_done = g_failed = 0.0
     t_start = time.perf_counter()
     try:
