@@ -246,21 +246,24 @@ def _runtime(model, args, opts, device: str, n_images: int):
     from flashdino.deploy import choose_runtime, installed_runtimes, optimize
     from flashdino.deploy.optimized import is_cached, needs_export
 
+    # run_model reads the final block through get_intermediate_layers too when --layers is given
+    layers = tuple(sorted(set(opts.layers) | {len(model.blocks) - 1})) if opts.layers else ()
+
     if runtime == "auto":
         runtime = choose_runtime()
-        if needs_export(runtime) and n_images < EXPORT_MIN_IMAGES and not is_cached(model, runtime, layers=opts.layers):
+        if needs_export(runtime) and n_images < EXPORT_MIN_IMAGES and not is_cached(model, runtime, layers=layers):
             runtime = "onednn" if "onednn" in installed_runtimes() else "eager"
         if runtime == "eager":
             return None
     t0 = time.perf_counter()
     try:
-        fast = optimize(model, runtime=runtime, layers=opts.layers)
+        fast = optimize(model, runtime=runtime, layers=layers)
     except Exception as exc:  # noqa: BLE001 - auto must still extract: oneDNN needs no export and no extra
         if args.runtime != "auto" or runtime == "onednn":
             raise
         print(f"flashdino: notice: runtime {runtime} could not be prepared ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else ''}); using onednn", file=sys.stderr)
-        fast = optimize(model, runtime="onednn", layers=opts.layers)
+        fast = optimize(model, runtime="onednn", layers=layers)
     seconds = time.perf_counter() - t0
     if seconds > 5 and not opts.quiet:
         where = fast.cache_entry.folder.parent if fast.cache_entry is not None else fast.cache_dir
