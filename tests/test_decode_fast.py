@@ -112,6 +112,34 @@ def test_size_check_runs_before_the_fast_decoder(spy):
     assert spy == []
 
 
+def test_the_op_is_torchvisions_decode_jpeg():
+    """The library-only lookup (no `import torchvision`) calls the op as torchvision.io.decode_jpeg does."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchvision.io import ImageReadMode, decode_jpeg
+    assert decode._READ_MODE_RGB == ImageReadMode.RGB.value
+    data = torch.frombuffer(bytearray(_jpeg(_photo(seed=6))), dtype=torch.uint8)
+    assert torch.equal(decode._torchvision_jpeg()(data), decode_jpeg(data, mode=ImageReadMode.RGB,
+                                                                      apply_exif_orientation=True))
+
+
+def test_decoding_does_not_import_torchvision(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "a.jpg").write_bytes(_jpeg(_photo(seed=7)))
+    code = ("import sys; from flashdino.extract import decode; x = decode.decode_image(sys.argv[1]); "
+            "assert decode._tv_decode_jpeg, 'fast path unavailable'; "
+            "print(x.shape, 'torchvision' in sys.modules)")
+    env = {**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(decode.__file__).parents[2])}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.jpg")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["torch.Size([3,", "120,", "160])", "False"]
+
+
 def test_without_torchvision_pillow_decodes(monkeypatch):
     data = _jpeg(_photo(seed=4))
     ref = decode_image(data)

@@ -15,7 +15,7 @@ or refuse:
 
 Pillow reads every header (format, mode, size, EXIF) and decodes everything, except one case
 where a faster decoder gives the same pixels: 8-bit RGB or grayscale JPEGs go through
-libjpeg-turbo in ``torchvision.io.decode_jpeg`` (EXIF orientation applied by it) when torchvision
+libjpeg-turbo in torchvision's ``decode_jpeg`` op (EXIF orientation applied by it) when torchvision
 is installed, ~1.6-2.7x Pillow's images/s per core (benchmarks/bench_extract.py). Both use
 libjpeg-turbo's default (islow) IDCT, and the output is bit-identical to Pillow's
 (tests/test_decode_fast.py); anything it fails on, any warning, any other shape goes back to Pillow.
@@ -126,18 +126,38 @@ def pil_to_tensor(img) -> Tensor:
 
 
 _FAST_JPEG_MODES = ("RGB", "L")
-_tv_decode_jpeg = None  # torchvision.io.decode_jpeg, looked up once; False when missing
+_READ_MODE_RGB = 3  # torchvision.io.ImageReadMode.RGB.value
+_tv_decode_jpeg = None  # decode(uint8 bytes tensor) -> [3, H, W] uint8, looked up once; False when missing
 
 
 def _torchvision_jpeg():
+    """torchvision's JPEG decoder op, from its image library alone.
+
+    ``import torchvision`` imports its models and ops, and with them torch._dynamo and sympy: seconds
+    of start-up in every DataLoader worker, more than a small job spends decoding. Loading the
+    library that registers ``torch.ops.image`` takes ~25 ms. Where that library is not found (another
+    torchvision layout, a build without it), Pillow decodes everything.
+    """
     global _tv_decode_jpeg
     if _tv_decode_jpeg is None:
+        _tv_decode_jpeg = False
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torchvision 0.29 announces its decoders' deprecation
-                from torchvision.io import decode_jpeg
+            import importlib.util
+
+            spec = importlib.util.find_spec("torchvision")
+            folders = list(spec.submodule_search_locations or []) if spec else []
+            if not hasattr(torch.ops.image, "decode_jpeg"):
+                for lib in (Path(f) / n for f in folders for n in ("image_stable.so", "image.so", "image.pyd")):
+                    if lib.is_file():
+                        torch.ops.load_library(str(lib))
+                        break
+            op = torch.ops.image.decode_jpeg
+
+            def decode_jpeg(data: Tensor) -> Tensor:
+                return op(data, _READ_MODE_RGB, True)  # RGB, EXIF orientation applied
+
             _tv_decode_jpeg = decode_jpeg
-        except Exception:  # noqa: BLE001 - not installed or broken (mismatched torch): Pillow does it all
+        except Exception:  # noqa: BLE001 - not installed, or a library that does not load (mismatched torch)
             _tv_decode_jpeg = False
     return _tv_decode_jpeg
 
@@ -164,15 +184,10 @@ def _decode_jpeg_fast(source: Source, upright: tuple[int, int]) -> Optional[Tens
     data = _read_regular_file(source)
     if data is None:
         return None
-    from torchvision.io import ImageReadMode
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a libjpeg warning means a damaged file: Pillow decides about it
-            warnings.filterwarnings("ignore", message=".*deprecated.*")
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            out = _torchvision_jpeg()(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                      apply_exif_orientation=True)
+            out = _torchvision_jpeg()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     except Exception:  # noqa: BLE001 - truncated / corrupt / unsupported: Pillow's path names the reason
         return None
     if out.dtype != torch.uint8 or tuple(out.shape) != (3, *upright):
