@@ -25,7 +25,12 @@ DEFAULT_MAX_PIXELS = 2048 * 2048
 class ImageDataset(Dataset):
     """``dataset[i]`` -> dict(index, x [3, h, w] float32 or None, size (H, W) or None, error or None)."""
 
-    def __init__(self, items: Sequence[Item], preprocessor, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS):
+    def __init__(self, items: Sequence[Item], preprocessor, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 fast: bool = True):
+        """fast: JPEGs decoded by libjpeg-turbo through torchvision (the same pixels as Pillow) and
+        8-bit images resized as uint8 (within 1/255 of the float resize; ``Preprocessor.resize_uint8``);
+        False: Pillow and the float resize throughout."""
+        self.fast = fast
         self.items = items
         self.pre = preprocessor
         self.max_pixels = max_pixels
@@ -50,13 +55,13 @@ class ImageDataset(Dataset):
             source = item.read_bytes() if item.in_tar else item.path
         except OSError as exc:
             raise DecodeError(item.id, f"cannot read ({exc})") from None
-        img = decode_image(source, name=item.id, check_size=self._check)
+        img = decode_image(source, name=item.id, check_size=self._check, fast=self.fast)
         return img, tuple(img.shape[-2:])
 
     def __getitem__(self, index: int) -> dict:
         try:
             img, size = self.load(index)
-            x = self.pre(self.pre.resize_uint8(img))[0]  # 8-bit pixels resized as uint8: ~6x faster per core
+            x = self.pre(self.pre.resize_uint8(img) if self.fast else img)[0]  # uint8 resize: ~6x faster per core
         except DecodeError as exc:
             return {"index": index, "x": None, "size": None, "error": exc.reason}
         except Exception as exc:  # noqa: BLE001 - one image must not end a million-image run; the reason is kept
