@@ -175,3 +175,82 @@ def test_uint8_resize_leaves_what_it_does_not_cover():
     assert Preprocessor(size=32, antialias=False).resize_uint8(img) is img
     deep = img.float() / 255
     assert Preprocessor(size=32).resize_uint8(deep) is deep  # 16-bit / float images keep the float path
+
+
+# -- GPU decoding (nvJPEG): the routing, with a stand-in decoder (no GPU here) ----------------------------
+def _folder_of_kinds(tmp_path):
+    from flashdino.extract.inputs import collect_items
+
+    arr = _photo(seed=8)
+    (tmp_path / "a_plain.jpg").write_bytes(_jpeg(arr))
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    (tmp_path / "b_rotated.jpg").write_bytes(_jpeg(arr, exif=ex))
+    Image.fromarray(arr).save(tmp_path / "c.png")
+    cmyk = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(cmyk, format="JPEG")
+    (tmp_path / "d_cmyk.jpg").write_bytes(cmyk.getvalue())
+    (tmp_path / "e_gray.jpg").write_bytes(_jpeg(np.asarray(Image.fromarray(arr).convert("L"))))
+    data = _jpeg(_photo(seed=9))
+    (tmp_path / "f_truncated.jpg").write_bytes(data[: len(data) // 2])
+    return collect_items([str(tmp_path)])
+
+
+def test_gpu_routing_sends_only_upright_8bit_jpegs(tmp_path):
+    from flashdino.extract.dataset import ImageDataset
+
+    items = _folder_of_kinds(tmp_path)
+    ds = ImageDataset(items, Preprocessor(size=32))
+    ds.jpegs_to_device = True
+    routed = {ds.items[i].path.split("/")[-1]: "jpeg" in ds[i] for i in range(len(ds))}
+    assert routed == {"a_plain.jpg": True, "b_rotated.jpg": False, "c.png": False, "d_cmyk.jpg": False,
+                      "e_gray.jpg": True, "f_truncated.jpg": True}  # its header is fine: the decoder decides
+    sample = ds[0]
+    assert sample["size"] == (120, 160) and bytes(sample["jpeg"].numpy()) == (tmp_path / "a_plain.jpg").read_bytes()
+
+
+@pytest.mark.parametrize("failure", ["none", "batch_call_fails", "wrong_shape"])
+def test_gpu_batch_decode_falls_back_to_the_cpu(tmp_path, failure):
+    from flashdino.extract.dataset import ImageDataset, collate_by_size, decode_jpegs_on_device
+
+    items = _folder_of_kinds(tmp_path)
+    pre = Preprocessor(size=32)
+    ds = ImageDataset(items, pre)
+    ds.jpegs_to_device = True
+    batch = collate_by_size([ds[i] for i in range(len(ds))])
+    assert [ix for ix, _, _ in batch["jpegs"]] == [0, 4, 5]
+    calls = []
+
+    def stand_in(datas, device):  # what decode_jpegs_cuda returns, computed on the CPU
+        calls.append(len(datas))
+        if failure == "batch_call_fails":
+            raise RuntimeError("nvJPEG: corrupt stream")
+        out = []
+        for d in datas:
+            try:
+                img = decode_image(bytes(d.numpy()), fast=False)
+            except DecodeError:
+                img = torch.zeros(3, 8, 8, dtype=torch.uint8)  # a garbage result of the wrong shape
+            out.append(img[:, :-1] if failure == "wrong_shape" else img)
+        return out
+
+    got = decode_jpegs_on_device(ds, batch["jpegs"], "cpu", stand_in)
+    assert calls == [3]  # one batched call
+    assert [ix for ix, _ in got["failures"]] == [5] and "truncated" in got["failures"][0][1]
+    xs = {i: x for ix, x in got["groups"] for i, x in zip(ix, x)}
+    assert sorted(xs) == [0, 4] and got["sizes"] == {0: (120, 160), 4: (120, 160)}
+    for i in (0, 4):
+        cpu = ds.sample(i)["x"]
+        if failure == "none":  # decoded "on the device": the float resize of the same pixels
+            ref = pre(decode_image(items[i].path))[0]
+            torch.testing.assert_close(xs[i], ref, rtol=0, atol=1e-6)
+            assert (xs[i] - cpu).abs().max() <= (1 + 1e-3) / 255 / min(pre.image_std)
+        else:  # the CPU path, exactly
+            assert torch.equal(xs[i], cpu)
+
+
+def test_no_gpu_decoder_without_its_op(monkeypatch):
+    from flashdino.extract import dataset
+
+    monkeypatch.setattr(decode, "_tv_decode_jpeg", False)
+    assert dataset.nvjpeg_decoder() is None

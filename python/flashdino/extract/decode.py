@@ -195,6 +195,42 @@ def _decode_jpeg_fast(source: Source, upright: tuple[int, int]) -> Optional[Tens
     return out
 
 
+def jpeg_for_device(source: Source, *, name: Optional[str] = None,
+                    check_size: Optional[Callable[[int, int], None]] = None) -> Optional[tuple[bytes, tuple]]:
+    """(file bytes, (H, W)) of a JPEG that a GPU decoder (nvJPEG) decodes as Pillow does, or None.
+
+    The header is read and ``check_size`` applied as in :func:`decode_image` (its DecodeError
+    propagates). None, for :func:`decode_image` to handle on the CPU: not a JPEG, a mode other than
+    8-bit RGB / grayscale, or an EXIF orientation other than upright (nvJPEG does not rotate).
+    """
+    if name is None:
+        name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    img = _open(source, name)
+    try:
+        if img.format != "JPEG" or img.mode not in _FAST_JPEG_MODES:
+            return None
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block: the CPU decoder decides
+            return None
+        if orientation not in (None, 1):
+            return None
+        w, h = img.size
+        if h < 1 or w < 1:
+            return None
+        if check_size is not None:
+            try:
+                check_size(h, w)
+            except DecodeError:
+                raise
+            except ValueError as exc:
+                raise DecodeError(name, str(exc)) from None
+    finally:
+        img.close()
+    data = _read_regular_file(source)
+    return None if data is None else (data, (h, w))
+
+
 def decode_image(source: Source, *, name: Optional[str] = None,
                  check_size: Optional[Callable[[int, int], None]] = None, fast: bool = True) -> Tensor:
     """Decodes one image to ``[3, H, W]``: uint8 for 8-bit images, float32 in [0, 1] for deeper ones.
@@ -246,4 +282,5 @@ def decode_image(source: Source, *, name: Optional[str] = None,
         img.close()
 
 
-__all__ = ["DecodeError", "decode_image", "pil_to_tensor", "upright_size", "jpeg_fast_path_applies"]
+__all__ = ["DecodeError", "decode_image", "pil_to_tensor", "upright_size", "jpeg_fast_path_applies",
+           "jpeg_for_device"]

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import writer
-from .dataset import ImageDataset, make_loader
+from .dataset import ImageDataset, decode_jpegs_on_device, make_loader, nvjpeg_decoder
 from .inputs import Item, fingerprint
 
 STORE_KEYS = ("cls", "pooled", "patch", "storage")
@@ -268,14 +268,22 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
     """
     dtype = PATCH_DTYPES[opts.dtype]
     flush = {len(batches) - 1} if flush_after is None else set(flush_after)
+    cuda = str(device).startswith("cuda")
+    # on a GPU, JPEGs are decoded there in batches (nvJPEG); workers only read headers and bytes
+    gpu_decoder = nvjpeg_decoder() if cuda and dataset.fast else None
+    dataset.jpegs_to_device = gpu_decoder is not None
     loader = make_loader(dataset, batches, workers=opts.workers, device=device)
     it = iter(loader)
-    cuda = str(device).startswith("cuda")
     waiting: dict = {}  # processed shape -> [(indices, x)], in arrival order
     sizes: dict = {}
     for pos, batch in enumerate(batches):
         t0 = time.perf_counter()
         b = next(it)
+        if b.get("jpegs"):
+            on_device = decode_jpegs_on_device(dataset, b["jpegs"], device, gpu_decoder)
+            b["groups"] = [(ix, x.to(device, non_blocking=True)) for ix, x in b["groups"]] + on_device["groups"]
+            b["failures"] = b["failures"] + on_device["failures"]
+            b["sizes"].update(on_device["sizes"])
         t1 = time.perf_counter()
         sizes.update(b["sizes"])
         for indices, x in b["groups"]:
