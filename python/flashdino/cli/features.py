@@ -265,10 +265,9 @@ def _runtime(model, args, opts, device: str, n_images: int):
               f"{str(exc).splitlines()[0] if str(exc) else ''}); using onednn", file=sys.stderr)
         fast = optimize(model, runtime="onednn", layers=layers)
     seconds = time.perf_counter() - t0
-    if seconds > 5 and not opts.quiet:
-        where = fast.cache_entry.folder.parent if fast.cache_entry is not None else fast.cache_dir
-        print(f"flashdino: notice: runtime {fast.runtime} prepared in {seconds:.0f} s (an export, cached in {where}: "
-              "later runs with these weights start at once; --runtime eager skips it)", file=sys.stderr)
+    if fast.cache_entry is not None and not fast.cache_entry.hit and not opts.quiet:
+        print(f"flashdino: notice: runtime {fast.runtime}: exported these weights in {seconds:.0f} s, once (cached in "
+              f"{fast.cache_entry.folder.parent}: later runs start at once; --runtime eager skips it)", file=sys.stderr)
     return fast
 
 

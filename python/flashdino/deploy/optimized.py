@@ -268,8 +268,10 @@ def _to_numpy(x: Tensor):
     return x.detach().contiguous().numpy()
 
 
-def _export_into(model, names: Sequence[str]):
+def _export_into(model, names: Sequence[str], purpose: str):
     def build(entry: CacheEntry):
+        # only a miss needs the exporter: importing onnxscript (and onnx) costs seconds of start-up
+        require("onnxscript", f"{purpose} (the ONNX export)")
         export_onnx(model, entry.path("model.onnx"), outputs=names, check=False)
 
     return build
@@ -277,13 +279,12 @@ def _export_into(model, names: Sequence[str]):
 
 def _onnxruntime(model, names, precision, entry_root, threads):
     ort = require("onnxruntime", 'optimize(runtime="onnxruntime")')
-    require("onnxscript", 'optimize(runtime="onnxruntime") (the ONNX export)')
     key = cache_key(model, "onnxruntime", precision, names)
     entry = CacheEntry(entry_root, key)
     fname = "model.onnx" if precision == "fp32" else "model.int8.onnx"
 
     def build(e: CacheEntry):
-        export_onnx(model, e.path("model.onnx"), outputs=names, check=False)
+        _export_into(model, names, 'optimize(runtime="onnxruntime")')(e)
         if precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -312,9 +313,8 @@ def _onnxruntime(model, names, precision, entry_root, threads):
 
 def _openvino(model, names, precision, entry_root, threads):
     ov = require("openvino", 'optimize(runtime="openvino")')
-    require("onnxscript", 'optimize(runtime="openvino") (the ONNX export)')
     entry = CacheEntry(entry_root, cache_key(model, "openvino", precision, names)).get(
-        ["model.onnx"], _export_into(model, names))
+        ["model.onnx"], _export_into(model, names, 'optimize(runtime="openvino")'))
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(entry.path("openvino_blobs"))}
