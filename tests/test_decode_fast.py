@@ -116,13 +116,14 @@ def test_the_op_is_torchvisions_decode_jpeg():
     """The library-only lookup (no `import torchvision`) calls the op as torchvision.io.decode_jpeg does."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torchvision.io import ImageReadMode, decode_jpeg
-    assert decode._READ_MODE_RGB == ImageReadMode.RGB.value
     data = torch.frombuffer(bytearray(_jpeg(_photo(seed=6))), dtype=torch.uint8)
-    assert torch.equal(decode._torchvision_jpeg()(data), decode_jpeg(data, mode=ImageReadMode.RGB,
-                                                                      apply_exif_orientation=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 announces the deprecation of its decoders
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        ref = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    assert decode._READ_MODE_RGB == ImageReadMode.RGB.value
+    assert torch.equal(decode._torchvision_jpeg()(data), ref)
 
 
 def test_decoding_does_not_import_torchvision(tmp_path):
