@@ -165,7 +165,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--note", default="", help="a sentence for the results (e.g. machine load)")
     ap.add_argument("--keep", type=Path, default=None, help="build the inputs in this folder and keep them")
+    ap.add_argument("--render", type=Path, default=None, help="only rewrite the .md of this results .json")
     args = ap.parse_args(argv)
+    if args.render:
+        info = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(render(info, info.get("note", "")))
+        return 0
     sys.path.insert(0, str(HERE))
     from bench_extract import make_jpegs
 
@@ -214,6 +219,7 @@ def main(argv=None) -> int:
                          **cosine_vs(ref, read_cls(progs[name][1]))})
     info["load_end"] = list(os.getloadavg())
     info["rows"] = rows
+    info["note"] = args.note
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"main_job_{args.tag}.json").write_text(json.dumps(info, indent=1))
     text = render(info, args.note)
@@ -246,6 +252,13 @@ def render(info: dict, note: str = "") -> str:
         lines.append(f"| {r['program']} | {r['median_s']:.2f} | {runs} | {r['speedup_vs_hf_loop']:.2f}x | "
                      f"{r['images_per_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['min_cosine']:.6f} | "
                      f"{r['first_run_s']:.1f} |")
+    hf = next(r for r in info["rows"] if r["program"].startswith("HF loop"))
+    lines += ["", "Ratios within each round (the HF loop's time / the program's, same round: the load of a shared "
+              "machine drifts between rounds):", "", "| program | per round | median |", "|---|---|---|"]
+    for r in info["rows"]:
+        ratios = [h / v for h, v in zip(hf["runs_s"], r["runs_s"])]
+        lines.append(f"| {r['program']} | {', '.join(f'{x:.2f}x' for x in ratios)} | "
+                     f"{statistics.median(ratios):.2f}x |")
     lines += ["", "First run: the untimed run before the rounds, on an empty optimize() cache; for the defaults "
               "it includes the one-time OpenVINO export of these weights (cached for every later run)."]
     return "\n".join(lines) + "\n"
