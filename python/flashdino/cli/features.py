@@ -228,8 +228,9 @@ def _runtime(model, args, opts, device: str, n_images: int):
     the [openvino] extra, else oneDNN matrix products, which need nothing extra); elsewhere eager,
     where flashdino's own kernels are the fast path. A runtime that needs an ONNX export (once per
     weights, cached) is used for a job of fewer than EXPORT_MIN_IMAGES images only when the export
-    is already cached: a first small job would spend longer exporting than the export saves it. The runtimes give flashdino's numbers to ~1e-6
-    (tests/test_main_job.py), so the choice is not part of a folder's settings (a run may resume with
+    is already cached: a first small job would spend longer exporting than the export saves it.
+    The runtimes give flashdino's numbers to ~1e-6 (tests/test_features_defaults.py,
+    tests/test_export.py), so the choice is not part of a folder's settings (a run may resume with
     another runtime).
     """
     runtime = args.runtime
@@ -261,9 +262,12 @@ def _runtime(model, args, opts, device: str, n_images: int):
     except Exception as exc:  # noqa: BLE001 - auto must still extract: oneDNN needs no export and no extra
         if args.runtime != "auto" or runtime == "onednn":
             raise
+        fallback = "onednn" if "onednn" in installed_runtimes() else "eager"
         print(f"flashdino: notice: runtime {runtime} could not be prepared ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0] if str(exc) else ''}); using onednn", file=sys.stderr)
-        fast = optimize(model, runtime="onednn", layers=layers)
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); using {fallback}", file=sys.stderr)
+        if fallback == "eager":
+            return None
+        fast = optimize(model, runtime=fallback, layers=layers)
     seconds = time.perf_counter() - t0
     if fast.cache_entry is not None and not fast.cache_entry.hit and not opts.quiet:
         print(f"flashdino: notice: runtime {fast.runtime}: exported these weights in {seconds:.0f} s, once (cached in "
