@@ -85,12 +85,39 @@ def model_and_pre(depth=None):
     return model, Preprocessor.from_variant(model.cfg, size=224)
 
 
-def decode_only(items, pre) -> float:
-    ds = ImageDataset(items, pre)
+def decode_only(items, pre, fast: bool = True) -> float:
+    ds = ImageDataset(items, pre, fast=fast)
     t = time.perf_counter()
     for i in range(len(ds)):
         assert ds[i]["x"] is not None
     return len(ds) / (time.perf_counter() - t)
+
+
+def decode_per_core(items, pre, rounds: int = 3) -> dict:
+    """Images/s of one core (torch.set_num_threads(1), as in a DataLoader worker): Pillow + float resize
+    against the fast path (libjpeg-turbo via torchvision + uint8 resize), alternated, best of ``rounds``;
+    and the decoders alone."""
+    from flashdino.extract.decode import decode_image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = {"pil_decode_and_preprocess": [], "fast_decode_and_preprocess": [], "pil_decode": [],
+                 "fast_decode": []}
+        for _ in range(rounds):
+            rates["pil_decode_and_preprocess"].append(decode_only(items, pre, fast=False))
+            rates["fast_decode_and_preprocess"].append(decode_only(items, pre, fast=True))
+            for name, fast in (("pil_decode", False), ("fast_decode", True)):
+                t = time.perf_counter()
+                for it in items:
+                    decode_image(it.path, fast=fast)
+                rates[name].append(len(items) / (time.perf_counter() - t))
+    finally:
+        torch.set_num_threads(threads)
+    best = {k: max(v) for k, v in rates.items()}
+    best["speedup_preprocessed"] = best["fast_decode_and_preprocess"] / best["pil_decode_and_preprocess"]
+    best["speedup_decode"] = best["fast_decode"] / best["pil_decode"]
+    return best
 
 
 def model_only(model, n: int, batch: int) -> float:
@@ -144,6 +171,7 @@ def main(argv=None) -> int:
                     help="blocks of the ViT-S in the RSS runs (default: all 12; fewer keeps them short)")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--note", default="", help="a sentence for the results (e.g. machine load)")
+    ap.add_argument("--decode-only", action="store_true", help="only the per-core decoding rates (printed)")
     ap.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -159,7 +187,14 @@ def main(argv=None) -> int:
         files = make_jpegs(tmp / "jpegs", max(args.images, 200))
         items = collect_items([str(p) for p in files[: args.images]])
         model, pre = model_and_pre()
-        res = {"decode_only_images_per_s": decode_only(items, pre)}
+        res = {"decode_per_core": decode_per_core(items, pre)}
+        res["decode_only_images_per_s"] = res["decode_per_core"]["fast_decode_and_preprocess"]
+        if args.decode_only:
+            info.update(results=res, load_end=list(os.getloadavg()), note=args.note)
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"extract_decode_{args.tag}.json").write_text(json.dumps(info, indent=1))
+            print(json.dumps(res, indent=1))
+            return 0
         before = model_only(model, args.images, args.batch_size)
         res["pipeline"] = [pipeline(model, pre, items, int(w), args.batch_size, tmp / f"out{w}")
                            for w in args.workers.split(",")]
@@ -209,6 +244,15 @@ def render(info: dict, note: str) -> str:
     for p in r["pipeline"]:
         lines.append(f"| pipeline, {p['workers']} workers | {p['images_per_s']:.1f} | {p['vs_model_only']:.2f} | "
                      f"{p['model_share']:.0%} | {p['decode_wait_s']:.1f} | {p['model_s']:.1f} | {p['write_s']:.1f} |")
+    if "decode_per_core" in r:
+        d = r["decode_per_core"]
+        lines += ["", "## decoding per core (1 thread, as in a worker; best of 3 alternated rounds)", "",
+                  "| path | Pillow (images/s) | fast path (images/s) | fast / Pillow |", "|---|---|---|---|",
+                  f"| decode 640x480 JPEG | {d['pil_decode']:.1f} | {d['fast_decode']:.1f} | {d['speedup_decode']:.2f}x |",
+                  f"| decode + preprocess to 224x224 | {d['pil_decode_and_preprocess']:.1f} | "
+                  f"{d['fast_decode_and_preprocess']:.1f} | {d['speedup_preprocessed']:.2f}x |",
+                  "", "Fast path: libjpeg-turbo through torchvision's decode_jpeg op (bit-identical to Pillow) and "
+                  "the antialiased bilinear resize on uint8 (within 1/255 of the float resize)."]
     if r["rss"]:
         lines += ["", f"## peak memory (ViT-S/16 with {s['rss_depth']} blocks, {s['rss_store']})", "",
                   "| images | seconds | peak RSS main process (MiB) | peak RSS of a worker (MiB) |",

@@ -39,10 +39,10 @@ def _write_images(folder: Path, sizes) -> list[Path]:
 
 def _manual(model, path: Path, size) -> dict:
     arr = torch.from_numpy(__import__("numpy").asarray(Image.open(path).convert("RGB")).copy())
-    x = arr.permute(2, 0, 1)[None].float() / 255
-    if size is not None:
+    x = arr.permute(2, 0, 1)[None]
+    if size is not None:  # on the uint8 pixels, as the official DINOv3 transform (v2.Resize) does
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    x = (x - MEAN) / STD
+    x = (x.float() / 255 - MEAN) / STD
     with torch.no_grad():
         return model.forward_features(x)
 

@@ -409,7 +409,7 @@ def test_features_cli_runtime_matches_eager(tmp_path):
 
     common = ["features", "--sample", "--model", "dinov3_vits16", "--override", "depth=1", "--override", "embed_dim=64",
               "--override", "num_heads=2", "--size", "64", "--quiet"]
-    assert cli.main(common + ["--out", str(tmp_path / "eager.safetensors")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "eager.safetensors"), "--runtime", "eager"]) == 0
     assert cli.main(common + ["--out", str(tmp_path / "ort.safetensors"), "--runtime", "onnxruntime"]) == 0
     eager, fast = load_file(str(tmp_path / "eager.safetensors")), load_file(str(tmp_path / "ort.safetensors"))
     assert eager.keys() == fast.keys()
@@ -420,8 +420,14 @@ def test_features_cli_runtime_matches_eager(tmp_path):
     assert cli.main(common + ["--out", str(tmp_path / "shards"), "--runtime", "onnxruntime"]) == 0
     shards = flashdino.read_features(tmp_path / "shards")
     assert ((shards.cls - eager["cls"]).abs().max() / eager["cls"].abs().max()) <= 1e-5
-    assert cli.main(common + ["--out", str(tmp_path / "x.safetensors"), "--runtime", "onnxruntime",
-                              "--layers", "0"]) == 2
+    # --layers: served by the runtime too (the graph's layer_<i> / layer_<i>_prefix outputs)
+    for runtime in ("eager", "onnxruntime"):
+        assert cli.main(common + ["--out", str(tmp_path / f"layers_{runtime}.safetensors"), "--runtime", runtime,
+                                  "--layers", "0", "--store", "cls,pooled,patch,storage"]) == 0
+    eager, fast = (load_file(str(tmp_path / f"layers_{r}.safetensors")) for r in ("eager", "onnxruntime"))
+    assert eager.keys() == fast.keys() and "layer0.cls" in eager
+    for key in eager:
+        assert ((fast[key] - eager[key]).abs().max() / eager[key].abs().max()) <= 1e-5, key
 
 
 # -- export arguments: checked before any work, one line each -----------------------------------------

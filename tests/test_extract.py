@@ -127,10 +127,17 @@ def dataset(tmp_path_factory):
 
 
 def _reference(model, path: Path, size=(32, 32)):
-    """Features of one plain RGB file, computed without flashdino's decoder or preprocessor."""
-    x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
+    """Features of one plain RGB file, computed without flashdino's decoder or preprocessor: the official
+    DINOv3 transform (v2.ToImage, v2.Resize(antialias=True) on the uint8 pixels, v2.ToDtype(scale=True))."""
+    x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)[None]
     if size is not None:
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        try:
+            from torchvision.transforms import v2
+
+            x = v2.Resize(size, antialias=True)(x)
+        except ImportError:  # the same uint8 kernel, called directly
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    x = x.float() / 255
     with torch.no_grad():
         return model.forward_features((x - MEAN) / STD)
 
@@ -444,7 +451,8 @@ def test_layers_store_and_single_file(dataset, tmp_path):
                                                                   for k in ("cls", "pooled", "patch_tokens"))])
     torch.manual_seed(0)
     model = flashdino.create_model("dinov3_vits16", depth=3, embed_dim=32, num_heads=2).eval()
-    x = torch.cat([flashdino.preprocess.Preprocessor.from_variant(model.cfg, size=32)(load_image(p)) for p in imgs])
+    pre = flashdino.preprocess.Preprocessor.from_variant(model.cfg, size=32)
+    x = torch.cat([pre(pre.resize_uint8(load_image(p))) for p in imgs])  # resized as uint8, as the pipeline does
     with torch.no_grad():
         (p0, c0), (p2, c2) = model.get_intermediate_layers(x, n=[0, 2], return_class_token=True)
         final = model.forward_features(x)
@@ -547,7 +555,7 @@ def test_native_sizes_wait_for_equal_sizes(tmp_path, monkeypatch):
         Image.fromarray(_rgb(rng, *((32, 48) if i % 2 == 0 else (48, 32)))).save(folder / f"{i:02d}.png")
     calls = []
     real = runner.run_model
-    monkeypatch.setattr(runner, "run_model", lambda m, x, o, f=None: calls.append(tuple(x.shape[::2])) or real(m, x, o, f))
+    monkeypatch.setattr(runner, "run_model", lambda m, x, o, *f: calls.append(tuple(x.shape[::2])) or real(m, x, o, *f))
     out = tmp_path / "o"
     assert cli.main(["features", str(folder), *TINY_ARGS, "--size", "0", "--quiet", "--workers", "0",
                      "--batch-size", "4", "--shard-size", "12", "--out", str(out)]) == 0

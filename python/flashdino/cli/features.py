@@ -17,6 +17,10 @@ from ._common import DEFAULT_MODEL, CliError, build_model, check_model_args, par
 from .features_info import add_parser as add_info_parser  # noqa: F401 - registered by cli.build_parser
 from .pca import PCA_MAX_IMAGES, PCA_SUFFIXES, render_pca, written_by_pca
 
+# The OpenVINO export of a ViT-S/16 takes ~25-50 s on a 2-core CPU and saves ~0.1-0.3 s per image
+# there: jobs this small on a cold cache run oneDNN instead (tests, quick tries stay quick).
+EXPORT_MIN_IMAGES = 64
+
 # single-file tensor names (kept from the first file format) for the pipeline's row names
 _FILE_NAMES = {"cls": "cls", "patch": "patch_tokens", "pooled": "pooled", "storage": "storage_tokens"}
 
@@ -160,8 +164,7 @@ def run(args) -> int:
     if not inputs and not args.list:
         raise CliError("no input images: pass image files, folders or .tar shards, --list FILE, or --sample for "
                        "the packaged sample image")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
+    args.device = resolve_device(args.device)
     if args.pca and Path(args.pca).suffix.lower() not in PCA_SUFFIXES:
         raise CliError(f"--pca must name an image file (.png, .jpg, ...), got {args.pca}")
     from flashdino.env import env_int
@@ -204,9 +207,11 @@ def run(args) -> int:
     try:
         model, pre = _build(args, device)
         _check_model_options(model, pre, opts)
-        fast = _runtime_forward(model, args, opts, device)
+        fast = _runtime(model, args, opts, device, len(items))
+        fns = {"forward_features": fast.forward_features if fast else None,
+               "intermediate_layers": fast.get_intermediate_layers if fast and opts.layers else None}
         if to_file:
-            rows = _extract_in_memory(model, pre, items, opts, device, fast)
+            rows = _extract_in_memory(model, pre, items, opts, device, **fns)
             _write_file(out, items, rows, model, args, opts)
             shown = [(i, rows[i]) for i in range(min(len(items), PCA_MAX_IMAGES))]
         else:
@@ -218,7 +223,7 @@ def run(args) -> int:
                 label = f"random (seed {args.seed})"
             try:
                 summary = extract_to_dir(model, pre, items, out, opts, dist_info, weights_label=label,
-                                         forward_features=fast, sources=sources)
+                                         sources=sources, **fns)
             except ExtractionStopped as exc:
                 raise CliError(str(exc)) from None
             except BaseException as exc:
@@ -251,27 +256,79 @@ def _warn_nonfinite(n: int, where: str) -> None:
               f"broken; {where}", file=sys.stderr)
 
 
-def _runtime_forward(model, args, opts, device: str):
-    """``forward_features`` of ``flashdino.optimize(model, runtime)`` for ``--runtime``; None for eager.
+def resolve_device(device: str) -> str:
+    """``--device``: "auto" is CUDA when available (under torchrun ``cuda``, which each rank turns
+    into ``cuda:LOCAL_RANK``; a single process with LOCAL_RANK set takes that GPU), else the CPU."""
+    import torch
 
-    The runtimes give flashdino's numbers to ~1e-6, so the choice is not part of a folder's settings
-    (a run may resume with another runtime).
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        from flashdino.env import env_int
+
+        if env_int("WORLD_SIZE", 1, minimum=1) > 1 or "LOCAL_RANK" not in os.environ:
+            return "cuda"
+        return f"cuda:{env_int('LOCAL_RANK', 0, minimum=0)}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device} requested but CUDA is not available; use --device cpu (or auto)")
+    return device
+
+
+def _runtime(model, args, opts, device: str, n_images: int):
+    """``flashdino.optimize(model, runtime)`` for ``--runtime``, or None for the model itself (eager).
+
+    ``auto`` (the default): on a CPU with float32, the fastest installed fp32 runtime (OpenVINO with
+    the [openvino] extra, else oneDNN matrix products, which need nothing extra); elsewhere eager,
+    where flashdino's own kernels are the fast path. A runtime that needs an ONNX export (once per
+    weights, cached) is used for a job of fewer than EXPORT_MIN_IMAGES images only when the export
+    is already cached: a first small job would spend longer exporting than the export saves it.
+    The runtimes give flashdino's numbers to ~1e-6 (tests/test_features_defaults.py,
+    tests/test_export.py), so the choice is not part of a folder's settings (a run may resume with
+    another runtime).
     """
-    if args.runtime == "eager":
+    runtime = args.runtime
+    cpu = str(device).startswith("cpu")
+    if runtime == "eager" or (runtime == "auto" and (not cpu or opts.dtype != "float32")):
         return None
-    if not str(device).startswith("cpu"):
-        raise CliError(f"--runtime {args.runtime} is for CPU inference; on {device} leave --runtime eager")
-    if opts.layers:
-        raise CliError(f"--runtime {args.runtime} computes the final outputs only; --layers needs --runtime eager")
+    if not cpu:
+        raise CliError(f"--runtime {runtime} is for CPU inference; on {device} leave --runtime auto or eager")
     if opts.dtype != "float32":
-        raise CliError(f"--runtime {args.runtime} runs float32 models; drop --dtype {opts.dtype} "
+        raise CliError(f"--runtime {runtime} runs float32 models; drop --dtype {opts.dtype} "
                        "(reduced precision: flashdino.optimize(model, precision=...))")
-    from flashdino.deploy import optimize
+    import time
 
-    return optimize(model, runtime=args.runtime).forward_features
+    from flashdino.deploy import choose_runtime, installed_runtimes, optimize
+    from flashdino.deploy.optimized import is_cached, needs_export
+
+    # run_model reads the final block through get_intermediate_layers too when --layers is given
+    layers = tuple(sorted(set(opts.layers) | {len(model.blocks) - 1})) if opts.layers else ()
+
+    if runtime == "auto":
+        runtime = choose_runtime()
+        if needs_export(runtime) and n_images < EXPORT_MIN_IMAGES and not is_cached(model, runtime, layers=layers):
+            runtime = "onednn" if "onednn" in installed_runtimes() else "eager"
+        if runtime == "eager":
+            return None
+    t0 = time.perf_counter()
+    try:
+        fast = optimize(model, runtime=runtime, layers=layers)
+    except Exception as exc:  # noqa: BLE001 - auto must still extract: oneDNN needs no export and no extra
+        if args.runtime != "auto" or runtime == "onednn":
+            raise
+        fallback = "onednn" if "onednn" in installed_runtimes() else "eager"
+        print(f"flashdino: notice: runtime {runtime} could not be prepared ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); using {fallback}", file=sys.stderr)
+        if fallback == "eager":
+            return None
+        fast = optimize(model, runtime=fallback, layers=layers)
+    seconds = time.perf_counter() - t0
+    if fast.cache_entry is not None and not fast.cache_entry.hit and not opts.quiet:
+        print(f"flashdino: notice: runtime {fast.runtime}: exported these weights in {seconds:.0f} s, once (cached in "
+              f"{fast.cache_entry.folder.parent}: later runs start at once; --runtime eager skips it)", file=sys.stderr)
+    return fast
 
 
-def _extract_in_memory(model, pre, items, opts, device, forward_features=None) -> list:
+def _extract_in_memory(model, pre, items, opts, device, forward_features=None, intermediate_layers=None) -> list:
     from flashdino.extract.dataset import ImageDataset
     from flashdino.extract.runner import Timings, iterate, shard_batches
 
@@ -283,7 +340,8 @@ def _extract_in_memory(model, pre, items, opts, device, forward_features=None) -
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     try:
         for batch, got, failures in iterate(model, dataset, shard_batches(0, len(items), opts.batch_size), opts,
-                                            device, Timings(), forward_features=forward_features):
+                                            device, Timings(), forward_features=forward_features,
+                                            intermediate_layers=intermediate_layers):
             if failures:
                 i, reason = failures[0]
                 raise CliError(f"cannot read image {items[i].id}: {reason} (a folder --out records bad images "
@@ -401,13 +459,14 @@ def add_parser(sub) -> None:
     f.add_argument("--skip-checksums", action="store_true",
                    help="on resume, check finished shards' sizes, headers and records but not their checksums "
                         "(faster for huge folders; default: verify every checksum)")
-    f.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu; under torchrun: "
-                                                   "cuda means cuda:LOCAL_RANK)")
+    f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto: CUDA when "
+                                                    "available, else cpu; under torchrun cuda means cuda:LOCAL_RANK)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model runs in (default float32; bfloat16 on GPUs that have it)")
-    f.add_argument("--runtime", default="eager", choices=["eager", "auto", "openvino", "onnxruntime", "inductor", "onednn"],
-                   help="CPU runtime (flashdino.optimize): auto picks the fastest installed one "
-                        "(needs the [onnx] / [openvino] extras for those); default eager PyTorch")
+    f.add_argument("--runtime", default="auto", choices=["auto", "eager", "openvino", "onnxruntime", "inductor", "onednn"],
+                   help="CPU runtime (flashdino.optimize), same numbers to ~1e-6: default auto = the fastest installed "
+                        "(OpenVINO with the [openvino] extra, else oneDNN; eager PyTorch on GPUs); eager = plain "
+                        "PyTorch")
     f.add_argument("--size", type=parse_size, default=None,
                    help="resize to SIZE x SIZE or HxW; 0 keeps each image's size (cropped to a patch multiple). "
                         "Default: the weights folder's preprocessor_config.json, else 224")

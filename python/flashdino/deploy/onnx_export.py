@@ -41,6 +41,7 @@ MIN_OPSET = 18
 MAX_STATIC_SIDE = 8192
 MAX_STATIC_BATCH = 1024
 _LAYER = re.compile(r"^layer_(\d+)$")
+_LAYER_PREFIX = re.compile(r"^layer_(\d+)_prefix$")  # block i's normalised [CLS, storage tokens]
 
 PathLike = Union[str, os.PathLike]
 
@@ -143,14 +144,15 @@ def resolve_outputs(model, outputs: Optional[Sequence[Union[str, int]]]) -> list
     names = []
     for item in outputs:
         name = f"layer_{item}" if isinstance(item, int) else str(item)
-        m = _LAYER.match(name)
+        m = _LAYER.match(name) or _LAYER_PREFIX.match(name)
         if m:
             i = int(m.group(1))
             if not 0 <= i < model.n_blocks:
                 raise ValueError(f"export_onnx: output {name!r}: the model has blocks 0..{model.n_blocks - 1}")
         elif name not in keys:
-            raise ValueError(f"export_onnx: unknown output {name!r}; choose from {keys} or 'layer_<i>' "
-                             f"(0 <= i < {model.n_blocks}, get_intermediate_layers patches, normalised)")
+            raise ValueError(f"export_onnx: unknown output {name!r}; choose from {keys}, 'layer_<i>' "
+                             f"(0 <= i < {model.n_blocks}, get_intermediate_layers patches, normalised) or "
+                             "'layer_<i>_prefix' (its class and storage tokens, normalised)")
         if name in names:
             raise ValueError(f"export_onnx: output {name!r} requested twice")
         names.append(name)
@@ -163,20 +165,27 @@ class ExportGraph(nn.Module):
     """``pixel_values -> tuple of outputs`` in the order of ``names``; one pass over the blocks.
 
     ``layer_<i>`` is block i's output after the final norm, patch tokens only ([B, HW, D]): the
-    default of ``get_intermediate_layers``.
+    default of ``get_intermediate_layers``; ``layer_<i>_prefix`` its normalised class and storage
+    tokens ([B, 1 + R, D]), what ``return_class_token`` / ``return_extra_tokens`` add.
     """
 
     def __init__(self, model, names: Sequence[str]):
         super().__init__()
         self.model = model
         self.names = list(names)
-        self.layers = sorted(int(_LAYER.match(n).group(1)) for n in names if _LAYER.match(n))
+        self.layers = sorted({int(m.group(1)) for m in map(self._layer_match, names) if m})
+
+    @staticmethod
+    def _layer_match(name: str):
+        return _LAYER.match(name) or _LAYER_PREFIX.match(name)
 
     def forward(self, x: Tensor):
         m = self.model
         tokens, rope, _ = m.prepare_tokens_with_masks(x)
-        tokens, kept = m._run_blocks(tokens, rope, keep=set(self.layers))
-        out = {f"layer_{i}": m._final_norm(t)[1] for i, t in zip(self.layers, kept)}
+        tokens, kept = m._run_blocks(tokens, rope, keep=self.layers)
+        out = {}
+        for i, t in zip(self.layers, kept):
+            out[f"layer_{i}_prefix"], out[f"layer_{i}"] = m._final_norm(t)
         prefix, patches = m._final_norm(tokens)
         out["x_norm_clstoken"] = prefix[:, 0]
         out[m.extra_tokens_key] = prefix[:, 1:]

@@ -172,6 +172,26 @@ class OptimizedModel:
             return [self._features(xi) for xi in x]
         return self._features(x)
 
+    def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, *,
+                                return_class_token: bool = False, return_extra_tokens: bool = False):
+        """``model.get_intermediate_layers(x, n, ...)`` (normalised, patch tokens [B, HW, D]) for the
+        blocks given to ``optimize(..., layers=)``; the same tuples as the model's."""
+        depth = len(self.model.blocks)
+        wanted = list(range(depth - n, depth)) if isinstance(n, int) else [int(i) for i in n]
+        missing = [i for i in wanted if f"layer_{i}" not in self.names]
+        if missing:
+            raise ValueError(f"optimize(): blocks {missing} were not prepared; pass layers={sorted(set(wanted))} "
+                             "to flashdino.optimize")
+        self.check_input(x)
+        got = dict(zip(self.names, self._run(x)))
+        out = []
+        for i in wanted:
+            patches, prefix = got[f"layer_{i}"], got[f"layer_{i}_prefix"]
+            item = (patches,) + ((prefix[:, 0],) if return_class_token else ()) + \
+                ((prefix[:, 1:],) if return_extra_tokens else ())
+            out.append(item if len(item) > 1 else patches)
+        return tuple(out)
+
     def __call__(self, x, masks=None):
         out = self.forward_features(x, masks)
         if isinstance(out, list):
@@ -330,8 +350,35 @@ def _torch_runtime(model, names, precision, runtime):
     return run
 
 
+def output_names(model, layers: Sequence[int] = ()) -> list[str]:
+    """The graph outputs ``optimize`` runs: forward_features' tensors, then each block of ``layers``."""
+    names = ["x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"]
+    if model.n_storage_tokens:
+        names.insert(1, model.extra_tokens_key)
+    bad = [i for i in layers if not 0 <= int(i) < len(model.blocks)]
+    if bad:
+        raise ValueError(f"optimize: layers {bad}: {model.cfg.name} has blocks 0..{len(model.blocks) - 1}")
+    for i in sorted({int(i) for i in layers}):
+        names += [f"layer_{i}", f"layer_{i}_prefix"]
+    return names
+
+
+def needs_export(runtime: str) -> bool:
+    return runtime in _RUNTIME_MODULE
+
+
+def is_cached(model, runtime: str, cache_dir: Optional[Union[str, os.PathLike]] = None, *,
+              layers: Sequence[int] = ()) -> bool:
+    """Whether ``optimize(model, runtime, layers=layers)`` (fp32) finds its export in the cache, so that
+    it starts without exporting; always True for runtimes without an export."""
+    if not needs_export(runtime):
+        return True
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return _entry(model, runtime, "fp32", output_names(model, layers), root).problem() is None
+
+
 def optimize(model, runtime: str = "auto", cache_dir: Optional[Union[str, os.PathLike]] = None, *,
-             precision: str = "fp32", threads: Optional[int] = None) -> OptimizedModel:
+             precision: str = "fp32", threads: Optional[int] = None, layers: Sequence[int] = ()) -> OptimizedModel:
     """Prepares ``model`` (a flashdino DINOv2 / DINOv3 backbone, float32 on CPU) for inference.
 
     ``runtime``: ``"auto"`` (the fastest installed runtime in the recorded measurement), or one of
@@ -339,6 +386,8 @@ def optimize(model, runtime: str = "auto", cache_dir: Optional[Union[str, os.Pat
     ``"fp32"`` (default: numbers equal eager to float rounding), ``"bf16"`` or ``"int8"`` (opt-in;
     changes the numbers, see benchmarks/results/cpu_runtimes.md for speed and fidelity).
     ``threads`` sets the runtime's thread count (default: the runtime's own choice).
+    ``layers``: block indices whose normalised outputs ``get_intermediate_layers`` serves too
+    (computed in the same pass; each adds outputs to the exported graph).
     The model must not be modified afterwards (the runtimes hold a copy of its weights).
     """
     from ..models import DinoVisionTransformer
@@ -361,9 +410,7 @@ def optimize(model, runtime: str = "auto", cache_dir: Optional[Union[str, os.Pat
         raise ValueError(f"optimize: runtime {runtime!r} runs float32 models on CPU; this one is {weight.dtype} on "
                          f"{weight.device} (use model.float().cpu(), or runtime='eager')")
     model.eval()
-    names = ["x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"]
-    if model.n_storage_tokens:
-        names.insert(1, model.extra_tokens_key)
+    names = output_names(model, layers)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = None
     if runtime == "onnxruntime":
@@ -375,5 +422,5 @@ def optimize(model, runtime: str = "auto", cache_dir: Optional[Union[str, os.Pat
     return OptimizedModel(model, runtime, precision, root, run, names, entry)
 
 
-__all__ = ["optimize", "OptimizedModel", "RUNTIMES", "PRECISIONS", "installed_runtimes", "choose_runtime",
+__all__ = ["optimize", "OptimizedModel", "output_names", "is_cached", "needs_export", "RUNTIMES", "PRECISIONS", "installed_runtimes", "choose_runtime",
            "default_cache_dir", "weights_sha256", "cache_key", "CacheEntry"]

@@ -12,6 +12,13 @@ or refuse:
 - animated files (GIF, APNG, WebP, multi-page TIFF) give their first frame;
 - decompression bombs, empty / truncated / non-image files raise :class:`DecodeError` with a
   one-line reason, which the extraction pipeline records per image instead of stopping.
+
+Pillow reads every header (format, mode, size, EXIF) and decodes everything, except one case
+where a faster decoder gives the same pixels: 8-bit RGB or grayscale JPEGs go through
+libjpeg-turbo in torchvision's ``decode_jpeg`` op (EXIF orientation applied by it) when torchvision
+is installed, ~1.6-2.7x Pillow's images/s per core (benchmarks/bench_extract.py). Both use
+libjpeg-turbo's default (islow) IDCT, and the output is bit-identical to Pillow's
+(tests/test_decode_fast.py); anything it fails on, any warning, any other shape goes back to Pillow.
 """
 
 from __future__ import annotations
@@ -122,13 +129,121 @@ def pil_to_tensor(img) -> Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
+_FAST_JPEG_MODES = ("RGB", "L")
+_READ_MODE_RGB = 3  # torchvision.io.ImageReadMode.RGB.value
+_tv_decode_jpeg = None  # decode(uint8 bytes tensor) -> [3, H, W] uint8, looked up once; False when missing
+
+
+def _torchvision_jpeg():
+    """torchvision's JPEG decoder op, from its image library alone.
+
+    ``import torchvision`` imports its models and ops, and with them torch._dynamo and sympy: seconds
+    of start-up in every DataLoader worker, more than a small job spends decoding. Loading the
+    library that registers ``torch.ops.image`` takes ~25 ms. Where that library is not found (another
+    torchvision layout, a build without it), Pillow decodes everything.
+    """
+    global _tv_decode_jpeg
+    if _tv_decode_jpeg is None:
+        _tv_decode_jpeg = False
+        try:
+            import importlib.util
+
+            spec = importlib.util.find_spec("torchvision")
+            folders = list(spec.submodule_search_locations or []) if spec else []
+            if not hasattr(torch.ops.image, "decode_jpeg"):
+                for lib in (Path(f) / n for f in folders for n in ("image_stable.so", "image.so", "image.pyd")):
+                    if lib.is_file():
+                        torch.ops.load_library(str(lib))
+                        break
+            op = torch.ops.image.decode_jpeg
+
+            def decode_jpeg(data: Tensor) -> Tensor:
+                return op(data, _READ_MODE_RGB, True)  # RGB, EXIF orientation applied
+
+            _tv_decode_jpeg = decode_jpeg
+        except Exception:  # noqa: BLE001 - not installed, or a library that does not load (mismatched torch)
+            _tv_decode_jpeg = False
+    return _tv_decode_jpeg
+
+
+def jpeg_fast_path_applies(img) -> bool:
+    """Whether an opened PIL image is a JPEG that libjpeg-turbo via torchvision decodes as Pillow does."""
+    return img.format == "JPEG" and img.mode in _FAST_JPEG_MODES and bool(_torchvision_jpeg())
+
+
+def _read_regular_file(source: Source) -> Optional[bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    try:
+        path = Path(source)
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None  # a pipe or device was read once by Pillow already
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _decode_jpeg_fast(source: Source, upright: tuple[int, int]) -> Optional[Tensor]:
+    """The pixels through torchvision's libjpeg-turbo decoder, or None to let Pillow decode them."""
+    data = _read_regular_file(source)
+    if data is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a libjpeg warning means a damaged file: Pillow decides about it
+            out = _torchvision_jpeg()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except Exception:  # noqa: BLE001 - truncated / corrupt / unsupported: Pillow's path names the reason
+        return None
+    if out.dtype != torch.uint8 or tuple(out.shape) != (3, *upright):
+        return None
+    return out
+
+
+def jpeg_for_device(source: Source, *, name: Optional[str] = None,
+                    check_size: Optional[Callable[[int, int], None]] = None) -> Optional[tuple[bytes, tuple]]:
+    """(file bytes, (H, W)) of a JPEG that a GPU decoder (nvJPEG) decodes as Pillow does, or None.
+
+    The header is read and ``check_size`` applied as in :func:`decode_image` (its DecodeError
+    propagates). None, for :func:`decode_image` to handle on the CPU: not a JPEG, a mode other than
+    8-bit RGB / grayscale, or an EXIF orientation other than upright (nvJPEG does not rotate).
+    """
+    if name is None:
+        name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    img = _open(source, name)
+    try:
+        if img.format != "JPEG" or img.mode not in _FAST_JPEG_MODES:
+            return None
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION)
+        except Exception:  # noqa: BLE001 - a malformed EXIF block: the CPU decoder decides
+            return None
+        if orientation not in (None, 1):
+            return None
+        w, h = img.size
+        if h < 1 or w < 1:
+            return None
+        if check_size is not None:
+            try:
+                check_size(h, w)
+            except DecodeError:
+                raise
+            except ValueError as exc:
+                raise DecodeError(name, str(exc)) from None
+    finally:
+        img.close()
+    data = _read_regular_file(source)
+    return None if data is None else (data, (h, w))
+
+
 def decode_image(source: Source, *, name: Optional[str] = None,
-                 check_size: Optional[Callable[[int, int], None]] = None) -> Tensor:
+                 check_size: Optional[Callable[[int, int], None]] = None, fast: bool = True) -> Tensor:
     """Decodes one image to ``[3, H, W]``: uint8 for 8-bit images, float32 in [0, 1] for deeper ones.
 
     source: a path or the file's bytes. name: how errors name the image (default: the path).
     check_size(height, width): called with the upright size from the header, before the pixels are
     decoded; raise :class:`DecodeError` (or ValueError) there to refuse an image cheaply.
+    fast: decode 8-bit RGB / grayscale JPEGs with torchvision's libjpeg-turbo when it is installed
+    (the same pixels, faster); False: Pillow for everything.
     Raises :class:`DecodeError` for anything unusable.
     """
     from PIL import Image, ImageOps
@@ -147,6 +262,10 @@ def decode_image(source: Source, *, name: Optional[str] = None,
                 raise
             except ValueError as exc:
                 raise DecodeError(name, str(exc)) from None
+        if fast and jpeg_fast_path_applies(img):
+            pixels = _decode_jpeg_fast(source, (h, w))
+            if pixels is not None:
+                return pixels
         try:
             with warnings.catch_warnings():
                 # Pillow warns about oddities of files it still decodes; over a data set that is noise
@@ -167,4 +286,5 @@ def decode_image(source: Source, *, name: Optional[str] = None,
         img.close()
 
 
-__all__ = ["DecodeError", "decode_image", "pil_to_tensor", "upright_size"]
+__all__ = ["DecodeError", "decode_image", "pil_to_tensor", "upright_size", "jpeg_fast_path_applies",
+           "jpeg_for_device"]

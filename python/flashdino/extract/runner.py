@@ -30,7 +30,7 @@ import torch
 from ..env import torchrun_env
 from . import writer
 from .dataset import (DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_SOURCE_PIXELS, ImageDataset, deadline, decode_isolated,
-                      make_loader, quiet_sigchld, worker_died)
+                      decode_jpegs_on_device, make_loader, nvjpeg_decoder, quiet_sigchld, worker_died)
 from .inputs import Item, fingerprint
 
 STORE_KEYS = ("cls", "pooled", "patch", "storage")
@@ -192,11 +192,13 @@ def release_freed_memory() -> None:
 
 
 # -- the model step -------------------------------------------------------------------------------
-def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Optional[Callable] = None) -> list[dict]:
+def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Optional[Callable] = None,
+              intermediate_layers: Optional[Callable] = None) -> list[dict]:
     """Per-image dicts of CPU tensors for one equal-size batch (names as in the shards).
 
-    ``forward_features``: another implementation of ``model.forward_features`` (e.g. the object
-    ``flashdino.optimize(model)`` returns, for ONNX Runtime / OpenVINO on CPU); same outputs.
+    ``forward_features`` / ``intermediate_layers``: other implementations of the model's
+    ``forward_features`` / ``get_intermediate_layers`` (those of the object ``flashdino.optimize(model)``
+    returns, for OpenVINO / ONNX Runtime / oneDNN on CPU); same outputs.
     """
     P = model.patch_size
     grid = (x.shape[-2] // P, x.shape[-1] // P)
@@ -204,7 +206,8 @@ def run_model(model, x: torch.Tensor, opts: ExtractOptions, forward_features: Op
     outs = {}
     if opts.layers:
         wanted = sorted(set(opts.layers) | {depth - 1})
-        res = model.get_intermediate_layers(x, n=wanted, return_class_token=True, return_extra_tokens=True)
+        res = (intermediate_layers or model.get_intermediate_layers)(x, n=wanted, return_class_token=True,
+                                                                     return_extra_tokens=True)
         for L, (patch, cls, extra) in zip(wanted, res):
             prefix = "" if L == depth - 1 else f"layer{L}."
             outs[prefix] = (cls, extra, patch)
@@ -272,7 +275,7 @@ class Timings:
 
 def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts: ExtractOptions, device: str,
             timings: Timings, flush_after: Optional[Sequence[int]] = None,
-            forward_features: Optional[Callable] = None):
+            forward_features: Optional[Callable] = None, intermediate_layers: Optional[Callable] = None):
     """Yields (batch index list, {index: row dict}, [(index, reason)]) for each of ``batches``, in order.
 
     Images of one processed size wait (at most 4 x batch_size images in all) for more of their size,
@@ -283,10 +286,13 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
     """
     dtype = PATCH_DTYPES[opts.dtype]
     flush = {len(batches) - 1} if flush_after is None else set(flush_after)
+    cuda = str(device).startswith("cuda")
+    # on a GPU, JPEGs are decoded there in batches (nvJPEG); workers only read headers and bytes
+    gpu_decoder = nvjpeg_decoder() if cuda and dataset.fast else None
+    dataset.jpegs_to_device = gpu_decoder is not None
     it = iter(make_loader(dataset, batches, workers=opts.workers, device=device))
     if opts.workers > 0:
         quiet_sigchld()
-    cuda = str(device).startswith("cuda")
     waiting: dict = {}  # processed shape -> [(indices, x)], in arrival order
     sizes: dict = {}
     for pos, batch in enumerate(batches):
@@ -303,6 +309,11 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
             b = decode_isolated(dataset, batch, opts.decode_timeout)
             rest = batches[pos + 1:]
             it = iter(make_loader(dataset, rest, workers=opts.workers, device=device)) if rest else iter(())
+        if b.get("jpegs"):
+            on_device = decode_jpegs_on_device(dataset, b["jpegs"], device, gpu_decoder)
+            b["groups"] = [(ix, x.to(device, non_blocking=True)) for ix, x in b["groups"]] + on_device["groups"]
+            b["failures"] = b["failures"] + on_device["failures"]
+            b["sizes"].update(on_device["sizes"])
         t1 = time.perf_counter()
         sizes.update(b["sizes"])
         for indices, x in b["groups"]:
@@ -311,7 +322,7 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
         with torch.inference_mode():
             for indices, x in _model_batches(waiting, opts.batch_size, 4 * opts.batch_size, pos in flush):
                 x = x.to(device, non_blocking=cuda).to(dtype)
-                for i, row in zip(indices, run_model(model, x, opts, forward_features)):
+                for i, row in zip(indices, run_model(model, x, opts, forward_features, intermediate_layers)):
                     row["size"] = sizes.pop(i)
                     rows[i] = row
         t2 = time.perf_counter()
@@ -386,7 +397,8 @@ def _over_limit(limit, failed: float, seen: float, total: int) -> bool:
 
 def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOptions, dist_info: Dist, *,
                    weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-                   forward_features: Optional[Callable] = None, sources: Sequence[str] = ()) -> dict:
+                   forward_features: Optional[Callable] = None, intermediate_layers: Optional[Callable] = None,
+                   sources: Sequence[str] = ()) -> dict:
     """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary.
 
     ``sources``: the inputs as the user gave them (recorded, so that a refused resume names the one
@@ -396,10 +408,12 @@ def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOpti
     parse_max_failures(opts.max_failures)
     settings = settings_for(model, pre, items, opts, weights_label, sources)
     with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
-        return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features)
+        return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features,
+                               intermediate_layers)
 
 
-def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features=None) -> dict:
+def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features=None,
+                    intermediate_layers=None) -> dict:
     from tqdm import tqdm
 
     limit = parse_max_failures(opts.max_failures)
@@ -437,7 +451,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
     stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends,
-                     forward_features=forward_features)
+                     forward_features=forward_features, intermediate_layers=intermediate_layers)
     g_done = g_failed = g_nonfinite = 0.0
     t_start = time.perf_counter()
     # a shard is written and hashed in this thread while the next one is computed; at most one waits
