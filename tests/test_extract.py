@@ -300,10 +300,10 @@ _GATED_CLI = """
 import os, sys, time
 import flashdino.extract.dataset as d
 orig = d.decode_image
-def gated(src, *, name=None, check_size=None):
+def gated(src, *, name=None, **kwargs):
     while str(name).endswith("blocker.png") and os.path.exists(os.environ["GATE"]):
         time.sleep(0.05)
-    return orig(src, name=name, check_size=check_size)
+    return orig(src, name=name, **kwargs)
 d.decode_image = gated
 from flashdino import cli
 sys.exit(cli.main(sys.argv[1:]))

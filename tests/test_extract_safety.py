@@ -519,10 +519,10 @@ def test_a_decoding_worker_killed_mid_batch_is_survived(tmp_path, monkeypatch, c
     killer = _png(tmp_path / "imgs" / "im04_killer.png", 99)
     orig = dataset.decode_image
 
-    def deadly(src, *, name=None, check_size=None):
+    def deadly(src, *, name=None, **kwargs):
         if str(name).endswith("killer.png") and torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)
-        return orig(src, name=name, check_size=check_size)
+        return orig(src, name=name, **kwargs)
 
     base = ["features", str(tmp_path / "imgs"), *RUN[:-2], "--batch-size", "3", "--shard-size", "4"]
     assert cli.main([*base, "--workers", "0", "--out", str(tmp_path / "ref")]) == 0
@@ -742,10 +742,10 @@ def test_a_stalled_decoding_worker_is_given_up_on(tmp_path, monkeypatch):
     stuck = _png(tmp_path / "imgs" / "im02_stuck.png", 98)
     orig = dataset.decode_image
 
-    def stalling(src, *, name=None, check_size=None):
+    def stalling(src, *, name=None, **kwargs):
         if str(name).endswith("stuck.png") and torch.utils.data.get_worker_info() is not None:
             time.sleep(600)
-        return orig(src, name=name, check_size=check_size)
+        return orig(src, name=name, **kwargs)
 
     monkeypatch.setattr(dataset, "decode_image", stalling)
     t0 = time.time()
