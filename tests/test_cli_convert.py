@@ -237,3 +237,30 @@ def test_output_is_checked_before_any_download(tmp_path, capsys, monkeypatch):
         rc, _, err = run_cli(capsys, "convert", f"{base}/w.pth", out)
         assert time.perf_counter() - start < 2  # refused without waiting for the (hung) server
     assert rc == 2 and "already exists" in err and out.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("err,fix", [(28, "free space there"), (36, "shorter name"), (30, "read-only")])
+def test_convert_write_failure_is_one_line(tmp_path, tiny_pth, capsys, monkeypatch, err, fix):
+    """A full disk (ENOSPC), a name the filesystem refuses (ENAMETOOLONG) or a read-only filesystem
+    (EROFS) while the file is written: one line naming the cause and the fix, exit 2, nothing left."""
+    import errno
+    import os
+
+    from flashdino.loading import converter
+
+    assert err in (errno.ENOSPC, errno.ENAMETOOLONG, errno.EROFS)
+
+    def failing_save(tensors, path, metadata=None):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(err, os.strerror(err), path)
+
+    monkeypatch.setattr(converter, "save_file", failing_save)
+    _, pth = tiny_pth
+    out = tmp_path / "out" / "w.safetensors"
+    rc, _, stderr = run_cli(capsys, "convert", pth, out, "--model", "dinov3_vits16", *TINY_ARGS)
+    lines = stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and os.strerror(err) in lines[0] and fix in lines[0], stderr
+    assert not out.exists()
+    if out.parent.exists():
+        assert leftovers(out.parent) == [] and not list(out.parent.iterdir())

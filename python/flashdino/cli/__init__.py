@@ -15,6 +15,7 @@ module only parses and reports errors. ``info`` and ``bench`` own their whole ar
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -119,6 +120,29 @@ def _main(argv: list) -> int:
             OutputPathError, FileNotFoundError, ValueError) as exc:
         print(f"flashdino: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the last net: a full disk, a read-only or unwritable place, a name too long
+        print(f"flashdino: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+# errno -> what to do about it, for the one line a failed write gets
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free space there or write somewhere else",
+    errno.EDQUOT: "your disk quota is full: free space or write somewhere else",
+    errno.EROFS: "the filesystem is read-only: write somewhere else",
+    errno.EACCES: "no permission: write somewhere you may write, or fix the permissions",
+    errno.EPERM: "not permitted: write somewhere you may write, or fix the permissions",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.EIO: "an input/output error of the device: check the disk or the network filesystem",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which file, and the fix."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    fix = _OS_ERROR_FIXES.get(exc.errno, "FLASHDINO_DEBUG=1 shows where it happened")
+    return f"{what}{where}; {fix}"
 
 
 def console_main() -> None:  # pragma: no cover - the installed script
