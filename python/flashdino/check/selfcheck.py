@@ -354,13 +354,19 @@ def fingerprint(device: torch.device) -> str:
             f"overrides {overrides()}")
 
 
-def _load_cache() -> dict:
+def read_json_object(path) -> dict:
+    """The JSON object stored at ``path``; {} when it is missing, unreadable or not an object (a cache
+    that cannot be trusted is rebuilt, never an error)."""
     try:
-        with open(cache_path(), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _load_cache() -> dict:
+    return read_json_object(cache_path())
 
 
 def _store(fp: str, key: str, value: str) -> None:

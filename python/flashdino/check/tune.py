@@ -324,12 +324,7 @@ def _disk_key(op: str, bucket: tuple) -> str:
 
 
 def load_store() -> dict:
-    try:
-        with open(store_path(), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return selfcheck.read_json_object(store_path())
 
 
 def _store(op: str, device: torch.device, bucket: tuple, decision: Decision) -> None:

@@ -222,17 +222,23 @@ def jpeg_for_device(source: Source, *, name: Optional[str] = None,
         w, h = img.size
         if h < 1 or w < 1:
             return None
-        if check_size is not None:
-            try:
-                check_size(h, w)
-            except DecodeError:
-                raise
-            except ValueError as exc:
-                raise DecodeError(name, str(exc)) from None
+        _check_size(check_size, name, h, w)
     finally:
         img.close()
     data = _read_regular_file(source)
     return None if data is None else (data, (h, w))
+
+
+def _check_size(check_size: Optional[Callable[[int, int], None]], name: str, h: int, w: int) -> None:
+    """Runs the caller's size check on the header's upright size; its ValueError becomes a DecodeError."""
+    if check_size is None:
+        return
+    try:
+        check_size(h, w)
+    except DecodeError:
+        raise
+    except ValueError as exc:
+        raise DecodeError(name, str(exc)) from None
 
 
 def decode_image(source: Source, *, name: Optional[str] = None,
@@ -255,13 +261,7 @@ def decode_image(source: Source, *, name: Optional[str] = None,
         h, w = upright_size(img)
         if h < 1 or w < 1:
             raise DecodeError(name, f"image has no pixels ({w}x{h})")
-        if check_size is not None:
-            try:
-                check_size(h, w)
-            except DecodeError:
-                raise
-            except ValueError as exc:
-                raise DecodeError(name, str(exc)) from None
+        _check_size(check_size, name, h, w)
         if fast and jpeg_fast_path_applies(img):
             pixels = _decode_jpeg_fast(source, (h, w))
             if pixels is not None:
