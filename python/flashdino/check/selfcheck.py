@@ -369,19 +369,31 @@ def _load_cache() -> dict:
     return read_json_object(cache_path())
 
 
-def _store(fp: str, key: str, value: str) -> None:
-    """Adds one result to the cache file (atomic replace; a read-only home is not an error)."""
-    path = cache_path()
+def store_json_entry(path: Path, fp: str, key: str, value) -> None:
+    """Sets ``data[fp][key] = value`` in the JSON object at ``path`` by an atomic replace. A cache
+    that cannot be written (read-only home, full disk) is not an error: the result is then only
+    kept in memory, and no temporary file stays behind."""
+    tmp = None
     try:
-        data = _load_cache()
+        data = read_json_object(path)
         data.setdefault(fp, {})[key] = value
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".selfcheck-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _store(fp: str, key: str, value: str) -> None:
+    """Adds one result to the cache file."""
+    store_json_entry(cache_path(), fp, key, value)
 
 
 # ------------------------------------------------------------------------------------------------

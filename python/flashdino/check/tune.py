@@ -31,11 +31,9 @@ backend each) keep the fixed order.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -329,17 +327,7 @@ def load_store() -> dict:
 
 def _store(op: str, device: torch.device, bucket: tuple, decision: Decision) -> None:
     """Adds one decision to the store (atomic replace; a read-only cache is not an error)."""
-    path = store_path()
-    try:
-        data = load_store()
-        data.setdefault(selfcheck.fingerprint(device), {})[_disk_key(op, bucket)] = asdict(decision)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tune-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    selfcheck.store_json_entry(store_path(), selfcheck.fingerprint(device), _disk_key(op, bucket), asdict(decision))
 
 
 def _stored(op: str, call, device: torch.device, bucket: tuple) -> Optional[Decision]:
