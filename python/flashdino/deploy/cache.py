@@ -79,15 +79,15 @@ def _describe(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def _file_problem(path: Path, rec: dict) -> Optional[str]:
-    """None when ``path`` has the recorded size and SHA-256, else what differs."""
+def _file_problem(path: Path, rec: dict, hashes: bool = True) -> Optional[str]:
+    """None when ``path`` has the recorded size and (``hashes``) SHA-256, else what differs."""
     try:
         size = path.stat().st_size
     except OSError:
         return f"{path.name} is missing"
     if size != int(rec["size"]):
         return f"{path.name} has {size} bytes, its record says {rec['size']} (corrupt or replaced)"
-    if _sha256(path) != rec["sha256"]:
+    if hashes and _sha256(path) != rec["sha256"]:
         return f"{path.name} does not match its recorded hash (corrupt or modified)"
     return None
 
@@ -162,8 +162,10 @@ class CacheEntry:
 
     # -- whole entries ------------------------------------------------------------------------------
 
-    def problem(self) -> Optional[str]:
-        """None when the entry can be used, else why not (every recorded file is hashed)."""
+    def problem(self, hashes: bool = True) -> Optional[str]:
+        """None when the entry can be used, else why not (every recorded file is hashed; with
+        ``hashes=False`` only the record and the file sizes are checked: a cheap look, for a
+        caller that decides whether to use the entry and leaves the full check to the load)."""
         record_path = self.folder / RECORD
         if not record_path.is_file():
             return "no entry record" if not self.folder.exists() else "incomplete entry (no record)"
@@ -179,7 +181,7 @@ class CacheEntry:
             return "unreadable entry (no file list)"
         try:
             for name, rec in sorted(files.items()):
-                why = _file_problem(self.folder / name, rec)
+                why = _file_problem(self.folder / name, rec, hashes)
                 if why:
                     return why
         except (KeyError, TypeError, ValueError) as exc:

@@ -374,7 +374,9 @@ def is_cached(model, runtime: str, cache_dir: Optional[Union[str, os.PathLike]] 
     if not needs_export(runtime):
         return True
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return _entry(model, runtime, "fp32", output_names(model, layers), root).problem() is None
+    # sizes only: optimize() hashes every file before it loads them, so hashing here too would read
+    # the export twice at every start (about a second per GB)
+    return _entry(model, runtime, "fp32", output_names(model, layers), root).problem(hashes=False) is None
 
 
 def optimize(model, runtime: str = "auto", cache_dir: Optional[Union[str, os.PathLike]] = None, *,
