@@ -167,3 +167,60 @@ def test_default_features_match_the_hf_loop(tmp_path):
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=1)
     assert ours.shape == ref.shape == (4, 64)
     assert cos.min() >= 0.9999, cos
+
+
+# -- --dtype bfloat16 on a CPU: OpenVINO's bf16 (opt-in reduced precision) ------------------------------
+
+
+def test_bfloat16_on_cpu_picks_openvino_bf16_when_its_export_is_there(tmp_path, monkeypatch):
+    """auto + --dtype bfloat16: OpenVINO at precision bf16 with the float32 weights when installed and the
+    export is cached (or the job is large); else the eager model in bfloat16. Other runtimes refuse it."""
+    import flashdino.deploy as deploy
+
+    calls = []
+    real = deploy.optimize
+
+    def spy(model, runtime="auto", **kw):
+        calls.append((runtime, kw.get("precision"), model.patch_embed.proj.weight.dtype))
+        return real(model, runtime="onednn", layers=kw.get("layers", ()))  # stands in for OpenVINO here
+
+    monkeypatch.setattr(deploy, "optimize", spy)
+    monkeypatch.setattr(deploy, "installed_runtimes", lambda: ["openvino", "onednn", "eager"])
+    imgs = [str(p) for p in _jpegs(tmp_path / "imgs", 2)]
+    run = ["features", *imgs, *TINY, "--dtype", "bfloat16", "--overwrite", "--out"]
+    monkeypatch.setattr(optimize_mod, "is_cached", lambda *a, **k: False)
+    assert cli.main([*run, str(tmp_path / "cold.safetensors")]) == 0
+    assert calls == []  # a small job on a cold cache: eager bf16, no export
+    monkeypatch.setattr(optimize_mod, "is_cached", lambda *a, **k: True)
+    assert cli.main([*run, str(tmp_path / "warm.safetensors")]) == 0
+    assert calls == [("openvino", "bf16", torch.float32)]
+    assert cli.main([*run, str(tmp_path / "named.safetensors"), "--runtime", "openvino"]) == 0
+    assert calls[-1] == ("openvino", "bf16", torch.float32)
+    for runtime in ("onednn", "onnxruntime", "inductor"):
+        assert cli.main([*run, str(tmp_path / "no.safetensors"), "--runtime", runtime]) == 2
+    assert cli.main([*run, str(tmp_path / "fp16.safetensors"), "--dtype", "float16", "--runtime", "openvino"]) == 2
+    monkeypatch.setattr(deploy, "installed_runtimes", lambda: ["onednn", "eager"])
+    assert cli.main([*run, str(tmp_path / "none.safetensors")]) == 0  # without OpenVINO: eager bf16
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif("openvino" not in RUNTIMES, reason="OpenVINO not installed")
+def test_bfloat16_on_cpu_is_close_to_float32_and_shares_the_export(tmp_path, monkeypatch, capsys):
+    """`features --dtype bfloat16 --runtime openvino` against the float32 run: bf16-close (not equal), from
+    the same ONNX export (one export for both precisions)."""
+    from flashdino.deploy import onnx_export
+
+    monkeypatch.setenv("FLASHDINO_CACHE_DIR", str(tmp_path / "cache"))
+    exports = []
+    real_export = onnx_export.export_onnx
+    monkeypatch.setattr(optimize_mod, "export_onnx", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    imgs = [str(p) for p in _jpegs(tmp_path / "imgs", 3)]
+    common = ["features", *imgs, *TINY, "--runtime", "openvino", "--store", "cls,patch"]
+    assert cli.main([*common, "--out", str(tmp_path / "f32.safetensors")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "bf16.safetensors"), "--dtype", "bfloat16"]) == 0
+    assert len(exports) == 1
+    f32, bf16 = load_file(str(tmp_path / "f32.safetensors")), load_file(str(tmp_path / "bf16.safetensors"))
+    assert bf16["cls"].dtype == torch.float32 and bf16["patch_tokens"].shape == f32["patch_tokens"].shape
+    cos = torch.nn.functional.cosine_similarity(bf16["cls"].double(), f32["cls"].double(), dim=1)
+    assert cos.min() >= 0.99, cos  # bf16 matrix products: close, and on bf16 hardware not equal
+    assert _rel(bf16["patch_tokens"], f32["patch_tokens"]) <= 0.1

@@ -212,6 +212,13 @@ class Preprocessor:
             h, w = h // self.patch_size * self.patch_size, w // self.patch_size * self.patch_size
         return h, w
 
+    @property
+    def fixed_output_size(self) -> Optional[tuple[int, int]]:
+        """(H, W) when every input comes out at that size (a fixed resize, or a crop that always
+        applies), else None."""
+        hw = self.output_size(10**4, 10**4)
+        return hw if hw == self.output_size(37, 5000) else None
+
     def _resized_hw(self, h: int, w: int) -> tuple[int, int]:
         if self._size is None:
             return h, w

@@ -15,6 +15,7 @@ module only parses and reports errors. ``info`` and ``bench`` own their whole ar
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import os
 import signal
@@ -98,6 +99,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def console_main() -> None:
+    """The ``flashdino`` script and ``python -m flashdino``: ``main()``, then the process ends."""
+    code = main()
+    # Once torch is imported, the interpreter's finalisation takes ~0.4 s (its libraries' destructors),
+    # a tenth of a small job. The command is over and has closed its outputs, so the process ends
+    # after the steps of an ordinary exit that can matter: other non-daemon threads joined (and
+    # executors' exit hooks run) by threading's own shutdown, the atexit handlers (multiprocessing's
+    # child cleanup, logging), stdio flushed.
+    join_threads = getattr(threading, "_shutdown", None)  # what Py_Finalize calls first
+    if "torch" not in sys.modules or join_threads is None:
+        sys.exit(code)
+    join_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 def _main(argv: list) -> int:
     if argv and argv[0] in _PASSTHROUGH_RUN:
         return _PASSTHROUGH_RUN[argv[0]](argv[1:])
@@ -144,9 +166,6 @@ def os_error_line(exc: OSError) -> str:
     fix = _OS_ERROR_FIXES.get(exc.errno, "FLASHDINO_DEBUG=1 shows where it happened")
     return f"{what}{where}; {fix}"
 
-
-def console_main() -> None:  # pragma: no cover - the installed script
-    sys.exit(main())
 
 
 __all__ = ["main", "build_parser", "collect_images", "pca_rgb", "render_pca", "CliError"]

@@ -115,10 +115,8 @@ def _build(args, device: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model, pre_cfg = build_model(args)
+    # float32 still: a CPU runtime takes the float32 weights at any --dtype (_to_dtype after _runtime)
     model = model.to(device).eval().requires_grad_(False)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if dtype != torch.float32:
-        model = model.to(dtype)
     P = model.patch_size
     if pre_cfg is None and isinstance(getattr(model, "preprocessor_config", None), dict):
         pre_cfg = model.preprocessor_config  # set by the loaders for HF folders / hub ids
@@ -131,13 +129,21 @@ def _build(args, device: str):
     return model, pre
 
 
+def _to_dtype(model, dtype: str):
+    """The eager model in ``--dtype`` (a CPU runtime instead runs the float32 model at its precision)."""
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return model if torch_dtype == torch.float32 else model.to(torch_dtype)
+
+
 def _check_model_options(model, pre, opts) -> None:
     depth = len(model.blocks)
     bad = [L for L in opts.layers if not 0 <= L < depth]
     if bad:
         raise CliError(f"--layers {bad}: {model.cfg.name} has blocks 0..{depth - 1}")
-    h, w = pre.output_size(10**4, 10**4)
-    fixed = (h, w) == pre.output_size(37, 5000)  # a fixed --size: every input comes out alike
+    fixed = pre.fixed_output_size is not None  # a fixed --size: every input comes out alike
+    h, w = pre.fixed_output_size or (0, 0)
     P = model.patch_size
     if fixed and (h < P or w < P):
         raise CliError(f"--size gives {w}x{h} pixels, less than one {P}x{P} patch of {model.cfg.name}; "
@@ -149,8 +155,6 @@ def _check_model_options(model, pre, opts) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from flashdino.extract.dataset import default_workers
     from flashdino.extract.inputs import Item, collect_items
     from flashdino.extract.runner import ExtractionStopped, init_distributed
@@ -208,8 +212,11 @@ def run(args) -> int:
         model, pre = _build(args, device)
         _check_model_options(model, pre, opts)
         fast = _runtime(model, args, opts, device, len(items))
+        if fast is None:
+            model = _to_dtype(model, opts.dtype)
         fns = {"forward_features": fast.forward_features if fast else None,
-               "intermediate_layers": fast.get_intermediate_layers if fast and opts.layers else None}
+               "intermediate_layers": fast.get_intermediate_layers if fast and opts.layers else None,
+               "prepare": fast.prepare if fast else None}
         if to_file:
             rows = _extract_in_memory(model, pre, items, opts, device, **fns)
             _write_file(out, items, rows, model, args, opts)
@@ -285,16 +292,23 @@ def _runtime(model, args, opts, device: str, n_images: int):
     The runtimes give flashdino's numbers to ~1e-6 (tests/test_features_defaults.py,
     tests/test_export.py), so the choice is not part of a folder's settings (a run may resume with
     another runtime).
+
+    ``--dtype bfloat16`` on a CPU (opt-in reduced precision, recorded in a folder's settings):
+    ``auto`` and ``openvino`` compile the float32 export with OpenVINO's bf16 hint (bf16 matrix
+    products on AMX / AVX512-BF16, norms and softmax in f32; the same export as float32), else
+    the eager model in bfloat16. Both are bf16-accurate, not equal to each other.
     """
     runtime = args.runtime
     cpu = str(device).startswith("cpu")
-    if runtime == "eager" or (runtime == "auto" and (not cpu or opts.dtype != "float32")):
+    precision = {"float32": "fp32", "bfloat16": "bf16"}.get(opts.dtype)
+    if runtime == "eager" or (runtime == "auto" and (not cpu or precision is None)):
         return None
     if not cpu:
         raise CliError(f"--runtime {runtime} is for CPU inference; on {device} leave --runtime auto or eager")
-    if opts.dtype != "float32":
-        raise CliError(f"--runtime {runtime} runs float32 models; drop --dtype {opts.dtype} "
-                       "(reduced precision: flashdino.optimize(model, precision=...))")
+    if precision is None or (precision == "bf16" and runtime not in ("auto", "openvino")):
+        raise CliError(f"--runtime {runtime} does not run --dtype {opts.dtype}; use --runtime eager"
+                       + (" or openvino (bf16 matrix products)" if precision == "bf16" else "")
+                       + " (or drop --dtype: float32 is the default)")
     import time
 
     from flashdino.deploy import choose_runtime, installed_runtimes, optimize
@@ -304,18 +318,22 @@ def _runtime(model, args, opts, device: str, n_images: int):
     layers = tuple(sorted(set(opts.layers) | {len(model.blocks) - 1})) if opts.layers else ()
 
     if runtime == "auto":
-        runtime = choose_runtime()
+        runtime = choose_runtime() if precision == "fp32" else "openvino"
+        if precision == "bf16" and runtime not in installed_runtimes():
+            return None
         if needs_export(runtime) and n_images < EXPORT_MIN_IMAGES and not is_cached(model, runtime, layers=layers):
+            if precision == "bf16":
+                return None
             runtime = "onednn" if "onednn" in installed_runtimes() else "eager"
         if runtime == "eager":
             return None
     t0 = time.perf_counter()
     try:
-        fast = optimize(model, runtime=runtime, layers=layers)
+        fast = optimize(model, runtime=runtime, layers=layers, precision=precision)
     except Exception as exc:  # noqa: BLE001 - auto must still extract: oneDNN needs no export and no extra
         if args.runtime != "auto" or runtime == "onednn":
             raise
-        fallback = "onednn" if "onednn" in installed_runtimes() else "eager"
+        fallback = "onednn" if "onednn" in installed_runtimes() and precision == "fp32" else "eager"
         print(f"flashdino: notice: runtime {runtime} could not be prepared ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else ''}); using {fallback}", file=sys.stderr)
         if fallback == "eager":
@@ -328,7 +346,8 @@ def _runtime(model, args, opts, device: str, n_images: int):
     return fast
 
 
-def _extract_in_memory(model, pre, items, opts, device, forward_features=None, intermediate_layers=None) -> list:
+def _extract_in_memory(model, pre, items, opts, device, forward_features=None, intermediate_layers=None,
+                       prepare=None) -> list:
     from flashdino.extract.dataset import ImageDataset
     from flashdino.extract.runner import Timings, iterate, shard_batches
 
@@ -341,7 +360,7 @@ def _extract_in_memory(model, pre, items, opts, device, forward_features=None, i
     try:
         for batch, got, failures in iterate(model, dataset, shard_batches(0, len(items), opts.batch_size), opts,
                                             device, Timings(), forward_features=forward_features,
-                                            intermediate_layers=intermediate_layers):
+                                            intermediate_layers=intermediate_layers, prepare=prepare):
             if failures:
                 i, reason = failures[0]
                 raise CliError(f"cannot read image {items[i].id}: {reason} (a folder --out records bad images "
@@ -462,7 +481,9 @@ def add_parser(sub) -> None:
     f.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto: CUDA when "
                                                     "available, else cpu; under torchrun cuda means cuda:LOCAL_RANK)")
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the model runs in (default float32; bfloat16 on GPUs that have it)")
+                   help="precision the model runs in (default float32). bfloat16: on GPUs that have it; on a CPU, "
+                        "OpenVINO's bf16 (AMX / AVX512-BF16) with the [openvino] extra, else eager bf16: "
+                        "faster, not equal to float32")
     f.add_argument("--runtime", default="auto", choices=["auto", "eager", "openvino", "onnxruntime", "inductor", "onednn"],
                    help="CPU runtime (flashdino.optimize), same numbers to ~1e-6: default auto = the fastest installed "
                         "(OpenVINO with the [openvino] extra, else oneDNN; eager PyTorch on GPUs); eager = plain "

@@ -188,10 +188,12 @@ class CacheEntry:
             return f"unreadable entry ({type(exc).__name__}: {exc})"
         return None
 
-    def get(self, build: Callable[[Path], None]) -> "CacheEntry":
+    def get(self, build: Callable[[Path], None], *, hashes: bool = True) -> "CacheEntry":
         """Uses the entry if it verifies; else ``build(folder)`` writes the artefacts into a fresh folder
-        and the entry is (re)published, or kept private when the cache cannot be written."""
-        why = self.problem()
+        and the entry is (re)published, or kept private when the cache cannot be written.
+        ``hashes=False``: the record and file sizes only, for a caller that checks ``problem()`` before it
+        reads the files (OpenVINO's warm start reads stored compiled models, not the export)."""
+        why = self.problem(hashes)
         if why is None:
             self.hit = True
             with contextlib.suppress(OSError):  # last use, for eviction; a read-only cache stays as it is

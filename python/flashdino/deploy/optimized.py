@@ -15,8 +15,8 @@ Runtimes (``runtime=``):
 Exports are cached on disk under ``cache_dir`` (default ``$FLASHDINO_CACHE_DIR`` or
 ``~/.cache/flashdino/optimized``), keyed by the architecture, a hash of the weights, the runtime
 and its version, the precision and the flashdino / torch versions, so a second process starts
-without exporting; OpenVINO's compiled models are stored there too (one per input shape), so a
-warm start does not compile either. Every file is verified before it is loaded, the cache is
+without exporting; OpenVINO's compiled models are stored there too (one per input shape and
+precision, all from one export), so a warm start does not compile either. Every file is verified before it is loaded, the cache is
 bounded in size, and a cache that cannot be written means running without one (``deploy/cache.py``).
 Reduced precision changes the numbers and is therefore never chosen unless asked for.
 """
@@ -128,6 +128,7 @@ class OptimizedModel:
         self.names = list(names)
         self.cache_entry = entry
         self._run = run
+        self._prepare = getattr(run, "prepare", None)
 
     def __repr__(self) -> str:
         return f"OptimizedModel({self.model.cfg.name}, runtime={self.runtime!r}, precision={self.precision!r})"
@@ -135,6 +136,13 @@ class OptimizedModel:
     @property
     def patch_size(self) -> int:
         return self.model.patch_size
+
+    def prepare(self, shape: Sequence[int]) -> None:
+        """Readies the runtime for inputs of ``shape`` [B, 3, H, W] now (OpenVINO compiles, or loads the
+        stored compiled model), so that the first call does not wait for it: a caller can overlap this
+        with decoding its first images. Nothing to do for the other runtimes."""
+        if self._prepare is not None:
+            self._prepare(tuple(int(d) for d in shape))
 
     def check_input(self, x) -> None:
         m = self.model
@@ -266,12 +274,14 @@ def _onnxruntime(model, names, precision, entry_root, threads):
 def _openvino(model, names, precision, entry_root, threads):
     ov = require("openvino", 'optimize(runtime="openvino")')
     _need_exporter('optimize(runtime="openvino") (the ONNX export)')
-    entry = _entry(model, "openvino", precision, names, entry_root)
+    # One ONNX export serves every precision: the precision is OpenVINO's compile setting, so it
+    # names the compiled blobs, not the entry (a bf16 run after an fp32 one does not export again).
+    entry = _entry(model, "openvino", "fp32", names, entry_root)
 
     def build(folder: Path):
         export_onnx(model, folder / "model.onnx", outputs=names, check=False)
 
-    entry.get(build)
+    entry.get(build, hashes=False)  # the export is hashed when it is read (read_graph), the blobs when loaded
     core = ov.Core()
     # Compiled models go through export_model / import_model rather than OpenVINO's CACHE_DIR, so that
     # flashdino records and verifies each blob and a read-only cache still serves the stored ones.
@@ -283,6 +293,11 @@ def _openvino(model, names, precision, entry_root, threads):
 
     def read_graph():
         if not graph:
+            why = None if entry.temporary else entry.problem()  # hashed now, before the export is read
+            if why is not None:  # changed since it was recorded: export it again
+                warnings.warn(f"flashdino.optimize: rebuilding the cache entry {entry.folder}: {why}", stacklevel=4)
+                entry.invalidate()
+                entry.get(build)
             try:
                 graph.append(core.read_model(str(entry.path("model.onnx"))))
             except RuntimeError:  # evicted or removed by another process since: export it again
@@ -295,7 +310,7 @@ def _openvino(model, names, precision, entry_root, threads):
         read_graph()  # nothing stays behind in the temporary folder
 
     def compile_for(shape: tuple):
-        tag = "x".join(str(d) for d in shape)
+        tag = ("bf16-" if precision == "bf16" else "") + "x".join(str(d) for d in shape)
         blob = entry.read_blob(tag)
         if blob is not None:
             try:
@@ -323,6 +338,7 @@ def _openvino(model, names, precision, entry_root, threads):
         result = cm(_to_numpy(x))
         return tuple(torch.from_numpy(result[cm.output(n)].copy()) for n in names)
 
+    run.prepare = compiled_for
     return run, entry
 
 
@@ -369,8 +385,9 @@ def needs_export(runtime: str) -> bool:
 
 def is_cached(model, runtime: str, cache_dir: Optional[Union[str, os.PathLike]] = None, *,
               layers: Sequence[int] = ()) -> bool:
-    """Whether ``optimize(model, runtime, layers=layers)`` (fp32) finds its export in the cache, so that
-    it starts without exporting; always True for runtimes without an export."""
+    """Whether ``optimize(model, runtime, layers=layers)`` finds its export in the cache, so that it
+    starts without exporting (for OpenVINO at any precision: they share the export); always True
+    for runtimes without an export."""
     if not needs_export(runtime):
         return True
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -275,7 +275,8 @@ class Timings:
 
 def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts: ExtractOptions, device: str,
             timings: Timings, flush_after: Optional[Sequence[int]] = None,
-            forward_features: Optional[Callable] = None, intermediate_layers: Optional[Callable] = None):
+            forward_features: Optional[Callable] = None, intermediate_layers: Optional[Callable] = None,
+            prepare: Optional[Callable[[tuple], None]] = None):
     """Yields (batch index list, {index: row dict}, [(index, reason)]) for each of ``batches``, in order.
 
     Images of one processed size wait (at most 4 x batch_size images in all) for more of their size,
@@ -283,8 +284,11 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
     ``batches`` after which nothing may wait (a shard's last batch; default: the last batch). A
     batch's rows may therefore come with a later batch, never after the next flush point. With a
     fixed size every loader batch is one model batch, exactly as it was decoded.
+    ``prepare(shape)``: readies a runtime for the first batch's shape (``OptimizedModel.prepare``);
+    called once the decoding workers have started, so that it overlaps with their first images.
     """
-    dtype = PATCH_DTYPES[opts.dtype]
+    # a CPU runtime (forward_features given) takes float32 images at any --dtype: its precision is its own
+    dtype = torch.float32 if forward_features is not None else PATCH_DTYPES[opts.dtype]
     flush = {len(batches) - 1} if flush_after is None else set(flush_after)
     cuda = str(device).startswith("cuda")
     # on a GPU, JPEGs are decoded there in batches (nvJPEG); workers only read headers and bytes
@@ -293,6 +297,9 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
     it = iter(make_loader(dataset, batches, workers=opts.workers, device=device))
     if opts.workers > 0:
         quiet_sigchld()
+    if prepare is not None and opts.workers > 0 and batches and dataset.pre.fixed_output_size is not None:
+        # the workers decode meanwhile (with --workers 0 nothing would overlap: the first call prepares)
+        prepare((len(batches[0]), 3, *dataset.pre.fixed_output_size))
     waiting: dict = {}  # processed shape -> [(indices, x)], in arrival order
     sizes: dict = {}
     for pos, batch in enumerate(batches):
@@ -398,7 +405,7 @@ def _over_limit(limit, failed: float, seen: float, total: int) -> bool:
 def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOptions, dist_info: Dist, *,
                    weights_label: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
                    forward_features: Optional[Callable] = None, intermediate_layers: Optional[Callable] = None,
-                   sources: Sequence[str] = ()) -> dict:
+                   prepare: Optional[Callable[[tuple], None]] = None, sources: Sequence[str] = ()) -> dict:
     """Streams the features of ``items`` into shards under ``out_dir``; resumes; returns the summary.
 
     ``sources``: the inputs as the user gave them (recorded, so that a refused resume names the one
@@ -409,11 +416,11 @@ def extract_to_dir(model, pre, items: Sequence[Item], out_dir, opts: ExtractOpti
     settings = settings_for(model, pre, items, opts, weights_label, sources)
     with writer.locked(out) if dist_info.rank == 0 else contextlib.nullcontext():
         return _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features,
-                               intermediate_layers)
+                               intermediate_layers, prepare)
 
 
 def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forward_features=None,
-                    intermediate_layers=None) -> dict:
+                    intermediate_layers=None, prepare=None) -> dict:
     from tqdm import tqdm
 
     limit = parse_max_failures(opts.max_failures)
@@ -451,7 +458,7 @@ def _extract_locked(model, pre, items, out, opts, dist_info, settings, log, forw
                mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per batch
     shard_ends = [j for j in range(len(plan)) if j + 1 == len(plan) or plan[j + 1][0] != plan[j][0]]
     stream = iterate(model, dataset, [b for _, b in plan], opts, dist_info.device, timings, flush_after=shard_ends,
-                     forward_features=forward_features, intermediate_layers=intermediate_layers)
+                     forward_features=forward_features, intermediate_layers=intermediate_layers, prepare=prepare)
     g_done = g_failed = g_nonfinite = 0.0
     t_start = time.perf_counter()
     # a shard is written and hashed in this thread while the next one is computed; at most one waits
