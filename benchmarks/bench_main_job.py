@@ -7,6 +7,8 @@ start to exit (interpreter start-up, imports, model loading, decoding, the model
 
 - ``flashdino features DIR --weights HF_DIR --out OUT`` with its defaults;
 - the same with ``--runtime eager`` (plain PyTorch);
+- the same with ``--dtype bfloat16`` (opt-in reduced precision: OpenVINO's bf16 on a CPU with AMX /
+  AVX512-BF16, else eager bf16; not equal to float32, so never a default);
 - the HF loop of the transformers docs: AutoImageProcessor + AutoModel, PIL decoding, batches of
   16 under ``torch.inference_mode``;
 - ``transformers.pipeline("image-feature-extraction")`` (batch 16, pooled output = CLS).
@@ -95,6 +97,9 @@ def programs(images: Path, hf: Path, work: Path) -> dict:
                                           work / "default.safetensors"),
         "flashdino features --runtime eager": (fd + ["--runtime", "eager", "--out", str(work / "eager.safetensors")],
                                                work / "eager.safetensors"),
+        "flashdino features --dtype bfloat16 (opt-in)": (fd + ["--dtype", "bfloat16", "--out",
+                                                               str(work / "bf16.safetensors")],
+                                                         work / "bf16.safetensors"),
         "HF loop (AutoImageProcessor + AutoModel)": ([py, "-c", HF_LOOP, str(images), str(hf),
                                                       str(work / "hf_loop.npy")], work / "hf_loop.npy"),
         'transformers.pipeline("image-feature-extraction")': ([py, "-c", HF_PIPELINE, str(images), str(hf),
@@ -176,6 +181,9 @@ def main(argv=None) -> int:
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    # every program imports compiled bytecode, as installed packages do (pip compiles them): flashdino
+    # runs from the source tree here, and PYTHONDONTWRITEBYTECODE would make it compile ~80 modules a run
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/bench_main_job.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine(), "load_start": list(os.getloadavg()),
@@ -192,6 +200,7 @@ def main(argv=None) -> int:
             make_hf_folder(hf)
         # an empty optimize() cache: the warm-up run of the defaults is a user's first run (it exports)
         env["FLASHDINO_CACHE_DIR"] = str(work / f"optimize-cache-{time.time_ns()}")
+        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")  # filled by the warm-up runs, for all programs alike
         progs = programs(images, hf, work)
         if args.only:
             keys = [k.strip() for k in args.only.split(",")]

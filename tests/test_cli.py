@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 
@@ -255,6 +256,40 @@ def test_convert_dispatches_and_converts(monkeypatch, tmp_path, capsys):
         torch.testing.assert_close(loaded.eval()(x), src.eval()(x))
     assert cli.main(["convert", str(tmp_path / "nope.pth"), str(out)]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_the_script_ends_after_the_steps_of_an_ordinary_exit(tmp_path):
+    """console_main skips the interpreter's finalisation (~0.4 s with torch loaded), not what an ordinary
+    exit guarantees: non-daemon threads finish, atexit handlers run, buffered output arrives, and the
+    command's exit status is the process's."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(flashdino.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    script = textwrap.dedent("""
+        import atexit, sys, threading, time
+        import torch
+        from flashdino import cli
+        folder = sys.argv[1]
+
+        def late_write():
+            time.sleep(0.5)
+            with open(folder + "/thread.txt", "w") as fh:
+                fh.write("finished")
+
+        def command():
+            threading.Thread(target=late_write).start()
+            atexit.register(lambda: open(folder + "/atexit.txt", "w").write("ran"))
+            sys.stdout.write("buffered, no newline")
+            return 3
+
+        cli.main = command
+        cli.console_main()
+        """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, no newline"
+    assert (tmp_path / "thread.txt").read_text() == "finished"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
 
 
 def test_python_dash_m_subprocess(tmp_path):

@@ -224,3 +224,20 @@ def test_bfloat16_on_cpu_is_close_to_float32_and_shares_the_export(tmp_path, mon
     cos = torch.nn.functional.cosine_similarity(bf16["cls"].double(), f32["cls"].double(), dim=1)
     assert cos.min() >= 0.99, cos  # bf16 matrix products: close, and on bf16 hardware not equal
     assert _rel(bf16["patch_tokens"], f32["patch_tokens"]) <= 0.1
+
+
+def test_the_runtime_is_prepared_for_the_first_batch_while_workers_decode(tmp_path, monkeypatch):
+    """With decoding workers, the runtime compiles (OpenVINO) for the first batch's shape once they have
+    started, instead of at the first call; the features are unchanged."""
+    shapes = []
+    real = optimize_mod.OptimizedModel.prepare
+    monkeypatch.setattr(optimize_mod.OptimizedModel, "prepare", lambda self, shape: shapes.append(shape) or
+                        real(self, shape))
+    imgs = [str(p) for p in _jpegs(tmp_path / "imgs", 3)]
+    common = ["features", *imgs, *TINY[:-2], "--batch-size", "2", "--out"]
+    assert cli.main([*common, str(tmp_path / "w.safetensors"), "--workers", "1", "--runtime", "onednn"]) == 0
+    assert shapes == [(2, 3, 48, 48)]
+    assert cli.main([*common, str(tmp_path / "e.safetensors"), "--workers", "0", "--runtime", "eager"]) == 0
+    assert shapes == [(2, 3, 48, 48)]
+    a, b = load_file(str(tmp_path / "w.safetensors")), load_file(str(tmp_path / "e.safetensors"))
+    assert _rel(a["cls"], b["cls"]) <= 1e-5

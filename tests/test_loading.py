@@ -313,6 +313,31 @@ def test_missing_and_unexpected_keys(tmp_path):
     assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
 
 
+def test_loading_skips_only_the_random_draws_it_overwrites():
+    """A checkpoint that provides every tensor is loaded without drawing random initial values first;
+    one that leaves a tensor out (strict=False) gets the ordinary initialisation for it, and models
+    built outside the load (the same thread, before and after) are drawn as usual."""
+    src = randomised("dinov3_vits16", **SMALL_V3)
+    sd = src.state_dict()
+    torch.manual_seed(7)
+    before = torch.nn.Linear(8, 8).weight.detach().clone()
+    full = flashdino.create_model("dinov3_vits16", weights=sd, **SMALL_V3)
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), sd.values()))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(full(x), src(x))
+    torch.manual_seed(7)
+    assert torch.equal(torch.nn.Linear(8, 8).weight, before)  # no draw skipped outside the load
+    partial = dict(sd)
+    partial.pop("blocks.1.mlp.fc2.bias")
+    torch.manual_seed(3)
+    reference = build_model(full.cfg)  # what the constructors draw under that seed
+    torch.manual_seed(3)
+    loaded = flashdino.create_model("dinov3_vits16", weights=partial, strict=False, **SMALL_V3)
+    assert torch.equal(loaded.blocks[1].mlp.fc2.bias, reference.blocks[1].mlp.fc2.bias)
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
 def test_wrong_shape_fails_even_when_not_strict():
     src = randomised("dinov3_vits16", **SMALL_V3)
     sd = src.state_dict()
