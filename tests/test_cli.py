@@ -265,7 +265,7 @@ def test_the_script_ends_after_the_steps_of_an_ordinary_exit(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(flashdino.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     script = textwrap.dedent("""
-        import atexit, sys, threading, time
+        import atexit, ctypes, sys, threading, time
         import torch
         from flashdino import cli
         folder = sys.argv[1]
@@ -279,6 +279,8 @@ def test_the_script_ends_after_the_steps_of_an_ordinary_exit(tmp_path):
             threading.Thread(target=late_write).start()
             atexit.register(lambda: open(folder + "/atexit.txt", "w").write("ran"))
             sys.stdout.write("buffered, no newline")
+            sys.stdout.flush()
+            ctypes.CDLL(None).printf(b" and C's stdio")  # as a native library writes: buffered in C
             return 3
 
         cli.main = command
@@ -287,7 +289,7 @@ def test_the_script_ends_after_the_steps_of_an_ordinary_exit(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "buffered, no newline"
+    assert proc.stdout == "buffered, no newline and C's stdio"
     assert (tmp_path / "thread.txt").read_text() == "finished"
     assert (tmp_path / "atexit.txt").read_text() == "ran"
 

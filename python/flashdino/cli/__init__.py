@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import errno
 import os
 import signal
@@ -117,6 +118,10 @@ def console_main() -> None:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
             pass
+    try:  # what native libraries wrote through C's stdio (os._exit does not flush it)
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(code)
 
 
