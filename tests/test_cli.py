@@ -264,6 +264,7 @@ def test_the_script_ends_after_the_steps_of_an_ordinary_exit(tmp_path):
     command's exit status is the process's."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(flashdino.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PYTHONUNBUFFERED", None)  # C's stdout fully buffered, as it is for a pipe by default
     script = textwrap.dedent("""
         import atexit, ctypes, sys, threading, time
         import torch
