@@ -258,6 +258,19 @@ def test_convert_dispatches_and_converts(monkeypatch, tmp_path, capsys):
     assert "nope.pth" in capsys.readouterr().err
 
 
+def test_commands_that_need_no_model_do_not_import_torch():
+    """`flashdino models` and `--help` answer at once (torch alone takes a second or more to import);
+    the error types a command reports are imported only when one is raised."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(flashdino.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    script = ("import sys; from flashdino import cli; rc = cli.main(['models']); "
+              "print(rc, 'torch' in sys.modules, cli.main(['features', '--sample', '--size', '7']))")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 False 2"  # models without torch; a user error still one line, exit 2
+    assert "dinov3_vitl16" in proc.stdout and "flashdino: error:" in proc.stderr
+
+
 def test_the_script_ends_after_the_steps_of_an_ordinary_exit(tmp_path):
     """console_main skips the interpreter's finalisation (~0.4 s with torch loaded), not what an ordinary
     exit guarantees: non-daemon threads finish, atexit handlers run, buffered output arrives, and the
