@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import save_file
 
 import flashdino
-from flashdino.deploy import cache as cache_mod
 from flashdino.deploy import onnx_export
 from flashdino.deploy import optimized as optimize_mod
 from flashdino.deploy._extras import available
