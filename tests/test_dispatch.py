@@ -281,7 +281,7 @@ def test_a_lazy_backend_loads_at_the_first_call_that_can_use_it_and_once(demo_op
     assert len(loads) == 1
 
 
-@pytest.mark.parametrize("need", ["cuda call", "interpreter", "backends", "unavailable", "explain"])
+@pytest.mark.parametrize("need", ["cuda call", "interpreter", "use", "backends", "unavailable", "explain"])
 def test_each_need_loads_a_lazy_backend(demo_op, monkeypatch, need):
     dispatch.register_lazy(demo_op, "triton", lambda: dispatch.register(demo_op, "triton", _fast))
     if need == "cuda call":
@@ -289,11 +289,35 @@ def test_each_need_loads_a_lazy_backend(demo_op, monkeypatch, need):
     elif need == "interpreter":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         dispatch.select(demo_op, DemoCall(8), CPU, backend="triton")
+    elif need == "use":  # a block for every op applies to the ops that have the backend
+        with dispatch.use("triton"), pytest.raises(ValueError, match="need CUDA"):
+            dispatch.select(demo_op, DemoCall(8), CPU)
     elif need == "backends":
         dispatch.backends(demo_op)
     else:
         getattr(dispatch, need)()
     assert "triton" in dispatch._REGISTRY[demo_op] and not dispatch._PENDING[demo_op]
+
+
+def test_a_first_load_inside_a_fullgraph_trace(demo_op, monkeypatch):
+    # The loader runs as plain Python beside the trace (a lock and imports cannot be traced), and
+    # the trace reads the registry it filled.
+    loads = []
+
+    def load():
+        loads.append(1)
+        dispatch.register(demo_op, "triton", _fast)
+
+    dispatch.register_lazy(demo_op, "triton", load)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def run(x):
+        fn, _, _ = dispatch.select(demo_op, DemoCall(x.shape[0]), x.device, backend="triton")
+        return fn(x)
+
+    out = torch.compile(run, fullgraph=True, backend="eager")(torch.zeros(3))
+    torch.testing.assert_close(out, torch.ones(3))
+    assert loads == [1]
 
 
 def test_a_loader_that_raises_is_an_unavailable_backend_and_the_reference_runs(demo_op, monkeypatch):

@@ -117,6 +117,17 @@ def register_lazy(op: str, backend: str, load: Callable[[], None]) -> None:
     _PENDING.setdefault(op, {})[backend] = load
 
 
+def _run_untraced(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` (the mark it sets) without importing
+    ``torch._dynamo``, which imports Triton, the start-up cost the lazy loads avoid: traced code
+    (torch.compile) calls ``fn`` as plain Python instead of tracing it. A load takes a lock and
+    imports modules, which a trace cannot contain, and completes before the trace reads the
+    registry it fills."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_run_untraced
 def _load(op: str, backend: str) -> None:
     """Runs the pending loader of ``backend`` for ``op``, if any (once per process)."""
     if backend not in _PENDING.get(op, {}):  # the common case, without the lock
@@ -138,6 +149,22 @@ def _load(op: str, backend: str) -> None:
             _LOADING.discard((op, backend))
             # Dropped only now: a thread that found it pending has waited for the lock until here.
             del _PENDING[op][backend]
+
+
+def _runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run on ``device`` at all: off CUDA only the reference does, and
+    Triton's interpreter under ``TRITON_INTERPRET=1`` (the tests)."""
+    return backend == "torch" or device.type == "cuda" or (
+        backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@_run_untraced
+def _load_runnable(op: str, device: torch.device) -> None:
+    """Loads the pending backends of ``op`` that can run on ``device`` (none on a CPU, so a
+    CPU-only process never imports them)."""
+    for backend in list(_PENDING.get(op, {})):
+        if _runs_on(backend, device):
+            _load(op, backend)
 
 
 def _load_all(op: Optional[str] = None) -> None:
@@ -252,8 +279,7 @@ def use(backend: str, op: Optional[str] = None) -> Iterator[None]:
 
 
 def _why_not(op: str, backend: str, device: torch.device, call) -> Optional[str]:
-    runs_here = backend == "torch" or device.type == "cuda" or (
-        backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    runs_here = _runs_on(backend, device)
     if runs_here:  # a backend that cannot run on this device is not worth importing
         _load(op, backend)
     impls = _REGISTRY[op]
@@ -330,8 +356,11 @@ def _choose(op: str, call, device: torch.device, backend: Optional[str],
         raise ValueError(f"unknown op {op!r} (known: {ops()})")
     if type(call) is not spec.call_type:
         raise TypeError(f"{op}: expected a {spec.call_type.__name__} call description, got {type(call).__name__}")
+    # The loads first: a trace must not read the registry before a load fills it.
+    _load_runnable(op, device)
+    forced = _forced(op)
     impls = _REGISTRY[op]
-    for chosen, source in ((backend, "requested by the caller"), (_forced(op), "forced by dispatch.use")):
+    for chosen, source in ((backend, "requested by the caller"), (forced, "forced by dispatch.use")):
         if chosen is not None:
             chosen = _check_backend(chosen, "backend")
             why = _why_not(op, chosen, device, call)
