@@ -5,7 +5,8 @@ its op once with :func:`define` (the typed call description its ``supports`` rul
 preferred order on CUDA, a typical call for :func:`explain`), then registers its implementations:
 the pure-PyTorch reference as "torch" (always present) with :func:`register`, and "triton" and
 "cuda" with :func:`register_lazy`, a loader that imports the backend module and registers it the
-first time something needs it (a call that can run it, a forced choice, the tuner, the self-check,
+first time something needs it (a call on tensors it can run on, a :func:`use` block for every op,
+the tuner and the self-check through :func:`implementation` and :func:`variants`, the reports
 :func:`explain`, :func:`backends`, :func:`unavailable`), so that a CPU-only process never imports
 Triton. A backend that cannot load is recorded with :func:`mark_unavailable` and reported by
 ``flashdino info``.
