@@ -1,8 +1,8 @@
-"""The dispatch registry: typed calls, dispatch.use(), last_backend(), the environment switches."""
+"""The dispatch registry: typed calls, dispatch.use(), last_backend(), the environment switches,
+backends registered lazily (loaded at the first need, never in a CPU-only process)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -18,6 +18,7 @@ import torch
 from flashdino import dispatch, ops
 from flashdino.ops.final_norm import FinalNormCall
 from flashdino.ops.residual_layernorm import ResidualLayerNormCall
+from flashdino.triton_support import triton_status
 
 from _backends import runnable
 
@@ -353,7 +354,7 @@ def test_a_loader_that_registers_nothing_is_reported(demo_op):
     assert "registered no triton implementation of demo" in dispatch.unavailable()["triton"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.skipif(not triton_status()[0], reason="Triton is not usable here")
 def test_info_reporting_lists_triton_when_it_imports():
     # A fresh process, as `flashdino info` runs: the reports load the pending backends themselves.
     # Importing a backend module directly (the audit, the benchmarks) registers nothing twice.
