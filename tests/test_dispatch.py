@@ -1,4 +1,5 @@
-"""The dispatch registry: typed calls, dispatch.use(), last_backend(), the environment switches."""
+"""The dispatch registry: typed calls, dispatch.use(), last_backend(), the environment switches,
+backends registered lazily (loaded at the first need, never in a CPU-only process)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ import torch
 from flashdino import dispatch, ops
 from flashdino.ops.final_norm import FinalNormCall
 from flashdino.ops.residual_layernorm import ResidualLayerNormCall
+from flashdino.triton_support import triton_status
 
 from _backends import runnable
 
@@ -203,3 +207,181 @@ def test_explain_names_a_backend_and_reason_per_op():
     assert set(table) == set(dispatch.ops())
     for op, (name, reason) in table.items():
         assert name == "torch" and reason, op
+
+
+def _python(code: str, **env) -> str:
+    """stdout of ``code`` in a fresh interpreter (nothing loaded yet), without the tests'
+    TRITON_INTERPRET unless given."""
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**environ, **env})
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_a_cpu_process_never_imports_triton():
+    code = ("import sys, torch, flashdino, flashdino.layers, flashdino.models\n"
+            "assert 'triton' not in sys.modules, 'import'\n"
+            "model = flashdino.create_model('dinov3_vits16', depth=2).eval()\n"
+            "with torch.no_grad():\n"
+            "    model(torch.randn(1, 3, 32, 32))\n"
+            "from flashdino import dispatch\n"
+            "print(sorted({dispatch.last_backend(op) for op in dispatch.ops()}), 'triton' in sys.modules)")
+    assert _python(code).split() == ["['torch']", "False"]
+
+
+@dataclass(frozen=True)
+class DemoCall:
+    n: int
+
+
+@pytest.fixture
+def demo_op(monkeypatch):
+    """A throwaway op "demo" with a "torch" reference, in copies of the dispatch tables."""
+    for table in ("_OPS", "_REGISTRY", "_VARIANTS", "_PENDING", "_UNAVAILABLE"):
+        monkeypatch.setattr(dispatch, table, dict(getattr(dispatch, table)))
+    monkeypatch.setattr(dispatch, "_GPU_RULES", {"device_rule": None, "first_use_check": None})
+    monkeypatch.setattr(dispatch, "_TUNER", [None])
+    dispatch.define("demo", DemoCall, ("triton", "torch"), lambda device: DemoCall(8))
+    dispatch.register("demo", "torch", lambda x: x)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return "demo"
+
+
+def _fast(x):
+    return x + 1
+
+
+def test_a_lazy_backend_loads_at_the_first_call_that_can_use_it_and_once(demo_op):
+    loads = []
+
+    def load():
+        loads.append(threading.get_ident())
+        time.sleep(0.05)  # long enough for the other threads to ask while the load is under way
+        dispatch.register(demo_op, "triton", _fast)
+        dispatch.register_variant(demo_op, "triton", "wide", _fast)
+
+    dispatch.register_lazy(demo_op, "triton", load)
+    assert dispatch.select(demo_op, DemoCall(8), CPU)[1] == "torch"
+    with pytest.raises(ValueError, match="need CUDA"):
+        dispatch.select(demo_op, DemoCall(8), CPU, backend="triton")
+    assert loads == []  # CPU tensors cannot run the kernels: nothing to import for them
+
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(dispatch.implementation(demo_op, "triton")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found == [_fast] * 4 and len(loads) == 1
+    assert dispatch.select(demo_op, DemoCall(8), torch.device("cuda"))[1] == "triton"
+    assert dispatch.backends(demo_op) == ("triton", "torch")
+    assert dispatch.variants(demo_op, "triton") == ("", "wide")
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize("need", ["cuda call", "interpreter", "use", "backends", "unavailable", "explain"])
+def test_each_need_loads_a_lazy_backend(demo_op, monkeypatch, need):
+    dispatch.register_lazy(demo_op, "triton", lambda: dispatch.register(demo_op, "triton", _fast))
+    if need == "cuda call":
+        dispatch.select(demo_op, DemoCall(8), torch.device("cuda"))
+    elif need == "interpreter":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        dispatch.select(demo_op, DemoCall(8), CPU, backend="triton")
+    elif need == "use":  # a block for every op applies to the ops that have the backend
+        with dispatch.use("triton"), pytest.raises(ValueError, match="need CUDA"):
+            dispatch.select(demo_op, DemoCall(8), CPU)
+    elif need == "backends":
+        dispatch.backends(demo_op)
+    else:
+        getattr(dispatch, need)()
+    assert "triton" in dispatch._REGISTRY[demo_op] and not dispatch._PENDING[demo_op]
+
+
+def test_a_first_load_inside_a_fullgraph_trace(demo_op, monkeypatch):
+    # The loader runs as plain Python beside the trace (a lock and imports cannot be traced), and
+    # the trace reads the registry it filled.
+    loads = []
+
+    def load():
+        loads.append(1)
+        dispatch.register(demo_op, "triton", _fast)
+
+    dispatch.register_lazy(demo_op, "triton", load)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def run(x):
+        fn, _, _ = dispatch.select(demo_op, DemoCall(x.shape[0]), x.device, backend="triton")
+        return fn(x)
+
+    out = torch.compile(run, fullgraph=True, backend="eager")(torch.zeros(3))
+    torch.testing.assert_close(out, torch.ones(3))
+    assert loads == [1]
+
+
+def test_a_loader_that_raises_is_an_unavailable_backend_and_the_reference_runs(demo_op, monkeypatch):
+    loads = []
+
+    def broken():
+        loads.append(1)
+        dispatch.register(demo_op, "triton", _fast)  # half-way, then the import fails
+        raise ImportError("triton is not importable (ImportError: libcuda.so.1)")
+
+    dispatch.register_lazy(demo_op, "triton", broken)
+    monkeypatch.setenv("FLASHDINO_BACKEND_DEMO", "triton")
+    with pytest.warns(UserWarning, match="Triton backend did not load: triton is not importable"):
+        fn, name, _ = dispatch.select(demo_op, DemoCall(8), torch.device("cuda"))
+    assert name == "torch" and fn(1) == 1
+    assert dispatch.backends(demo_op) == ("torch",) and dispatch.variants(demo_op, "triton") == ()
+    assert dispatch.unavailable()["triton"].startswith("Triton backend did not load: triton is not importable")
+    with pytest.raises(ValueError, match="Triton backend did not load"):
+        dispatch.select(demo_op, DemoCall(8), CPU, backend="triton")
+    assert len(loads) == 1
+
+
+def test_register_lazy_checks_its_arguments(demo_op):
+    with pytest.raises(ValueError, match="not defined"):
+        dispatch.register_lazy("not_an_op", "triton", lambda: None)
+    with pytest.raises(ValueError, match="not an optional backend"):
+        dispatch.register_lazy(demo_op, "torch", lambda: None)
+
+
+def test_a_loader_that_registers_nothing_is_reported(demo_op):
+    dispatch.register_lazy(demo_op, "triton", lambda: None)
+    assert dispatch.backends(demo_op) == ("torch",)
+    assert "registered no triton implementation of demo" in dispatch.unavailable()["triton"]
+
+
+@pytest.mark.skipif(not triton_status()[0], reason="Triton is not usable here")
+def test_info_reporting_lists_triton_when_it_imports():
+    # A fresh process, as `flashdino info` runs: the reports load the pending backends themselves.
+    # Importing a backend module directly (the audit, the benchmarks) registers nothing twice.
+    code = ("import sys, torch, flashdino.ops\n"
+            "from flashdino import dispatch\n"
+            "from flashdino.ops.rope_attention import triton as kernels\n"
+            "assert 'triton' not in dispatch._REGISTRY['rope_attention']\n"
+            "print(dispatch.unavailable().get('triton'))\n"
+            "print(sorted(op for op in dispatch.ops() if 'triton' in dispatch.backends(op)))\n"
+            "print(dispatch.implementation('rope_attention', 'triton') is kernels.rope_attention)\n"
+            "print(sorted(dispatch.explain(torch.device('cpu')).items())[0])")
+    lines = _python(code).splitlines()
+    assert lines[0] == "None"
+    assert lines[1] == str(sorted(dispatch.ops()))
+    assert lines[2] == "True"
+    assert lines[3] == "('final_norm', ('torch', 'tensors on cpu'))"
+
+
+def test_info_reporting_names_why_triton_did_not_load(tmp_path):
+    broken = tmp_path / "triton"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('a broken Triton install')\n")
+    code = ("import flashdino.ops\n"
+            "from flashdino import dispatch, info\n"
+            "facts = info.collect()\n"
+            "print(facts['unavailable_backends']['triton'])\n"
+            "print(sorted({name for name, _ in dispatch.explain().values()}), dispatch.backends('final_norm'))")
+    lines = _python(code, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path])).splitlines()
+    assert lines[0].startswith("Triton backend did not load: ") and "a broken Triton install" in lines[0]
+    assert lines[1] == "['torch'] ('torch',)"

@@ -2,10 +2,14 @@
 
 The table of ops imports no backend. Each op package (``flashdino/ops/<op>/__init__.py``) declares
 its op once with :func:`define` (the typed call description its ``supports`` rules read, the
-preferred order on CUDA, a typical call for :func:`explain`), then registers its implementations
-with :func:`register`: the pure-PyTorch reference as "torch" (always present) and, when their
-toolchain imports, "triton" and "cuda". A backend that cannot load is recorded with
-:func:`mark_unavailable` and reported by ``flashdino info``.
+preferred order on CUDA, a typical call for :func:`explain`), then registers its implementations:
+the pure-PyTorch reference as "torch" (always present) with :func:`register`, and "triton" and
+"cuda" with :func:`register_lazy`, a loader that imports the backend module and registers it the
+first time something needs it (a call on tensors it can run on, a :func:`use` block for every op,
+the tuner and the self-check through :func:`implementation` and :func:`variants`, the reports
+:func:`explain`, :func:`backends`, :func:`unavailable`), so that a CPU-only process never imports
+Triton. A backend that cannot load is recorded with :func:`mark_unavailable` and reported by
+``flashdino info``.
 
 Selection for one call, first match wins:
 
@@ -34,6 +38,7 @@ import contextlib
 import contextvars
 import dataclasses
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -41,6 +46,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 BACKENDS = ("cuda", "triton", "torch")
+_TITLES = {"cuda": "CUDA", "triton": "Triton", "torch": "PyTorch"}  # as the load failures name them
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,11 @@ _REGISTRY: dict[str, dict[str, Impl]] = {}
 _UNAVAILABLE: dict[str, str] = {}  # backend -> why it could not be loaded
 _VARIANTS: dict[str, dict[str, dict[str, "Impl"]]] = {}  # op -> backend -> variant name -> Impl
 _LAST: dict[str, str] = {}
+_PENDING: dict[str, dict[str, Callable[[], None]]] = {}  # op -> backend -> loader not yet run
+_LOADING: set[tuple[str, str]] = set()  # (op, backend) whose loader runs now, in the thread holding the lock
+# Held while a loader runs, so that a thread needing the same backend waits for its registration.
+# Reentrant: a loader registers through this module and may ask for its op's other backends.
+_LOAD_LOCK = threading.RLock()
 # Innermost use() first: (backend, op or None for every op).
 _FORCED: contextvars.ContextVar[tuple[tuple[str, Optional[str]], ...]] = contextvars.ContextVar(
     "flashdino_dispatch_forced", default=())
@@ -95,12 +106,82 @@ def register(op: str, backend: str, fn: Callable,
     _REGISTRY[op][backend] = Impl(fn, supports or _always)
 
 
+def register_lazy(op: str, backend: str, load: Callable[[], None]) -> None:
+    """Registers ``backend`` of ``op`` on first need: ``load()`` imports the backend module and
+    calls :func:`register` (and :func:`register_variant`) for it, or raises, which records the
+    backend as unavailable with the exception as the reason while the reference keeps running.
+    It runs at most once; a module that imports the backend module directly registers nothing."""
+    if op not in _OPS:
+        raise ValueError(f"register_lazy: op {op!r} is not defined (call dispatch.define first)")
+    if backend not in BACKENDS or backend == "torch":
+        raise ValueError(f"register_lazy: {backend!r} is not an optional backend (known: {BACKENDS[:-1]})")
+    _PENDING.setdefault(op, {})[backend] = load
+
+
+def _run_untraced(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` (the mark it sets) without importing
+    ``torch._dynamo``, which imports Triton, the start-up cost the lazy loads avoid: traced code
+    (torch.compile) calls ``fn`` as plain Python instead of tracing it. A load takes a lock and
+    imports modules, which a trace cannot contain, and completes before the trace reads the
+    registry it fills."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_run_untraced
+def _load(op: str, backend: str) -> None:
+    """Runs the pending loader of ``backend`` for ``op``, if any (once per process)."""
+    if backend not in _PENDING.get(op, {}):  # the common case, without the lock
+        return
+    with _LOAD_LOCK:
+        load = _PENDING.get(op, {}).get(backend)
+        if load is None or (op, backend) in _LOADING:  # loaded meanwhile, or the loader itself asking
+            return
+        _LOADING.add((op, backend))
+        try:
+            load()
+            if backend not in _REGISTRY[op]:
+                raise RuntimeError(f"its loader registered no {backend} implementation of {op}")
+        except Exception as exc:  # ImportError, or a broken toolchain: the other backends still run
+            _REGISTRY[op].pop(backend, None)  # a loader that failed half-way leaves nothing behind
+            _VARIANTS.get(op, {}).pop(backend, None)
+            mark_unavailable(backend, f"{_TITLES[backend]} backend did not load: {exc}")
+        finally:
+            _LOADING.discard((op, backend))
+            # Dropped only now: a thread that found it pending has waited for the lock until here.
+            del _PENDING[op][backend]
+
+
+def _runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run on ``device`` at all: off CUDA only the reference does, and
+    Triton's interpreter under ``TRITON_INTERPRET=1`` (the tests)."""
+    return backend == "torch" or device.type == "cuda" or (
+        backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@_run_untraced
+def _load_runnable(op: str, device: torch.device) -> None:
+    """Loads the pending backends of ``op`` that can run on ``device`` (none on a CPU, so a
+    CPU-only process never imports them)."""
+    for backend in list(_PENDING.get(op, {})):
+        if _runs_on(backend, device):
+            _load(op, backend)
+
+
+def _load_all(op: Optional[str] = None) -> None:
+    """Loads every pending backend of ``op`` (of every op when None)."""
+    for name in ([op] if op is not None else list(_PENDING)):
+        for backend in list(_PENDING.get(name, {})):
+            _load(name, backend)
+
+
 def register_variant(op: str, backend: str, variant: str, fn: Callable,
                      supports: Optional[Callable[[object], Optional[str]]] = None) -> None:
     """An alternative implementation of a registered backend with the same signature and results
     (a launch configuration, an SDPA kernel), which on-device tuning may time and choose.
     ``supports(call)`` says when the variant applies, on top of the backend's own rule and device
     rule, which apply to every variant. "" names the backend's default implementation."""
+    _load(op, backend)
     if backend not in _REGISTRY.get(op, {}):
         raise ValueError(f"register_variant: {op!r} has no {backend} backend to add a variant to")
     if not variant:
@@ -111,6 +192,7 @@ def register_variant(op: str, backend: str, variant: str, fn: Callable,
 def variants(op: str, backend: str, call=None) -> tuple[str, ...]:
     """The variants of ``backend`` for ``op``, "" (the registered default) first; with ``call``,
     only those whose own ``supports`` rule accepts it."""
+    _load(op, backend)
     if backend not in _REGISTRY.get(op, {}):
         return ()
     named = _VARIANTS.get(op, {}).get(backend, {})
@@ -126,7 +208,8 @@ def ops() -> tuple[str, ...]:
 
 
 def backends(op: str) -> tuple[str, ...]:
-    """Backends registered for ``op`` on this machine."""
+    """Backends registered for ``op`` on this machine (loading those registered lazily)."""
+    _load_all(op)
     return tuple(b for b in BACKENDS if b in _REGISTRY.get(op, {}))
 
 
@@ -170,6 +253,8 @@ def _env_choice(op: str) -> Optional[str]:
 
 def _forced(op: str) -> Optional[str]:
     for backend, scope in _FORCED.get():
+        if scope is None:
+            _load(op, backend)  # whether the op has that backend decides whether the block applies
         if scope == op or (scope is None and backend in _REGISTRY[op]):
             return backend
     return None
@@ -195,13 +280,14 @@ def use(backend: str, op: Optional[str] = None) -> Iterator[None]:
 
 
 def _why_not(op: str, backend: str, device: torch.device, call) -> Optional[str]:
+    runs_here = _runs_on(backend, device)
+    if runs_here:  # a backend that cannot run on this device is not worth importing
+        _load(op, backend)
     impls = _REGISTRY[op]
-    if backend not in impls:
+    if backend not in impls and backend not in _PENDING.get(op, {}):
         return _UNAVAILABLE.get(backend, f"no {backend} implementation of {op}")
-    if backend != "torch" and device.type != "cuda":
-        interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-        if not interpreted:
-            return f"tensors are on {device.type}, the {backend} kernels need CUDA"
+    if not runs_here:
+        return f"tensors are on {device.type}, the {backend} kernels need CUDA"
     why = impls[backend].supports(call) or _device_rule(backend, device)
     if why is None and backend != "torch":
         why = _first_use_check(op, backend, device, call)
@@ -253,6 +339,7 @@ def _first_use_check(op: str, backend: str, device: torch.device, call) -> Optio
 def implementation(op: str, backend: str, variant: str = "") -> Callable:
     """The registered function of ``backend`` (or one of its variants) for ``op`` (the self-check
     probes and the tuner call it directly)."""
+    _load(op, backend)
     if op not in _REGISTRY or backend not in _REGISTRY[op]:
         raise ValueError(f"no {backend} implementation of {op!r}")
     if not variant:
@@ -270,8 +357,11 @@ def _choose(op: str, call, device: torch.device, backend: Optional[str],
         raise ValueError(f"unknown op {op!r} (known: {ops()})")
     if type(call) is not spec.call_type:
         raise TypeError(f"{op}: expected a {spec.call_type.__name__} call description, got {type(call).__name__}")
+    # The loads first: a trace must not read the registry before a load fills it.
+    _load_runnable(op, device)
+    forced = _forced(op)
     impls = _REGISTRY[op]
-    for chosen, source in ((backend, "requested by the caller"), (_forced(op), "forced by dispatch.use")):
+    for chosen, source in ((backend, "requested by the caller"), (forced, "forced by dispatch.use")):
         if chosen is not None:
             chosen = _check_backend(chosen, "backend")
             why = _why_not(op, chosen, device, call)
@@ -322,6 +412,7 @@ def explain(device: Optional[torch.device] = None) -> dict[str, tuple[str, str]]
     """Backend and reason per op for the op's typical call on ``device`` (``flashdino info``); the
     tuned choice where one is known, never a new measurement."""
     check_environment()
+    _load_all()  # the report names why a backend is missing, which only its load attempt can tell
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     for op in ops():
@@ -334,4 +425,6 @@ def explain(device: Optional[torch.device] = None) -> dict[str, tuple[str, str]]
 
 
 def unavailable() -> dict[str, str]:
+    """Backend -> why it could not be loaded (after attempting every pending load)."""
+    _load_all()
     return dict(_UNAVAILABLE)

@@ -2,8 +2,9 @@
 
 Every package holds the public function (validation + its one dispatch call) in ``__init__.py``,
 the pure-PyTorch reference in ``reference.py`` and the kernels in ``triton.py`` / ``cuda.py``.
-Importing a package declares the op with ``flashdino.dispatch`` and registers the backends that
-load on this machine.
+Importing a package declares the op with ``flashdino.dispatch``, registers its reference and
+registers its kernels lazily: ``triton.py`` / ``cuda.py`` (and Triton itself) are imported the first
+time a call or a report needs them, never in a CPU-only process.
 """
 
 from .final_norm import final_norm

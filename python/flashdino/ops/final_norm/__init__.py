@@ -37,12 +37,14 @@ def _typical(device: torch.device) -> FinalNormCall:
 
 dispatch.define(OP, FinalNormCall, preference=("triton", "torch"), typical=_typical)
 dispatch.register(OP, "torch", reference.final_norm)
-try:
-    from . import triton as _triton
-except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
-    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
-else:
-    dispatch.register(OP, "triton", _triton.final_norm, _triton.supports)
+
+
+def _load_triton() -> None:
+    from . import triton as kernels
+    dispatch.register(OP, "triton", kernels.final_norm, kernels.supports)
+
+
+dispatch.register_lazy(OP, "triton", _load_triton)  # imports Triton only when a call can use it
 
 
 def final_norm(x: Tensor, n_prefix: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, *,

@@ -42,12 +42,14 @@ def _typical(device: torch.device) -> PatchEmbedCall:
 
 dispatch.define(OP, PatchEmbedCall, preference=("triton", "torch"), typical=_typical)
 dispatch.register(OP, "torch", reference.patch_embed_tokens)
-try:
-    from . import triton as _triton
-except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
-    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
-else:
-    dispatch.register(OP, "triton", _triton.patch_embed_tokens, _triton.supports)
+
+
+def _load_triton() -> None:
+    from . import triton as kernels
+    dispatch.register(OP, "triton", kernels.patch_embed_tokens, kernels.supports)
+
+
+dispatch.register_lazy(OP, "triton", _load_triton)  # imports Triton only when a call can use it
 
 
 def patch_grid(x: Tensor, patch_size: int, channels_last: bool = False) -> tuple[int, int]:

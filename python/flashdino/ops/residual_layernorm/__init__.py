@@ -36,12 +36,14 @@ def _typical(device: torch.device) -> ResidualLayerNormCall:
 
 dispatch.define(OP, ResidualLayerNormCall, preference=("triton", "torch"), typical=_typical)
 dispatch.register(OP, "torch", reference.residual_layernorm)
-try:
-    from . import triton as _triton
-except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
-    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
-else:
-    dispatch.register(OP, "triton", _triton.residual_layernorm, _triton.supports)
+
+
+def _load_triton() -> None:
+    from . import triton as kernels
+    dispatch.register(OP, "triton", kernels.residual_layernorm, kernels.supports)
+
+
+dispatch.register_lazy(OP, "triton", _load_triton)  # imports Triton only when a call can use it
 
 
 def residual_layernorm(x: Tensor, branch: Tensor, gamma: Optional[Tensor], weight: Optional[Tensor],

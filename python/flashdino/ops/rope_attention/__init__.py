@@ -55,41 +55,41 @@ def _typical(device: torch.device) -> RopeAttentionCall:
 
 dispatch.define(OP, RopeAttentionCall, preference=("triton", "cuda", "torch"), typical=_typical)
 dispatch.register(OP, "torch", reference.rope_attention)
-try:
-    from . import triton as _triton
-except Exception as exc:  # ImportError, or a broken Triton install: the reference still runs
-    dispatch.mark_unavailable("triton", f"Triton backend did not load: {exc}")
-else:
-    dispatch.register(OP, "triton", _triton.rope_attention, _triton.supports)
-try:
-    from . import cuda as _cuda
-except Exception as exc:
-    dispatch.mark_unavailable("cuda", f"CUDA backend did not load: {exc}")
-else:
-    dispatch.register(OP, "cuda", _cuda.rope_attention, _cuda.supports)
 
 
-def _register_tuning_variants() -> None:
-    """What on-device tuning (``flashdino.check.tune``) may time besides each backend's default:
-    every audited Triton forward configuration, and each attention kernel after the PyTorch or
-    the CUDA RoPE (SDPA's flash / efficient / cudnn kernels, xformers where installed; SDPA's math
-    kernel is left out: never the fastest on a GPU, it is the default path's own fallback)."""
-    kernels = tuple(k for k in attend.kernels() if k != "math")
-    for backend in ("torch", "cuda"):
-        if backend in dispatch.backends(OP):
-            fn = dispatch.implementation(OP, backend)
-            for kernel in kernels:
-                dispatch.register_variant(OP, backend, f"sdpa-{kernel}" if kernel != "xformers" else kernel,
-                                          functools.partial(fn, attention=kernel))
-    if "triton" in dispatch.backends(OP):
-        for cfg in sorted({c for configs in _triton.FWD_CANDIDATES.values() for c in configs}):
-            def applies(call, cfg=cfg) -> Optional[str]:  # the default configuration is the variant ""
-                return None if cfg in _triton.fwd_candidates(call)[1:] else "not a tuning candidate for this call"
-            dispatch.register_variant(OP, "triton", _triton.config_name(cfg),
-                                      functools.partial(_triton.rope_attention, fwd_config=cfg), applies)
+def _register_attention_variants(backend: str) -> None:
+    """Each attention kernel after ``backend``'s RoPE as a variant on-device tuning
+    (``flashdino.check.tune``) may time: SDPA's flash / efficient / cudnn kernels, xformers where
+    installed. SDPA's math kernel is left out: never the fastest on a GPU, it is the default
+    path's own fallback."""
+    fn = dispatch.implementation(OP, backend)
+    for kernel in attend.kernels():
+        if kernel != "math":
+            dispatch.register_variant(OP, backend, f"sdpa-{kernel}" if kernel != "xformers" else kernel,
+                                      functools.partial(fn, attention=kernel))
 
 
-_register_tuning_variants()
+def _load_triton() -> None:
+    """The Triton backend, and each audited forward configuration as a tuning variant."""
+    from . import triton as kernels
+    dispatch.register(OP, "triton", kernels.rope_attention, kernels.supports)
+    for cfg in sorted({c for configs in kernels.FWD_CANDIDATES.values() for c in configs}):
+        def applies(call, cfg=cfg) -> Optional[str]:  # the default configuration is the variant ""
+            return None if cfg in kernels.fwd_candidates(call)[1:] else "not a tuning candidate for this call"
+        dispatch.register_variant(OP, "triton", kernels.config_name(cfg),
+                                  functools.partial(kernels.rope_attention, fwd_config=cfg), applies)
+
+
+def _load_cuda() -> None:
+    from . import cuda
+    dispatch.register(OP, "cuda", cuda.rope_attention, cuda.supports)
+    _register_attention_variants("cuda")
+
+
+_register_attention_variants("torch")
+# Imported only when a call can use them: a CPU-only process never loads Triton or flashdino._C.
+dispatch.register_lazy(OP, "triton", _load_triton)
+dispatch.register_lazy(OP, "cuda", _load_cuda)
 
 
 def _check(qkv: Tensor, num_heads: int, rope: Optional[RopeGrid], q_norm, k_norm) -> int:
