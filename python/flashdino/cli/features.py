@@ -295,8 +295,8 @@ def _runtime(model, args, opts, device: str, n_images: int):
 
     ``--dtype bfloat16`` on a CPU (opt-in reduced precision, recorded in a folder's settings):
     ``auto`` and ``openvino`` compile the float32 export with OpenVINO's bf16 hint (bf16 matrix
-    products on AMX / AVX512-BF16, norms and softmax in f32; the same export as float32), else
-    the eager model in bfloat16. Both are bf16-accurate, not equal to each other.
+    products on AMX / AVX512-BF16 with f32 accumulation; the same export as float32), else the
+    eager model in bfloat16. Both are bf16-accurate, not equal to each other.
     """
     runtime = args.runtime
     cpu = str(device).startswith("cpu")
