@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -535,6 +536,38 @@ def test_a_decoding_worker_killed_mid_batch_is_survived(tmp_path, monkeypatch, c
     assert fs.ids == [i for i in ref.ids if i != str(killer)] and len(fs) == 9
     for j, ident in enumerate(fs.ids):
         torch.testing.assert_close(fs.cls[j], ref.cls[ref.index_of(ident)], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cut", [EOFError, ConnectionResetError, pickle.UnpicklingError])
+def test_a_batch_cut_off_mid_message_is_decoded_again(tmp_path, monkeypatch, cut):
+    """A worker killed while it was sending its batch leaves a truncated message: the loader's next()
+    fails reading it (EOFError, a reset connection, an unpickling error) instead of with its liveness
+    check's RuntimeError. The batch is decoded again image by image and the run keeps every image."""
+    import flashdino.extract.runner as runner
+
+    _images(tmp_path / "imgs", 6)
+    base = ["features", str(tmp_path / "imgs"), *RUN[:-2], "--batch-size", "3", "--shard-size", "6"]
+    assert cli.main([*base, "--workers", "0", "--out", str(tmp_path / "ref")]) == 0
+    real, cuts = runner.make_loader, []
+
+    class CutOnce:
+        def __init__(self, loader):
+            self.batches = iter(loader)
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if not cuts:
+                cuts.append(cut)
+                raise cut("a worker died while sending its batch")
+            return next(self.batches)
+
+    monkeypatch.setattr(runner, "make_loader", lambda *a, **k: CutOnce(real(*a, **k)))
+    assert cli.main([*base, "--workers", "1", "--out", str(tmp_path / "o")]) == 0
+    fs, ref = flashdino.read_features(tmp_path / "o"), flashdino.read_features(tmp_path / "ref")
+    assert cuts == [cut] and not fs.failed and fs.ids == ref.ids
+    torch.testing.assert_close(fs.cls, ref.cls, rtol=1e-5, atol=1e-6)
 
 
 def _png_header_only(path: Path, w: int, h: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import threading
 from typing import Optional, Sequence
@@ -160,10 +161,17 @@ def deadline(seconds: Optional[float]):
         signal.signal(signal.SIGALRM, previous)
 
 
+# A worker killed while it was sending a batch leaves a truncated message in the loader's pipe: the
+# main process's next() then fails reading it instead of with the loader's liveness check.
+_TRUNCATED_MESSAGE = (EOFError, ConnectionError, pickle.UnpicklingError)
+
+
 def worker_died(exc: BaseException) -> bool:
-    """True for the DataLoader's error when a worker process died (killed by a signal, e.g. the OOM
-    killer), and for a :class:`DecodeStalled` deadline."""
-    return isinstance(exc, DecodeStalled) or (isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc))
+    """True for what the DataLoader's ``next()`` raises when a worker process died (killed by a
+    signal, e.g. the OOM killer): its liveness check's RuntimeError, or the truncated message of a
+    worker killed mid-send; and for a :class:`DecodeStalled` deadline."""
+    return isinstance(exc, (DecodeStalled, *_TRUNCATED_MESSAGE)) or (
+        isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc))
 
 
 def decode_isolated(dataset: ImageDataset, indices: Sequence[int], timeout: float = DEFAULT_DECODE_TIMEOUT) -> dict:
@@ -179,14 +187,15 @@ def decode_isolated(dataset: ImageDataset, indices: Sequence[int], timeout: floa
         try:
             with deadline(timeout):
                 samples.append(next(iter(loader)))
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - a worker's death, or re-raised
             if not worker_died(exc):
                 raise
             if isinstance(exc, DecodeStalled):
                 why = (f"decoding it took longer than {timeout:g} s (a damaged file, or a stalled filesystem?); "
                        "raise --decode-timeout if it is just slow")
             else:
-                why = (f"the decoding process died on this image ({str(exc).rstrip('. ')}; out of memory? lower "
+                detail = str(exc).rstrip(". ") or f"its message broke off: {type(exc).__name__}"
+                why = (f"the decoding process died on this image ({detail}; out of memory? lower "
                        "--max-source-pixels or give the machine more memory)")
             samples.append({"index": i, "x": None, "size": None, "error": why})
         finally:

@@ -307,7 +307,7 @@ def iterate(model, dataset: ImageDataset, batches: Sequence[Sequence[int]], opts
         try:
             with deadline(opts.decode_timeout if opts.workers > 0 else None):
                 b = next(it)
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - a worker's death (worker_died), or re-raised
             if opts.workers == 0 or not worker_died(exc):
                 raise
             # a worker died (the OOM killer?) or stalled and took the loader with it: this batch image by
