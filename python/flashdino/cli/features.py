@@ -131,10 +131,9 @@ def _build(args, device: str):
 
 def _to_dtype(model, dtype: str):
     """The eager model in ``--dtype`` (a CPU runtime instead runs the float32 model at its precision)."""
-    import torch
+    from flashdino.extract.runner import PATCH_DTYPES
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return model if torch_dtype == torch.float32 else model.to(torch_dtype)
+    return model if dtype == "float32" else model.to(PATCH_DTYPES[dtype])
 
 
 def _check_model_options(model, pre, opts) -> None:
